@@ -1,0 +1,125 @@
+"""Durable progress of a long run: the top-k state and the finished tiles.
+
+A checkpoint is one ``.npz`` file written atomically (temp file, fsync,
+rename), holding the running top-k state, the list of finished tiles and a
+fingerprint of the input and parameters. Because the top-k order is total,
+resuming from it and running the remaining tiles gives exactly the result of
+an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from allknn.engines.schedule import Tile
+
+_HASH_ROWS = 65536
+
+
+def fingerprint_matrix(data: np.ndarray) -> str:
+    """Hash of a matrix's shape, dtype and values, read block by block."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{data.shape}|{data.dtype.str}".encode())
+    for start in range(0, data.shape[0], _HASH_ROWS):
+        digest.update(np.ascontiguousarray(data[start : start + _HASH_ROWS]).tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class Progress:
+    """What a checkpoint restores."""
+
+    heap_sim: np.ndarray
+    heap_idx: np.ndarray
+    done: set[Tile]
+
+
+class Checkpoint:
+    """Save and restore the progress of one run.
+
+    Parameters
+    ----------
+    path : path-like
+        The checkpoint file.
+    fingerprint : dict
+        Input hashes and parameters that must match for a resume; values
+        must be JSON-serialisable.
+    interval : float
+        Minimum seconds between two saves (:meth:`due`).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], fingerprint: dict[str, Any], *, interval: float = 5.0):
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+        self.interval = interval
+        self._last_save = time.monotonic()
+
+    def exists(self) -> bool:
+        """Whether a checkpoint file is present."""
+        return self.path.exists()
+
+    def restore(self) -> Progress:
+        """Load the saved progress after checking it belongs to this run.
+
+        Raises
+        ------
+        ValueError
+            If the file is unreadable, or was made with another input or
+            other parameters (naming each difference).
+        """
+        try:
+            with np.load(self.path, allow_pickle=False) as saved:
+                stored = json.loads(str(saved["fingerprint"]))
+                heap_sim, heap_idx, tiles = saved["heap_sim"], saved["heap_idx"], saved["done"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise ValueError(
+                f"checkpoint {self.path} cannot be read ({exc}); delete it to start over"
+            ) from None
+        differences = [
+            f"{key}: checkpoint has {stored.get(key)!r}, this run has {value!r}"
+            for key, value in self.fingerprint.items()
+            if stored.get(key) != value
+        ]
+        if differences:
+            raise ValueError(
+                f"cannot resume from {self.path}: it was made by a different run ("
+                + "; ".join(differences)
+                + "); run with the original input and parameters, or delete the checkpoint"
+            )
+        return Progress(heap_sim, heap_idx, {(int(i), int(j)) for i, j in tiles})
+
+    def due(self) -> bool:
+        """Whether ``interval`` seconds have passed since the last save."""
+        return time.monotonic() - self._last_save >= self.interval
+
+    def save(self, progress: Progress) -> None:
+        """Write the progress atomically."""
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        done = np.array(sorted(progress.done), dtype=np.int64).reshape(-1, 2)
+        try:
+            with open(tmp, "wb") as handle:
+                np.savez(
+                    handle,
+                    heap_sim=progress.heap_sim,
+                    heap_idx=progress.heap_idx,
+                    done=done,
+                    fingerprint=np.array(json.dumps(self.fingerprint, sort_keys=True)),
+                )
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._last_save = time.monotonic()
+
+    def remove(self) -> None:
+        """Delete the checkpoint (the output is complete)."""
+        self.path.unlink(missing_ok=True)

@@ -1,0 +1,79 @@
+"""Memory budgets: parsing them and sizing blocks so work stays inside."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+PREFERRED_BLOCK_ROWS = 1024
+"""Rows per block when the budget allows: a 1024 x 1024 float32 tile (4 MiB)
+is made and consumed by one core while it is still in its L2/L3 cache; on
+the benchmark machine 512-2048 measured within 5% of each other and 1024
+best (see BENCHMARKS.md)."""
+
+MIN_BLOCK_ROWS = 32
+
+
+def parse_memory(value: object) -> int:
+    """Parse a memory budget such as ``"1GB"``, ``"512MiB"`` or ``2**28``.
+
+    Returns
+    -------
+    int
+        The budget in bytes.
+    """
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        size = int(value)
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
+        unit = match.group(2).upper() if match else None
+        if match is None or unit not in _UNITS:
+            raise ValueError(
+                f"max_memory={value!r} is not a size; write it like '512MB', '2GB' or '1.5GiB'"
+            )
+        size = int(float(match.group(1)) * _UNITS[unit])
+    else:
+        raise TypeError(f"max_memory must be a size string like '1GB' or bytes as int, got {value!r}")
+    if size <= 0:
+        raise ValueError(f"max_memory must be positive, got {value!r}")
+    return size
+
+
+def working_bytes(block_rows: int, dim: int, threads: int) -> int:
+    """Bytes of scratch memory a run with these blocks allocates at once.
+
+    Per worker: one float32 tile ``block_rows**2``, its column thresholds,
+    and one float64 block of ``block_rows x dim`` while normalising.
+    """
+    per_worker = 4 * block_rows * block_rows + 4 * block_rows + 8 * block_rows * dim
+    return threads * per_worker
+
+
+def choose_block_rows(budget: int, dim: int, threads: int) -> int:
+    """Largest block (up to the cache-friendly preference) that fits the budget.
+
+    Raises
+    ------
+    ValueError
+        If even ``MIN_BLOCK_ROWS`` rows per block exceed the budget.
+    """
+    per_thread = budget / threads
+    linear = 4 + 8 * dim
+    # largest rows with 4 rows**2 + linear rows <= per_thread
+    rows = int((-linear + math.sqrt(linear * linear + 16 * per_thread)) / 8)
+    rows = min(rows, PREFERRED_BLOCK_ROWS)
+    if rows >= 2 * MIN_BLOCK_ROWS:
+        rows -= rows % MIN_BLOCK_ROWS  # whole vectorised chunks
+    while rows > 0 and working_bytes(rows, dim, threads) > budget:  # float rounding
+        rows -= 1
+    if rows < MIN_BLOCK_ROWS:
+        need = working_bytes(MIN_BLOCK_ROWS, dim, threads)
+        raise ValueError(
+            f"max_memory={budget} bytes is too small for {threads} thread(s) at {dim} "
+            f"dimensions; give at least {need} bytes or fewer threads"
+        )
+    return rows

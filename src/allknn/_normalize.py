@@ -1,0 +1,96 @@
+"""Unit-normalise rows once, block by block, finding zero and NaN/Inf rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from allknn._validate import raise_for_bad_rows, raise_if_no_valid_rows
+
+
+@dataclass(frozen=True)
+class NormalizedRows:
+    """The rows an engine searches, unit-normalised.
+
+    Attributes
+    ----------
+    rows : ndarray of shape (m, d), float32, C-contiguous
+        Kept rows divided by their norm.
+    norms : ndarray of shape (m,), float64
+        Norms of ``rows`` themselves (1 up to float32 rounding), used to
+        re-score final candidates exactly.
+    kept : ndarray of shape (m,), int64, or None
+        Original row number of each kept row; ``None`` when all rows were
+        kept (then row ``i`` is original row ``i``).
+    n_original : int
+        Number of rows of the input.
+    """
+
+    rows: np.ndarray
+    norms: np.ndarray
+    kept: np.ndarray | None
+    n_original: int
+
+
+def row_norms(data: np.ndarray, block_rows: int) -> np.ndarray:
+    """Float64 norms of the rows of ``data``, read ``block_rows`` at a time.
+
+    Returns
+    -------
+    ndarray of shape (n,), float64
+        NaN or Inf for rows holding NaN or Inf.
+    """
+    norms = np.empty(data.shape[0], dtype=np.float64)
+    for start in range(0, data.shape[0], block_rows):
+        block = np.asarray(data[start : start + block_rows], dtype=np.float64)
+        norms[start : start + block.shape[0]] = np.sqrt(np.einsum("ij,ij->i", block, block))
+    return norms
+
+
+def normalize_rows(data: np.ndarray, *, name: str, block_rows: int, invalid: str) -> NormalizedRows:
+    """Normalise the rows of ``data`` into a new float32 matrix.
+
+    ``data`` is read one block at a time (it may be a memory map of any
+    real dtype), so the only full-size allocation is the float32 result.
+
+    Parameters
+    ----------
+    data : ndarray of shape (n, d), real dtype
+    name : str
+        Name used in error messages (``"X"`` or ``"queries"``).
+    block_rows : int
+        Rows converted at once (bounds the float64 scratch).
+    invalid : {"raise", "drop"}
+        What to do with all-zero rows and rows holding NaN or Inf.
+
+    Raises
+    ------
+    ValueError
+        If there are such rows and ``invalid="raise"``, naming how many and
+        the first row numbers; or if no row is left after dropping.
+    """
+    norms = row_norms(data, block_rows)
+    finite = np.isfinite(norms)
+    good = finite & (norms > 0)
+    kept = None
+    if not good.all():
+        if invalid == "raise":
+            raise_for_bad_rows(name, np.flatnonzero(finite & (norms == 0)), np.flatnonzero(~finite))
+        kept = np.flatnonzero(good)
+        if kept.size == 0:
+            raise_if_no_valid_rows(name, data.shape[0])
+
+    n_kept = data.shape[0] if kept is None else kept.size
+    rows = np.empty((n_kept, data.shape[1]), dtype=np.float32)
+    for start in range(0, n_kept, block_rows):
+        stop = min(start + block_rows, n_kept)
+        if kept is None:
+            block = np.asarray(data[start:stop], dtype=np.float64)
+            block_norms = norms[start:stop]
+        else:
+            block = np.asarray(data[kept[start:stop]], dtype=np.float64)
+            block_norms = norms[kept[start:stop]]
+        rows[start:stop] = block / block_norms[:, None]
+    own_norms = row_norms(rows, block_rows)
+    return NormalizedRows(rows=rows, norms=own_norms, kept=kept, n_original=data.shape[0])

@@ -1,0 +1,133 @@
+"""Every user-facing check and error message of the library lives here."""
+
+from __future__ import annotations
+
+import numbers
+import os
+
+import numpy as np
+
+INVALID_CHOICES = ("raise", "drop")
+
+
+def as_matrix(data: object, name: str) -> np.ndarray:
+    """Return ``data`` as a 2-D numeric ndarray without copying when possible.
+
+    float16/32/64 arrays (and memory maps) are returned as they are; other
+    real numeric dtypes are accepted as they are too and converted block by
+    block later.
+
+    Raises
+    ------
+    TypeError
+        If ``data`` is not numeric (strings, objects, complex, ragged lists).
+    ValueError
+        If ``data`` is not 2-D or has no rows or no columns.
+    """
+    if isinstance(data, np.ndarray):
+        array = data
+    else:
+        if hasattr(data, "tocsr") or hasattr(data, "toarray"):
+            raise TypeError(
+                f"{name} is a sparse matrix ({type(data).__name__}); sparse input is not "
+                f"supported yet: pass {name}.toarray() if it fits in memory"
+            )
+        try:
+            array = np.asarray(data)
+        except (ValueError, TypeError) as exc:
+            raise TypeError(
+                f"{name} could not be read as a numeric matrix ({exc}); pass a 2-D array "
+                f"of floats with rows of equal length"
+            ) from None
+    kind = array.dtype.kind
+    if kind not in "fiub":
+        raise TypeError(
+            f"{name} has dtype {array.dtype}, which is not a real number type; pass a "
+            f"float16, float32 or float64 matrix (for example {name}.astype('float32'))"
+        )
+    if array.ndim != 2:
+        raise ValueError(
+            f"{name} must be 2-D (rows x dimensions) but has shape {array.shape}; "
+            f"reshape it, e.g. {name}.reshape(1, -1) for a single row"
+        )
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"{name} has shape {array.shape}; it needs at least one row and one column")
+    return array
+
+
+def check_same_width(corpus: np.ndarray, queries: np.ndarray) -> None:
+    """Raise if the queries and the corpus have different dimensions."""
+    if queries.shape[1] != corpus.shape[1]:
+        raise ValueError(
+            f"queries have {queries.shape[1]} dimensions but X has {corpus.shape[1]}; "
+            f"both must be embedded in the same space"
+        )
+
+
+def check_k(k: object, n_candidates: int, *, self_join: bool) -> int:
+    """Return ``k`` as an int after checking ``1 <= k <= n_candidates``."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k must be a positive integer, got {k!r}")
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got k={k}")
+    if k > n_candidates:
+        where = "other rows (self excluded)" if self_join else "corpus rows"
+        raise ValueError(
+            f"k={k} is too large: each row has only {n_candidates} candidate "
+            f"{where}; pass k <= {n_candidates}"
+        )
+    return k
+
+
+def check_threads(threads: object) -> int:
+    """Return the worker thread count (``None``: the usable CPUs)."""
+    if threads is None:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
+        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+    return int(threads)
+
+
+def check_invalid_choice(invalid: object) -> str:
+    """Check the ``invalid=`` option."""
+    if invalid not in INVALID_CHOICES:
+        raise ValueError(f"invalid must be one of {INVALID_CHOICES}, got {invalid!r}")
+    return str(invalid)
+
+
+def _first_rows(rows: np.ndarray, limit: int = 5) -> str:
+    shown = ", ".join(str(int(r)) for r in rows[:limit])
+    return shown + (", ..." if rows.size > limit else "")
+
+
+def raise_for_bad_rows(name: str, zero_rows: np.ndarray, nonfinite_rows: np.ndarray) -> None:
+    """Raise a ValueError naming zero and NaN/Inf rows, if there are any.
+
+    Parameters
+    ----------
+    name : str
+        ``"X"`` or ``"queries"``.
+    zero_rows, nonfinite_rows : ndarray of int64
+        Sorted row numbers of all-zero rows and of rows holding NaN or Inf.
+    """
+    problems = []
+    if nonfinite_rows.size:
+        problems.append(
+            f"{nonfinite_rows.size} row(s) containing NaN or Inf (rows {_first_rows(nonfinite_rows)})"
+        )
+    if zero_rows.size:
+        problems.append(
+            f"{zero_rows.size} all-zero row(s), which have no cosine similarity "
+            f"(rows {_first_rows(zero_rows)})"
+        )
+    if problems:
+        raise ValueError(
+            f"{name} has " + " and ".join(problems) + "; fix or remove them, or pass "
+            "invalid='drop' to leave them out (their results are index -1, similarity NaN)"
+        )
+
+
+def raise_if_no_valid_rows(name: str, n_rows: int) -> None:
+    """Raise when dropping invalid rows left nothing."""
+    raise ValueError(f"all {n_rows} rows of {name} are zero or contain NaN/Inf; nothing to search")

@@ -1,0 +1,222 @@
+"""Command line: ``allknn run``, ``allknn info`` and ``allknn demo``.
+
+The CLI owns the terminal: a progress bar on stderr (when it is a terminal
+and ``--quiet`` is not given), results and summaries on stdout, and errors
+as one line with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+
+import numpy as np
+
+import allknn
+from allknn._memory import choose_block_rows, parse_memory, working_bytes
+from allknn._validate import check_threads
+
+OUTPUT_SUFFIXES = (".parquet", ".npz")
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+class CliError(Exception):
+    """An error the CLI reports as one line."""
+
+
+def _progress(total: int, quiet: bool, description: str) -> tuple[AbstractContextManager, Callable]:
+    """A tqdm bar over pairs scored, on stderr, only for a terminal."""
+    if quiet or not sys.stderr.isatty():
+        return nullcontext(), lambda tile, pairs: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="pairs", unit_scale=True, desc=description, file=sys.stderr,
+               smoothing=0.1, dynamic_ncols=True)
+    return bar, lambda tile, pairs: bar.update(pairs)
+
+
+def _self_join_pairs(n: int) -> int:
+    return n * (n + 1) // 2
+
+
+def _add_search_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-k", type=int, default=10, help="neighbours per row (default 10)")
+    parser.add_argument("--max-memory", default="1GB", help="working-memory budget, e.g. 512MB (default 1GB)")
+    parser.add_argument("--threads", type=int, default=None, help="worker threads (default: all CPUs)")
+
+
+def _add_input_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--column", help="embedding column (parquet) or array name (npz, hdf5)")
+    parser.add_argument("--id-column", help="id column (parquet)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``allknn`` command."""
+    parser = argparse.ArgumentParser(
+        prog="allknn", description="Find every item's k most cosine-similar items."
+    )
+    parser.add_argument("--version", action="version", version=f"allknn {allknn.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="compute the kNN graph of a file")
+    run.add_argument("input", help="embeddings: .npy, .npz, .parquet, .h5/.hdf5 or .fvecs")
+    run.add_argument("-o", "--output", required=True, help="result file: .parquet or .npz")
+    _add_search_options(run)
+    _add_input_options(run)
+    run.add_argument("--ids", help="text file with one id per input row")
+    run.add_argument("--queries", help="search the rows of this file against INPUT instead")
+    run.add_argument("--min-similarity", type=float, default=None, help="leave out less similar neighbours")
+    run.add_argument("--invalid", choices=("raise", "drop"), default="raise",
+                     help="zero or NaN/Inf rows: stop with an error (default) or drop them")
+    run.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoint")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+
+    info = commands.add_parser("info", help="shape, problems, estimated time and memory of a file")
+    info.add_argument("input")
+    _add_search_options(info)
+    _add_input_options(info)
+
+    demo = commands.add_parser("demo", help="run on a built-in clustered example")
+    demo.add_argument("-n", type=int, default=50_000, help="rows (default 50000)")
+    demo.add_argument("-d", type=int, default=100, help="dimensions (default 100)")
+    _add_search_options(demo)
+    demo.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def checkpoint_path(output: Path) -> Path:
+    """Where a run writing ``output`` keeps its checkpoint."""
+    return output.with_name(output.name + ".checkpoint.npz")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from allknn.io import load, read_ids, save_result
+
+    output = Path(args.output)
+    if output.suffix not in OUTPUT_SUFFIXES:
+        raise CliError(f"output {output} must end in one of {', '.join(OUTPUT_SUFFIXES)}")
+    if not output.parent.is_dir():
+        raise CliError(f"output folder {output.parent} does not exist; create it first")
+    checkpoint = checkpoint_path(output)
+    if checkpoint.exists() and not args.resume:
+        raise CliError(
+            f"{checkpoint} holds the progress of an earlier run; pass --resume to continue it, "
+            f"or delete it to start over"
+        )
+
+    data = load(args.input, column=args.column, id_column=args.id_column)
+    ids = data.ids
+    if args.ids is not None:
+        if ids is not None:
+            raise CliError("give ids either with --id-column or with --ids, not both")
+        ids = read_ids(args.ids, data.matrix.shape[0])
+    queries = query_ids = None
+    if args.queries is not None:
+        query_data = load(args.queries, column=args.column, id_column=args.id_column)
+        queries, query_ids = query_data.matrix, query_data.ids
+    n_queries = data.matrix.shape[0] if queries is None else queries.shape[0]
+    total = _self_join_pairs(n_queries) if queries is None else n_queries * data.matrix.shape[0]
+
+    started = time.perf_counter()
+    bar, on_tile = _progress(total, args.quiet, "allknn")
+    with bar:
+        result = allknn.neighbors(
+            data.matrix, args.k, queries=queries, max_memory=args.max_memory, threads=args.threads,
+            invalid=args.invalid, min_similarity=args.min_similarity, checkpoint=checkpoint,
+            on_tile=on_tile,
+        )
+    save_result(
+        result, output, ids=ids, query_ids=query_ids if queries is not None else None,
+        min_similarity=args.min_similarity,
+        metadata={"input": str(args.input), "queries": args.queries},
+    )
+    checkpoint.unlink(missing_ok=True)
+    if not args.quiet:
+        elapsed = time.perf_counter() - started
+        print(f"wrote the {args.k} nearest neighbours of {len(result)} rows to {output} "
+              f"in {elapsed:.1f} s")
+    return 0
+
+
+def _estimate_pairs_per_second(d: int, threads: int) -> float:
+    """Time the engine on a small clustered sample to extrapolate a run."""
+    from allknn.datasets import make_clustered
+
+    sample = make_clustered(4096, d, seed=0)
+    allknn.neighbors(sample[:512], 5, threads=1)  # compile kernels first
+    started = time.perf_counter()
+    allknn.neighbors(sample, 10, threads=threads)
+    return _self_join_pairs(sample.shape[0]) / (time.perf_counter() - started)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from allknn._normalize import row_norms
+    from allknn.io import load
+
+    data = load(args.input, column=args.column, id_column=args.id_column)
+    n, d = data.matrix.shape
+    threads = check_threads(args.threads)
+    budget = parse_memory(args.max_memory)
+    block_rows = choose_block_rows(budget, d, threads)
+    norms = row_norms(data.matrix, block_rows)
+    nonfinite = np.flatnonzero(~np.isfinite(norms))
+    zero = np.flatnonzero(norms == 0)
+    rate = _estimate_pairs_per_second(d, threads)
+    memory = n * d * 4 + n * args.k * 12 + working_bytes(block_rows, d, threads)
+    print(f"file:        {args.input}")
+    print(f"shape:       {n} x {d}, {data.matrix.dtype}")
+    print(f"ids:         {'yes' if data.ids is not None else 'no (row numbers)'}")
+    print(f"zero rows:   {zero.size}" + (f" (first: {', '.join(map(str, zero[:5]))})" if zero.size else ""))
+    print(f"NaN/Inf rows: {nonfinite.size}"
+          + (f" (first: {', '.join(map(str, nonfinite[:5]))})" if nonfinite.size else ""))
+    print(f"estimate:    {_self_join_pairs(n) / rate:.1f} s for the exact self-join with k={args.k} "
+          f"on {threads} thread(s) ({rate:.3g} pairs/s measured here)")
+    print(f"memory:      about {memory / 1e6:.0f} MB beyond the input (block_rows={block_rows})")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from allknn.datasets import make_clustered
+
+    X = make_clustered(args.n, args.d, seed=0)
+    print(f"demo: {args.n} x {args.d} clustered float32 embeddings, k={args.k}")
+    allknn.neighbors(X[:256], 5, threads=1)  # compile kernels outside the timing
+    bar, on_tile = _progress(_self_join_pairs(args.n), args.quiet, "demo")
+    started = time.perf_counter()
+    with bar:
+        result = allknn.neighbors(X, args.k, max_memory=args.max_memory, threads=args.threads,
+                                  on_tile=on_tile)
+    elapsed = time.perf_counter() - started
+    pairs = args.n * (args.n - 1) / 2
+    print(f"time: {elapsed:.2f} s, {args.n / elapsed:,.0f} rows/s, {pairs / elapsed:.3g} pairs/s "
+          f"on {check_threads(args.threads)} thread(s)")
+    for row in range(min(5, args.n)):
+        shown = ", ".join(
+            f"{j} ({s:.3f})" for j, s in zip(result.indices[row, :5], result.similarities[row, :5], strict=True)
+        )
+        print(f"row {row}: {shown}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``allknn`` command."""
+    args = build_parser().parse_args(argv)
+    command = {"run": _cmd_run, "info": _cmd_info, "demo": _cmd_demo}[args.command]
+    try:
+        return command(args)
+    except KeyboardInterrupt:
+        resume = " (rerun with --resume to continue)" if args.command == "run" else ""
+        print(f"allknn: interrupted{resume}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (CliError, ValueError, TypeError, OSError, ImportError) as exc:
+        print(f"allknn: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""TopK: the result every engine returns, and its converters."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import scipy.sparse
+
+
+@dataclass(frozen=True, eq=False)
+class TopK:
+    """The k nearest neighbours of every query row, best first.
+
+    Attributes
+    ----------
+    indices : ndarray of shape (n, k), int64
+        Row numbers of the neighbours in the corpus, best first. ``-1``
+        marks a missing neighbour (a dropped row, or masked by a similarity
+        floor).
+    similarities : ndarray of shape (n, k), float32
+        Cosine similarities in [-1, 1], non-increasing along each row;
+        ``NaN`` where ``indices`` is ``-1``.
+    n_corpus : int
+        Number of rows of the corpus (the column count of :meth:`to_csr`).
+    params : dict
+        The parameters of the run that made this result.
+    """
+
+    indices: np.ndarray
+    similarities: np.ndarray
+    n_corpus: int
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def k(self) -> int:
+        """Neighbours per row."""
+        return int(self.indices.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+    def __repr__(self) -> str:
+        return f"TopK(n={len(self)}, k={self.k}, n_corpus={self.n_corpus})"
+
+    def to_pandas(
+        self, ids: Sequence[Any] | np.ndarray | None = None, *, query_ids: Sequence[Any] | None = None
+    ) -> pd.DataFrame:
+        """Return the long table: one row per (item, neighbour) pair.
+
+        Parameters
+        ----------
+        ids : sequence of length n_corpus, optional
+            Labels of the corpus rows; ``neighbor_id`` uses them, and so does
+            ``id`` in a self-join. Default: row numbers.
+        query_ids : sequence of length n, optional
+            Labels of the query rows when they differ from ``ids``.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Columns ``id``, ``neighbor_id``, ``rank`` (1 = most similar,
+            int32) and ``similarity`` (float32). Missing neighbours
+            (index -1) are left out.
+        """
+        import pandas as pd
+
+        n, k = self.indices.shape
+        rows = np.repeat(np.arange(n, dtype=np.int64), k)
+        ranks = np.tile(np.arange(1, k + 1, dtype=np.int32), n)
+        flat = self.indices.ravel()
+        present = flat >= 0
+        rows, ranks, flat = rows[present], ranks[present], flat[present]
+        if query_ids is None:
+            query_ids = ids if ids is not None and n == self.n_corpus else None
+        return pd.DataFrame(
+            {
+                "id": rows if query_ids is None else _labels(query_ids, n, "query_ids")[rows],
+                "neighbor_id": flat if ids is None else _labels(ids, self.n_corpus, "ids")[flat],
+                "rank": ranks,
+                "similarity": self.similarities.ravel()[present],
+            }
+        )
+
+    def to_csr(self) -> scipy.sparse.csr_matrix:
+        """Return the kNN graph as a sparse matrix of similarities.
+
+        Returns
+        -------
+        scipy.sparse.csr_matrix of shape (n, n_corpus), float32
+            Row ``i`` holds the similarities of row ``i``'s neighbours in
+            their columns, in rank order (so columns are not sorted);
+            missing neighbours are left out. A similarity of exactly 0 is
+            stored explicitly.
+        """
+        import scipy.sparse
+
+        present = self.indices >= 0
+        indptr = np.concatenate([[0], np.cumsum(present.sum(axis=1))]).astype(np.int64)
+        return scipy.sparse.csr_matrix(
+            (self.similarities[present], self.indices[present], indptr),
+            shape=(len(self), self.n_corpus),
+        )
+
+
+def _labels(values: Sequence[Any] | np.ndarray, expected: int, name: str) -> np.ndarray:
+    labels = np.asarray(values)
+    if labels.ndim != 1 or labels.shape[0] != expected:
+        raise ValueError(
+            f"{name} has {labels.shape[0] if labels.ndim else 0} entries but the result has "
+            f"{expected} rows; pass one label per row"
+        )
+    return labels
