@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from allknn.engines.schedule import Tile
+from allknn.kernels.topk import thresholds_of
 
 _HASH_ROWS = 65536
 
@@ -35,11 +36,24 @@ def fingerprint_matrix(data: np.ndarray) -> str:
 
 @dataclass
 class Progress:
-    """What a checkpoint restores."""
+    """What a checkpoint restores.
 
-    heap_sim: np.ndarray
-    heap_idx: np.ndarray
+    Attributes
+    ----------
+    keys, thresholds : ndarray
+        Top-k state (see :mod:`allknn.kernels.topk`); only ``keys`` is
+        stored, ``thresholds`` is rebuilt from it.
+    done : set of (int, int)
+        Finished tiles.
+    order : ndarray of int64 or None
+        The row order the tiles refer to (see
+        :mod:`allknn.engines.ordering`); ``None`` for the natural order.
+    """
+
+    keys: np.ndarray
+    thresholds: np.ndarray
     done: set[Tile]
+    order: np.ndarray | None
 
 
 class Checkpoint:
@@ -78,7 +92,7 @@ class Checkpoint:
         try:
             with np.load(self.path, allow_pickle=False) as saved:
                 stored = json.loads(str(saved["fingerprint"]))
-                heap_sim, heap_idx, tiles = saved["heap_sim"], saved["heap_idx"], saved["done"]
+                keys, tiles, order = saved["keys"], saved["done"], saved["order"]
         except (OSError, ValueError, KeyError) as exc:
             raise ValueError(
                 f"checkpoint {self.path} cannot be read ({exc}); delete it to start over"
@@ -94,7 +108,12 @@ class Checkpoint:
                 + "; ".join(differences)
                 + "); run with the original input and parameters, or delete the checkpoint"
             )
-        return Progress(heap_sim, heap_idx, {(int(i), int(j)) for i, j in tiles})
+        return Progress(
+            keys=keys,
+            thresholds=thresholds_of(keys),
+            done={(int(i), int(j)) for i, j in tiles},
+            order=order if order.size else None,
+        )
 
     def due(self) -> bool:
         """Whether ``interval`` seconds have passed since the last save."""
@@ -108,8 +127,8 @@ class Checkpoint:
             with open(tmp, "wb") as handle:
                 np.savez(
                     handle,
-                    heap_sim=progress.heap_sim,
-                    heap_idx=progress.heap_idx,
+                    keys=progress.keys,
+                    order=np.zeros(0, np.int64) if progress.order is None else progress.order,
                     done=done,
                     fingerprint=np.array(json.dumps(self.fingerprint, sort_keys=True)),
                 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,7 +49,22 @@ def row_norms(data: np.ndarray, block_rows: int) -> np.ndarray:
     return norms
 
 
-def normalize_rows(data: np.ndarray, *, name: str, block_rows: int, invalid: str) -> NormalizedRows:
+def _allocate(shape: tuple[int, int], on_disk: bool) -> np.ndarray:
+    """A float32 matrix in memory, or in an already-unlinked temporary file.
+
+    The file is removed from its folder at once, so nothing is left behind
+    even if the process is killed; the mapping keeps it alive until freed.
+    """
+    if not on_disk:
+        return np.empty(shape, dtype=np.float32)
+    with tempfile.NamedTemporaryFile(prefix="allknn-normalised-", suffix=".npy") as handle:
+        rows = np.lib.format.open_memmap(handle.name, mode="w+", dtype=np.float32, shape=shape)
+    return rows
+
+
+def normalize_rows(
+    data: np.ndarray, *, name: str, block_rows: int, invalid: str, on_disk: bool = False
+) -> NormalizedRows:
     """Normalise the rows of ``data`` into a new float32 matrix.
 
     ``data`` is read one block at a time (it may be a memory map of any
@@ -63,6 +79,9 @@ def normalize_rows(data: np.ndarray, *, name: str, block_rows: int, invalid: str
         Rows converted at once (bounds the float64 scratch).
     invalid : {"raise", "drop"}
         What to do with all-zero rows and rows holding NaN or Inf.
+    on_disk : bool
+        Keep the normalised copy in a memory-mapped temporary file (for
+        inputs larger than memory) instead of in memory.
 
     Raises
     ------
@@ -82,7 +101,7 @@ def normalize_rows(data: np.ndarray, *, name: str, block_rows: int, invalid: str
             raise_if_no_valid_rows(name, data.shape[0])
 
     n_kept = data.shape[0] if kept is None else kept.size
-    rows = np.empty((n_kept, data.shape[1]), dtype=np.float32)
+    rows = _allocate((n_kept, data.shape[1]), on_disk)
     for start in range(0, n_kept, block_rows):
         stop = min(start + block_rows, n_kept)
         if kept is None:

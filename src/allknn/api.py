@@ -5,22 +5,19 @@ from __future__ import annotations
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 from allknn import _validate
+from allknn._checkpoint import Checkpoint, fingerprint_matrix
 from allknn._memory import choose_block_rows, parse_memory
 from allknn._normalize import NormalizedRows, normalize_rows
-from allknn._checkpoint import Checkpoint, Progress, fingerprint_matrix
-from allknn.engines.exact import ProgressCallback, QueryJoinPlan, SelfJoinPlan, TilePlan
-from allknn.kernels.topk import new_state, rescore_and_sort
+from allknn._search import exact_search
+from allknn.engines.exact import ProgressCallback
 from allknn.result import TopK
 
 logger = logging.getLogger("allknn")
-
-_RESCORE_ROWS = 8192
 
 
 def neighbors(
@@ -35,6 +32,7 @@ def neighbors(
     min_similarity: float | None = None,
     block_rows: int | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: float = 5.0,
     on_tile: ProgressCallback | None = None,
 ) -> TopK:
     """Find the ``k`` most cosine-similar rows of ``X`` for every row.
@@ -58,7 +56,9 @@ def neighbors(
         duplicates of it are other rows and are listed, with similarity 1).
     max_memory : str or int
         Budget for working memory beyond the inputs, their normalised
-        float32 copies and the result, e.g. ``"1GB"`` or bytes.
+        float32 copies and the result, e.g. ``"1GB"`` or bytes. A
+        memory-mapped input whose float32 copy exceeds the budget gets its
+        normalised copy in a memory-mapped temporary file (out-of-core).
     threads : int, optional
         Worker threads; default the usable CPUs. BLAS runs single-threaded
         inside each worker.
@@ -77,6 +77,8 @@ def neighbors(
         (from a killed run with the same input and parameters) the run
         resumes from it and returns exactly what an uninterrupted run would.
         The file is left in place; delete it once the result is stored.
+    checkpoint_every : float
+        Seconds between two checkpoint saves.
     on_tile : callable, optional
         ``on_tile(tile, pairs)`` after each finished tile (for progress),
         including, at the start, each tile restored from a checkpoint.
@@ -110,38 +112,34 @@ def neighbors(
         raise ValueError(f"block_rows must be a positive integer, got {block_rows!r}")
 
     started = time.perf_counter()
-    normed = normalize_rows(corpus, name="X", block_rows=block_rows, invalid=invalid)
+    normed = normalize_rows(corpus, name="X", block_rows=block_rows, invalid=invalid,
+                            on_disk=_spill(corpus, budget))
     n_candidates = normed.rows.shape[0] - (1 if self_join and exclude_self else 0)
     k = _validate.check_k(k, n_candidates, self_join=self_join and exclude_self)
     if self_join:
         query_normed = normed
     else:
-        query_normed = normalize_rows(query_matrix, name="queries", block_rows=block_rows, invalid=invalid)
+        query_normed = normalize_rows(query_matrix, name="queries", block_rows=block_rows,
+                                      invalid=invalid, on_disk=_spill(query_matrix, budget))
 
     logger.debug(
         "exact %s: %d x %d against %d rows, k=%d, block_rows=%d, threads=%d",
         "self-join" if self_join else "query join", query_normed.rows.shape[0],
         corpus.shape[1], normed.rows.shape[0], k, block_rows, n_threads,
     )
-    plan: TilePlan
-    if self_join:
-        plan = SelfJoinPlan(normed.rows, block_rows=block_rows, exclude_self=exclude_self)
-    else:
-        plan = QueryJoinPlan(query_normed.rows, normed.rows, block_rows=block_rows)
     params = {"k": k, "method": "exact", "exclude_self": bool(exclude_self and self_join),
               "invalid": invalid, "min_similarity": min_similarity}
-    if checkpoint is None:
-        heap_sim, heap_idx = new_state(query_normed.rows.shape[0], k)
-        plan.run(heap_sim, heap_idx, threads=n_threads, on_tile=on_tile)
-    else:
+    saver = None
+    if checkpoint is not None:
         fingerprint = {
             **params, "block_rows": block_rows, "X": fingerprint_matrix(corpus),
             "queries": None if self_join else fingerprint_matrix(query_matrix),
         }
-        heap_sim, heap_idx = _run_with_checkpoint(
-            plan, Checkpoint(checkpoint, fingerprint), k, threads=n_threads, on_tile=on_tile
-        )
-    finish(heap_sim, heap_idx, query_normed, normed, threads=n_threads)
+        saver = Checkpoint(checkpoint, fingerprint, interval=checkpoint_every)
+    heap_idx, heap_sim = exact_search(
+        query_normed, normed, k, self_join=self_join, exclude_self=exclude_self,
+        block_rows=block_rows, threads=n_threads, checkpoint=saver, on_tile=on_tile,
+    )
     indices, similarities = _to_original_rows(heap_idx, heap_sim, query_normed, normed)
     if min_similarity is not None:
         below = ~(similarities >= min_similarity)  # NaN padding stays masked
@@ -156,55 +154,14 @@ def neighbors(
     )
 
 
-def _run_with_checkpoint(
-    plan: TilePlan, checkpoint: Checkpoint, k: int, *, threads: int, on_tile: ProgressCallback | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Run a plan in batches of tiles, saving the state between batches.
+def _spill(data: np.ndarray, budget: int) -> bool:
+    """Whether a memory-mapped input's normalised copy goes to disk too.
 
-    Between two batches no tile is in flight, so the saved state is exactly
-    the merge of the saved finished tiles.
+    An input the user memory-mapped and whose float32 copy exceeds the
+    budget is treated as out-of-core: its copy is a temporary memory-mapped
+    file, so resident memory stays with the operating system's page cache.
     """
-    if checkpoint.exists():
-        progress = checkpoint.restore()
-        logger.info("resuming from %s: %d of %d tiles done", checkpoint.path, len(progress.done),
-                    len(plan.tiles))
-        if on_tile is not None:
-            for tile in plan.tiles:
-                if tile in progress.done:
-                    on_tile(tile, plan.pairs(tile))
-    else:
-        progress = Progress(*new_state(plan.n_queries, k), done=set())
-    remaining = [tile for tile in plan.tiles if tile not in progress.done]
-    batch = max(4 * threads, len(plan.tiles) // 200)
-    for start in range(0, len(remaining), batch):
-        tiles = remaining[start : start + batch]
-        plan.run(progress.heap_sim, progress.heap_idx, threads=threads, tiles=tiles, on_tile=on_tile)
-        progress.done.update(tiles)
-        if checkpoint.due():
-            checkpoint.save(progress)
-    checkpoint.save(progress)
-    return progress.heap_sim, progress.heap_idx
-
-
-def finish(
-    heap_sim: np.ndarray,
-    heap_idx: np.ndarray,
-    queries: NormalizedRows,
-    corpus: NormalizedRows,
-    *,
-    threads: int,
-) -> None:
-    """Turn a top-k state into the sorted, float64-rescored result in place."""
-    def rescore(start: int) -> None:
-        stop = start + _RESCORE_ROWS
-        rescore_and_sort(
-            corpus.rows, corpus.norms, queries.rows, queries.norms, start,
-            heap_sim[start:stop], heap_idx[start:stop],
-        )
-
-    starts = range(0, heap_sim.shape[0], _RESCORE_ROWS)
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        list(pool.map(rescore, starts))
+    return isinstance(data, np.memmap) and data.shape[0] * data.shape[1] * 4 > budget
 
 
 def _to_original_rows(

@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--invalid", choices=("raise", "drop"), default="raise",
                      help="zero or NaN/Inf rows: stop with an error (default) or drop them")
     run.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoint")
+    run.add_argument("--checkpoint-every", type=float, default=5.0, metavar="SECONDS",
+                     help="seconds between two saves of the progress (default 5)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
 
     info = commands.add_parser("info", help="shape, problems, estimated time and memory of a file")
@@ -128,7 +130,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         result = allknn.neighbors(
             data.matrix, args.k, queries=queries, max_memory=args.max_memory, threads=args.threads,
             invalid=args.invalid, min_similarity=args.min_similarity, checkpoint=checkpoint,
-            on_tile=on_tile,
+            checkpoint_every=args.checkpoint_every, on_tile=on_tile,
         )
     save_result(
         result, output, ids=ids, query_ids=query_ids if queries is not None else None,
@@ -196,9 +198,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"time: {elapsed:.2f} s, {args.n / elapsed:,.0f} rows/s, {pairs / elapsed:.3g} pairs/s "
           f"on {check_threads(args.threads)} thread(s)")
     for row in range(min(5, args.n)):
-        shown = ", ".join(
-            f"{j} ({s:.3f})" for j, s in zip(result.indices[row, :5], result.similarities[row, :5], strict=True)
-        )
+        pairs_shown = zip(result.indices[row, :5], result.similarities[row, :5], strict=True)
+        shown = ", ".join(f"{j} ({s:.3f})" for j, s in pairs_shown)
         print(f"row {row}: {shown}")
     return 0
 

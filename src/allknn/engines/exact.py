@@ -52,7 +52,7 @@ class TilePlan(ABC):
         """Number of (query, candidate) pairs a tile scores."""
 
     @abstractmethod
-    def _work(self, tile: Tile, buffer: np.ndarray, heap_sim: np.ndarray, heap_idx: np.ndarray) -> None:
+    def _work(self, tile: Tile, buffer: np.ndarray, keys: np.ndarray, thresholds: np.ndarray) -> None:
         """Make one tile into ``buffer`` and merge it into the state."""
 
     @abstractmethod
@@ -61,8 +61,8 @@ class TilePlan(ABC):
 
     def run(
         self,
-        heap_sim: np.ndarray,
-        heap_idx: np.ndarray,
+        keys: np.ndarray,
+        thresholds: np.ndarray,
         *,
         threads: int,
         tiles: Sequence[Tile] | None = None,
@@ -72,8 +72,9 @@ class TilePlan(ABC):
 
         Parameters
         ----------
-        heap_sim, heap_idx : ndarray of shape (n_queries, k)
-            Top-k state from :func:`allknn.kernels.topk.new_state`.
+        keys, thresholds : ndarray of shape (n_queries, k) and (n_queries,)
+            Top-k state from :func:`allknn.kernels.topk.new_state`, indexed
+            by row id.
         threads : int
             Worker threads (each runs single-threaded BLAS).
         tiles : sequence of (int, int), optional
@@ -85,7 +86,7 @@ class TilePlan(ABC):
         buffers = [np.empty(self.block_rows**2, dtype=np.float32) for _ in range(min(threads, len(todo)))]
 
         def work(tile: Tile, worker: int) -> None:
-            self._work(tile, buffers[worker], heap_sim, heap_idx)
+            self._work(tile, buffers[worker], keys, thresholds)
             if on_tile is not None:
                 on_tile(tile, self.pairs(tile))
 
@@ -99,17 +100,28 @@ class SelfJoinPlan(TilePlan):
     Parameters
     ----------
     normed : ndarray of shape (n, d), float32, C-contiguous
-        Unit-normalised rows.
+        Unit-normalised rows, in any order.
     block_rows : int
         Rows per block; a tile is at most ``block_rows`` squared.
     exclude_self : bool
         Never offer a row to itself.
+    ids : ndarray of shape (n,), int64, optional
+        Id of the row at each position of ``normed`` (its state row and its
+        index in results); default ``range(n)``.
     """
 
-    def __init__(self, normed: np.ndarray, *, block_rows: int, exclude_self: bool = True):
+    def __init__(
+        self,
+        normed: np.ndarray,
+        *,
+        block_rows: int,
+        exclude_self: bool = True,
+        ids: np.ndarray | None = None,
+    ):
         self.normed = normed
         self.block_rows = block_rows
         self.exclude_self = exclude_self
+        self.ids = np.arange(normed.shape[0], dtype=np.int64) if ids is None else ids
         self.n_queries = normed.shape[0]
         self.bounds = block_bounds(normed.shape[0], block_rows)
         self.tiles = symmetric_tiles(len(self.bounds))
@@ -120,13 +132,13 @@ class SelfJoinPlan(TilePlan):
             return (i1 - i0) * (i1 - i0 + 1) // 2
         return (i1 - i0) * (j1 - j0)
 
-    def _work(self, tile: Tile, buffer: np.ndarray, heap_sim: np.ndarray, heap_idx: np.ndarray) -> None:
+    def _work(self, tile: Tile, buffer: np.ndarray, keys: np.ndarray, thresholds: np.ndarray) -> None:
         (i0, i1), (j0, j1) = self.bounds[tile[0]], self.bounds[tile[1]]
         product = _product(self.normed[i0:i1], self.normed[j0:j1], buffer)
         if tile[0] == tile[1]:
-            merge_rows(product, i0, j0, heap_sim, heap_idx, self.exclude_self)
+            merge_rows(product, i0, j0, self.ids, self.ids, keys, thresholds, self.exclude_self)
         else:
-            merge_rows_and_columns(product, i0, j0, heap_sim, heap_idx)
+            merge_rows_and_columns(product, i0, j0, self.ids, keys, thresholds)
 
     def _blocks_of(self, tile: Tile) -> set[tuple[str, int]]:
         return {("block", tile[0]), ("block", tile[1])}
@@ -160,6 +172,8 @@ class QueryJoinPlan(TilePlan):
         self.normed = normed
         self.block_rows = block_rows
         self.exclude_diagonal = exclude_diagonal
+        self.query_ids = np.arange(queries_normed.shape[0], dtype=np.int64)
+        self.corpus_ids = np.arange(normed.shape[0], dtype=np.int64)
         self.n_queries = queries_normed.shape[0]
         self.query_bounds = block_bounds(queries_normed.shape[0], block_rows)
         self.corpus_bounds = block_bounds(normed.shape[0], block_rows)
@@ -169,10 +183,11 @@ class QueryJoinPlan(TilePlan):
         (i0, i1), (j0, j1) = self.query_bounds[tile[0]], self.corpus_bounds[tile[1]]
         return (i1 - i0) * (j1 - j0)
 
-    def _work(self, tile: Tile, buffer: np.ndarray, heap_sim: np.ndarray, heap_idx: np.ndarray) -> None:
+    def _work(self, tile: Tile, buffer: np.ndarray, keys: np.ndarray, thresholds: np.ndarray) -> None:
         (i0, i1), (j0, j1) = self.query_bounds[tile[0]], self.corpus_bounds[tile[1]]
         product = _product(self.queries_normed[i0:i1], self.normed[j0:j1], buffer)
-        merge_rows(product, i0, j0, heap_sim, heap_idx, self.exclude_diagonal)
+        merge_rows(product, i0, j0, self.query_ids, self.corpus_ids, keys, thresholds,
+                   self.exclude_diagonal)
 
     def _blocks_of(self, tile: Tile) -> set[tuple[str, int]]:
         return {("query", tile[0])}

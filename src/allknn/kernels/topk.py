@@ -1,15 +1,21 @@
 """Fused top-k selection kernels (numba, ``nogil``) over similarity tiles.
 
-The running top-k state of ``n`` rows is two arrays, ``heap_sim`` (n, k)
-float32 and ``heap_idx`` (n, k) int64. Each row is a binary min-heap whose
-root (column 0) holds the row's *worst* kept neighbour, so the root value is
-the threshold a candidate must beat. The order is total: a candidate
-``(s, j)`` is better than ``(t, i)`` when ``s > t``, or ``s == t`` and
-``j < i`` (ties go to the smaller index). Because the order is total, the
-final state does not depend on the order in which tiles arrive, which is what
-makes results independent of block size and thread count.
+The running top-k state of ``n`` rows is two arrays:
 
-Empty slots hold ``(-inf, EMPTY)``; every finite candidate beats them.
+- ``keys`` (n, k) int64: one binary min-heap per row whose root (column 0)
+  is the row's *worst* kept neighbour. A key packs a candidate
+  ``(similarity s, row id j)`` into one integer, ``order(s) << 32 |
+  (2**32 - 1 - j)``, where ``order`` maps float32 bits to int32 preserving
+  order. Larger key = better candidate: higher similarity, then smaller id.
+  One integer compare decides, ties included.
+- ``thresholds`` (n,) float32: the similarity of each row's root, the value
+  a candidate must reach; the fast path compares tile values against it.
+
+Because the order is total, the final state does not depend on the order in
+which tiles arrive: that is what makes results independent of block size,
+thread count and row ordering. State rows and candidates are addressed by
+row *id* (the row's number in the searched matrix), so the tiles may be made
+from reordered rows. Ids must be below ``MAX_ROWS``.
 """
 
 from __future__ import annotations
@@ -17,7 +23,18 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-EMPTY = np.iinfo(np.int64).max
+MAX_ROWS = 2**32 - 1
+"""Row ids are packed in 32 bits; id ``2**32 - 1`` marks an empty slot."""
+
+EMPTY_ID = 2**32 - 1
+
+CHUNK = 64
+"""Columns checked per vectorised compare before any scalar work. The width
+must be a compile-time constant for LLVM to vectorise the check."""
+
+_NEG_INF_BITS = int(np.array(-np.inf, dtype=np.float32).view(np.int32))
+EMPTY_KEY = (_NEG_INF_BITS ^ 0x7FFFFFFF) << 32
+"""Key of an empty slot: similarity -inf, id ``EMPTY_ID``."""
 
 
 def new_state(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -25,60 +42,61 @@ def new_state(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
 
     Returns
     -------
-    heap_sim : ndarray of shape (n, k), float32
+    keys : ndarray of shape (n, k), int64
+        Filled with ``EMPTY_KEY``.
+    thresholds : ndarray of shape (n,), float32
         Filled with ``-inf``.
-    heap_idx : ndarray of shape (n, k), int64
-        Filled with the ``EMPTY`` sentinel.
     """
-    heap_sim = np.full((n, k), -np.inf, dtype=np.float32)
-    heap_idx = np.full((n, k), EMPTY, dtype=np.int64)
-    return heap_sim, heap_idx
+    return np.full((n, k), EMPTY_KEY, dtype=np.int64), np.full(n, -np.inf, dtype=np.float32)
+
+
+def thresholds_of(keys: np.ndarray) -> np.ndarray:
+    """Rebuild the thresholds of a state from its keys (e.g. after loading)."""
+    order = keys[:, 0] >> 32
+    bits = np.where(order >= 0, order, order ^ 0x7FFFFFFF).astype(np.int32)
+    return bits.view(np.float32).copy()
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _sift_down(hs, hi, r, k):
-    """Restore the heap property of row ``r`` after its root was replaced."""
+def _encode(bits, j):
+    """Key of a candidate with float32 bit pattern ``bits`` and id ``j``."""
+    b = np.int64(bits)
+    if b == -2147483648:  # -0.0 ranks as +0.0
+        b = 0
+    if b < 0:
+        b ^= 0x7FFFFFFF
+    return (b << 32) | (0xFFFFFFFF - j)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _similarity_bits(key):
+    """Float32 bit pattern of the similarity packed in ``key``."""
+    b = key >> 32
+    if b < 0:
+        b ^= 0x7FFFFFFF
+    return np.int32(b)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _offer(keys, threshold_bits, r, bits, j, k):
+    """Offer candidate ``(bits, j)`` to row ``r``: replace its root if better."""
+    key = _encode(bits, j)
+    if key <= keys[r, 0]:
+        return
     pos = 0
-    s = hs[r, 0]
-    i = hi[r, 0]
     while True:
         child = 2 * pos + 1
         if child >= k:
             break
         right = child + 1
-        if right < k and (
-            hs[r, right] < hs[r, child]
-            or (hs[r, right] == hs[r, child] and hi[r, right] > hi[r, child])
-        ):
+        if right < k and keys[r, right] < keys[r, child]:
             child = right
-        cs = hs[r, child]
-        ci = hi[r, child]
-        if cs < s or (cs == s and ci > i):
-            hs[r, pos] = cs
-            hi[r, pos] = ci
-            pos = child
-        else:
+        if keys[r, child] >= key:
             break
-    hs[r, pos] = s
-    hi[r, pos] = i
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _offer(hs, hi, r, s, j, k):
-    """Offer candidate ``(s, j)`` to row ``r``; return the row's new threshold."""
-    root = hs[r, 0]
-    if s > root or (s == root and j < hi[r, 0]):
-        # A row may see the same candidate twice only through the two halves
-        # of a diagonal tile, which the callers never visit both of.
-        hs[r, 0] = s
-        hi[r, 0] = j
-        _sift_down(hs, hi, r, k)
-    return hs[r, 0]
-
-
-CHUNK = 64
-"""Columns checked per vectorised compare before any scalar work. The width
-must be a compile-time constant for LLVM to vectorise the check."""
+        keys[r, pos] = keys[r, child]
+        pos = child
+    keys[r, pos] = key
+    threshold_bits[r] = _similarity_bits(keys[r, 0])
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -91,46 +109,28 @@ def _any_at_least(row, c0, t):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _any_at_least_either(row, c0, t, col_threshold):
-    """Whether any ``row[c] >= min(t, col_threshold[c])`` in the chunk."""
+def _any_at_least_either(row, c0, t, column_thresholds):
+    """Whether any ``row[c] >= min(t, column_thresholds[c])`` in the chunk."""
     hit = np.int32(0)
     for c in range(c0, c0 + CHUNK):
-        u = col_threshold[c]
+        u = column_thresholds[c]
         u = t if t < u else u
         hit |= np.int32(row[c] >= u)
     return hit != 0
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _walk_row(row, c0, c1, gr, col0, hs, hi, k, skip_diagonal):
-    """Offer ``row[c0:c1]`` to row ``gr``; return its new threshold."""
-    t = hs[gr, 0]
+def _walk_row(row, row_bits, c0, c1, r, col0, col_ids, keys, thresholds, threshold_bits, k, skip_self):
     for c in range(c0, c1):
-        v = row[c]
-        if v >= t:
-            gc = col0 + c
-            if skip_diagonal and gc == gr:
+        if row[c] >= thresholds[r]:
+            j = col_ids[col0 + c]
+            if skip_self and j == r:
                 continue
-            t = _offer(hs, hi, gr, v, gc, k)
-    return t
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _walk_both(row, c0, c1, gr, col0, hs, hi, k, col_threshold):
-    """Offer ``row[c0:c1]`` to row ``gr`` and to the columns; return the
-    row's new threshold."""
-    t = hs[gr, 0]
-    for c in range(c0, c1):
-        v = row[c]
-        if v >= t:
-            t = _offer(hs, hi, gr, v, col0 + c, k)
-        if v >= col_threshold[c]:
-            col_threshold[c] = _offer(hs, hi, col0 + c, v, gr, k)
-    return t
+            _offer(keys, threshold_bits, r, row_bits[c], j, k)
 
 
 @njit(nogil=True, cache=True)
-def merge_rows(tile, row0, col0, hs, hi, skip_diagonal):
+def merge_rows(tile, row0, col0, row_ids, col_ids, keys, thresholds, skip_self):
     """Merge a tile into the top-k state of its rows only.
 
     Each chunk of ``CHUNK`` values is first compared with the row threshold
@@ -141,120 +141,205 @@ def merge_rows(tile, row0, col0, hs, hi, skip_diagonal):
     ----------
     tile : ndarray of shape (bi, bj), float32, C-contiguous
         Similarities of rows ``row0 : row0 + bi`` to candidates
-        ``col0 : col0 + bj``.
+        ``col0 : col0 + bj`` (positions in the matrices multiplied).
     row0, col0 : int
-        Global index of the tile's first row and first candidate.
-    hs, hi : ndarray of shape (n, k)
-        Top-k state (float32 similarities, int64 indices), updated in place.
-    skip_diagonal : bool
-        Never offer candidate ``j`` to row ``j`` (self-exclusion).
+        Position of the tile's first row and first candidate.
+    row_ids : ndarray of int64
+        State row of each query position.
+    col_ids : ndarray of int64
+        Id of each candidate position.
+    keys : ndarray of shape (n, k), int64
+    thresholds : ndarray of shape (n,), float32
+        Top-k state, updated in place.
+    skip_self : bool
+        Never offer a candidate whose id equals the row's id.
     """
     bi, bj = tile.shape
-    k = hs.shape[1]
+    k = keys.shape[1]
     full = bj - bj % CHUNK
-    for r in range(bi):
-        gr = row0 + r
-        row = tile[r]
-        t = hs[gr, 0]
+    threshold_bits = thresholds.view(np.int32)
+    tile_bits = tile.view(np.int32)
+    for i in range(bi):
+        r = row_ids[row0 + i]
+        row = tile[i]
+        row_bits = tile_bits[i]
         for c0 in range(0, full, CHUNK):
-            if _any_at_least(row, c0, t):
-                t = _walk_row(row, c0, c0 + CHUNK, gr, col0, hs, hi, k, skip_diagonal)
-        _walk_row(row, full, bj, gr, col0, hs, hi, k, skip_diagonal)
+            if _any_at_least(row, c0, thresholds[r]):
+                _walk_row(row, row_bits, c0, c0 + CHUNK, r, col0, col_ids, keys, thresholds,
+                          threshold_bits, k, skip_self)
+        _walk_row(row, row_bits, full, bj, r, col0, col_ids, keys, thresholds, threshold_bits, k,
+                  skip_self)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _walk_both(row, row_bits, c0, c1, r, col0, ids, keys, thresholds, threshold_bits, k,
+               column_thresholds):
+    for c in range(c0, c1):
+        v = row[c]
+        if v >= thresholds[r]:
+            _offer(keys, threshold_bits, r, row_bits[c], ids[col0 + c], k)
+        if v >= column_thresholds[c]:
+            j = ids[col0 + c]
+            _offer(keys, threshold_bits, j, row_bits[c], r, k)
+            column_thresholds[c] = thresholds[j]
 
 
 @njit(nogil=True, cache=True)
-def merge_rows_and_columns(tile, row0, col0, hs, hi):
+def merge_rows_and_columns(tile, row0, col0, ids, keys, thresholds):
     """Merge an off-diagonal tile of a symmetric product into both sides.
 
-    Row ``row0 + r`` is offered candidate ``col0 + c`` and, by symmetry,
-    row ``col0 + c`` is offered candidate ``row0 + r``, in one pass over the
-    tile. Row thresholds are scalars; column thresholds are a contiguous
-    vector, so the common no-survivor case is one vectorised
+    Row ``ids[row0 + i]`` is offered candidate ``ids[col0 + c]`` and, by
+    symmetry, the other way round, in one pass over the tile. Row
+    thresholds are scalars; column thresholds are gathered into a
+    contiguous vector, so the common no-survivor case is one vectorised
     ``v >= min(row threshold, column threshold)`` per chunk.
 
     Parameters
     ----------
     tile : ndarray of shape (bi, bj), float32, C-contiguous
-        Similarities of rows ``row0 : row0 + bi`` to rows ``col0 : col0 + bj``;
-        the two ranges must not overlap.
+        Similarities of positions ``row0 : row0 + bi`` to positions
+        ``col0 : col0 + bj``; the two ranges must not overlap.
     row0, col0 : int
-        Global index of the tile's first row and first column.
-    hs, hi : ndarray of shape (n, k)
+        Position of the tile's first row and first column.
+    ids : ndarray of int64
+        Id (state row) of each position.
+    keys : ndarray of shape (n, k), int64
+    thresholds : ndarray of shape (n,), float32
         Top-k state, updated in place.
     """
     bi, bj = tile.shape
-    k = hs.shape[1]
+    k = keys.shape[1]
     full = bj - bj % CHUNK
-    col_threshold = np.empty(bj, dtype=np.float32)
+    threshold_bits = thresholds.view(np.int32)
+    tile_bits = tile.view(np.int32)
+    column_thresholds = np.empty(bj, dtype=np.float32)
     for c in range(bj):
-        col_threshold[c] = hs[col0 + c, 0]
-    for r in range(bi):
-        gr = row0 + r
-        row = tile[r]
-        t = hs[gr, 0]
+        column_thresholds[c] = thresholds[ids[col0 + c]]
+    for i in range(bi):
+        r = ids[row0 + i]
+        row = tile[i]
+        row_bits = tile_bits[i]
         for c0 in range(0, full, CHUNK):
-            if _any_at_least_either(row, c0, t, col_threshold):
-                t = _walk_both(row, c0, c0 + CHUNK, gr, col0, hs, hi, k, col_threshold)
-        _walk_both(row, full, bj, gr, col0, hs, hi, k, col_threshold)
+            if _any_at_least_either(row, c0, thresholds[r], column_thresholds):
+                _walk_both(row, row_bits, c0, c0 + CHUNK, r, col0, ids, keys, thresholds,
+                           threshold_bits, k, column_thresholds)
+        _walk_both(row, row_bits, full, bj, r, col0, ids, keys, thresholds, threshold_bits, k,
+                   column_thresholds)
+
+
+_INSERTION_SORT_MAX = 32
 
 
 @njit(nogil=True, cache=True)
-def rescore_and_sort(normed, norms, queries_normed, query_norms, row0, hs, hi):
-    """Re-score the kept candidates in float64 and sort each row best first.
+def _sort_best_first(sims, ids):
+    """Sort ``sims`` descending with ties by smaller id, ``ids`` alongside."""
+    k = sims.shape[0]
+    if k > _INSERTION_SORT_MAX:
+        by_id = np.argsort(ids, kind="mergesort")
+        order = by_id[np.argsort(-sims[by_id], kind="mergesort")]
+        sims[:] = sims[order]
+        ids[:] = ids[order]
+        return
+    for m in range(1, k):
+        s = sims[m]
+        j = ids[m]
+        p = m - 1
+        while p >= 0 and (sims[p] < s or (sims[p] == s and ids[p] > j)):
+            sims[p + 1] = sims[p]
+            ids[p + 1] = ids[p]
+            p -= 1
+        sims[p + 1] = s
+        ids[p + 1] = j
 
-    The similarity of a kept pair is recomputed as
-    ``dot(q, x) / (|q| |x|)`` in float64 from the float32 normalised rows, so
-    exact duplicates score exactly 1.0 and the final order depends only on
-    the candidate set, not on the float32 rounding of the tile that found it.
-    Rows are sorted by similarity descending, ties by smaller index, and
-    empty slots (index ``EMPTY``) go last as ``(-1, NaN)``.
+
+@njit(nogil=True, cache=True, inline="always", fastmath={"reassoc", "contract"})
+def _dot64(a, b):
+    """Float64 dot product of two float32 vectors (vectorised; the summation
+    order is fixed by the code, so results are reproducible)."""
+    acc = 0.0
+    for t in range(a.shape[0]):
+        acc += np.float64(a[t]) * np.float64(b[t])
+    return acc
+
+
+@njit(nogil=True, cache=True)
+def rescore_and_sort(normed, norms, queries_normed, query_norms, rows, keys, similarities):
+    """Decode state rows into the sorted result, re-scored in float64.
+
+    The similarity of each kept pair is recomputed as
+    ``dot(q, x) / (|q| |x|)`` in float64 from the float32 normalised rows,
+    so exact duplicates score exactly 1.0 and the final order depends only
+    on the candidate set, not on the float32 rounding of the tile that found
+    it. Rows are sorted by similarity descending, ties by smaller index;
+    empty slots go last as ``(-1, NaN)``.
 
     Parameters
     ----------
     normed : ndarray of shape (m, d), float32
-        Normalised corpus rows.
+        Normalised corpus rows, indexed by id.
     norms : ndarray of shape (m,), float64
         Norms of ``normed`` rows (close to 1).
     queries_normed : ndarray of shape (n, d), float32
         Normalised query rows (``normed`` itself for the self-join).
     query_norms : ndarray of shape (n,), float64
-    row0 : int
-        First query row of ``hs``/``hi`` to process; the arrays passed are
-        the slice being processed, ``queries_normed`` is indexed from it.
-    hs, hi : ndarray of shape (b, k)
-        Top-k state slice, rewritten in place as the sorted result.
+    rows : ndarray of int64
+        State rows to process, in this order (rows whose neighbours overlap
+        should come together: the candidates' vectors then stay in cache).
+    keys : ndarray of shape (n, k), int64
+        State; the processed rows are rewritten in place as neighbour
+        indices.
+    similarities : ndarray of shape (n, k), float32
+        Output similarities of the processed rows.
     """
-    b, k = hs.shape
-    d = normed.shape[1]
+    k = keys.shape[1]
     sims = np.empty(k, dtype=np.float64)
-    for r in range(b):
-        q = queries_normed[row0 + r]
-        qn = query_norms[row0 + r]
+    ids = np.empty(k, dtype=np.int64)
+    for r in rows:
+        q = queries_normed[r]
+        qn = query_norms[r]
         for m in range(k):
-            j = hi[r, m]
-            if j == EMPTY:
+            j = 0xFFFFFFFF - (keys[r, m] & 0xFFFFFFFF)
+            ids[m] = j
+            if j == EMPTY_ID:
                 sims[m] = -np.inf
-                continue
-            x = normed[j]
-            acc = 0.0
-            for t in range(d):
-                acc += np.float64(q[t]) * np.float64(x[t])
-            s = acc / (qn * norms[j])
-            sims[m] = min(1.0, max(-1.0, s))
-        # insertion sort, best first: larger sim, then smaller index
-        for m in range(1, k):
-            s = sims[m]
-            j = hi[r, m]
-            p = m - 1
-            while p >= 0 and (sims[p] < s or (sims[p] == s and hi[r, p] > j)):
-                sims[p + 1] = sims[p]
-                hi[r, p + 1] = hi[r, p]
-                p -= 1
-            sims[p + 1] = s
-            hi[r, p + 1] = j
-        for m in range(k):
-            if hi[r, m] == EMPTY:
-                hi[r, m] = -1
-                hs[r, m] = np.nan
             else:
-                hs[r, m] = np.float32(sims[m])
+                sims[m] = min(1.0, max(-1.0, _dot64(q, normed[j]) / (qn * norms[j])))
+        _sort_best_first(sims, ids)
+        for m in range(k):
+            if ids[m] == EMPTY_ID:
+                keys[r, m] = -1
+                similarities[r, m] = np.nan
+            else:
+                keys[r, m] = ids[m]
+                similarities[r, m] = np.float32(sims[m])
+
+
+@njit(nogil=True, cache=True)
+def permute_rows(matrix, order):
+    """Reorder rows in place so that new row ``r`` is old row ``order[r]``.
+
+    Follows the permutation's cycles with one row of scratch, so the
+    reordering needs no second copy of the matrix.
+
+    Parameters
+    ----------
+    matrix : ndarray of shape (n, d)
+    order : ndarray of shape (n,), int64
+        A permutation of ``range(n)``.
+    """
+    n = matrix.shape[0]
+    done = np.zeros(n, dtype=np.bool_)
+    scratch = np.empty(matrix.shape[1], dtype=matrix.dtype)
+    for start in range(n):
+        if done[start]:
+            continue
+        scratch[:] = matrix[start]
+        current = start
+        while True:
+            done[current] = True
+            source = order[current]
+            if source == start:
+                matrix[current] = scratch
+                break
+            matrix[current] = matrix[source]
+            current = source

@@ -1,0 +1,129 @@
+"""Run the exact engine on normalised rows: order, tiles, checkpoints, finish.
+
+This is the orchestration between :func:`allknn.neighbors` (validation and
+conversion) and the engine (tiles and kernels). It returns the sorted,
+re-scored neighbours of the normalised rows, by kept-row number.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from allknn._checkpoint import Checkpoint, Progress
+from allknn._normalize import NormalizedRows
+from allknn.engines.exact import ProgressCallback, QueryJoinPlan, SelfJoinPlan, TilePlan
+from allknn.engines.ordering import MIN_ROWS, cluster_order
+from allknn.kernels.topk import new_state, permute_rows, rescore_and_sort
+
+logger = logging.getLogger("allknn")
+
+_RESCORE_ROWS = 8192
+
+
+def exact_search(
+    queries: NormalizedRows,
+    corpus: NormalizedRows,
+    k: int,
+    *,
+    self_join: bool,
+    exclude_self: bool,
+    block_rows: int,
+    threads: int,
+    checkpoint: Checkpoint | None = None,
+    on_tile: ProgressCallback | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of every query row among the corpus rows.
+
+    In the self-join (``queries is corpus``) the rows are first grouped by
+    cluster (in place, undone before returning) so that the top-k
+    thresholds rise early; the result does not depend on that order.
+
+    Returns
+    -------
+    indices : ndarray of shape (nq, k), int64
+        Kept-row numbers of the neighbours, best first; -1 where missing.
+    similarities : ndarray of shape (nq, k), float32
+        Float64-rescored similarities; NaN where missing.
+    """
+    progress = checkpoint.restore() if checkpoint is not None and checkpoint.exists() else None
+    order = None
+    if self_join:
+        if progress is not None:
+            order = progress.order
+        elif corpus.rows.shape[0] >= MIN_ROWS:
+            order = cluster_order(corpus.rows)
+    plan: TilePlan
+    if self_join:
+        if order is not None:
+            permute_rows(corpus.rows, order)
+        plan = SelfJoinPlan(corpus.rows, block_rows=block_rows, exclude_self=exclude_self, ids=order)
+    else:
+        plan = QueryJoinPlan(queries.rows, corpus.rows, block_rows=block_rows)
+    try:
+        if progress is None:
+            progress = Progress(*new_state(plan.n_queries, k), done=set(), order=order)
+        _run(plan, progress, threads=threads, checkpoint=checkpoint, on_tile=on_tile)
+    finally:
+        if order is not None:
+            permute_rows(corpus.rows, np.argsort(order))
+    similarities = np.empty(progress.keys.shape, dtype=np.float32)
+    rows = np.arange(plan.n_queries, dtype=np.int64) if order is None else order
+    _finish(progress.keys, similarities, queries, corpus, rows, threads=threads)
+    return progress.keys, similarities
+
+
+def _run(
+    plan: TilePlan,
+    progress: Progress,
+    *,
+    threads: int,
+    checkpoint: Checkpoint | None,
+    on_tile: ProgressCallback | None,
+) -> None:
+    """Run the plan's unfinished tiles; with a checkpoint, in saved batches.
+
+    Between two batches no tile is in flight, so each saved state is
+    exactly the merge of the saved finished tiles.
+    """
+    if progress.done:
+        logger.info("resuming: %d of %d tiles done", len(progress.done), len(plan.tiles))
+        if on_tile is not None:
+            for tile in plan.tiles:
+                if tile in progress.done:
+                    on_tile(tile, plan.pairs(tile))
+    remaining = [tile for tile in plan.tiles if tile not in progress.done]
+    if checkpoint is None:
+        plan.run(progress.keys, progress.thresholds, threads=threads, tiles=remaining, on_tile=on_tile)
+        return
+    batch = max(4 * threads, len(plan.tiles) // 200)
+    for start in range(0, len(remaining), batch):
+        tiles = remaining[start : start + batch]
+        plan.run(progress.keys, progress.thresholds, threads=threads, tiles=tiles, on_tile=on_tile)
+        progress.done.update(tiles)
+        if checkpoint.due():
+            checkpoint.save(progress)
+    checkpoint.save(progress)
+
+
+def _finish(
+    keys: np.ndarray,
+    similarities: np.ndarray,
+    queries: NormalizedRows,
+    corpus: NormalizedRows,
+    rows: np.ndarray,
+    *,
+    threads: int,
+) -> None:
+    """Decode the state into sorted indices (in ``keys``) and similarities,
+    processing state rows in the order ``rows`` (clustered rows together)."""
+
+    def rescore(start: int) -> None:
+        rescore_and_sort(corpus.rows, corpus.norms, queries.rows, queries.norms,
+                         rows[start : start + _RESCORE_ROWS], keys, similarities)
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(rescore, range(0, rows.shape[0], _RESCORE_ROWS)))
+
