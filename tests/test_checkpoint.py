@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import assert_same_result, clustered_with_duplicates
 
 import allknn
 import allknn._search
+from conftest import assert_same_result, clustered_with_duplicates
 
 
 class Interrupt(Exception):

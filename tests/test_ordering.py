@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_same_result, assert_topk_equal, clustered_with_duplicates, reference_topk
 
 import allknn
 import allknn._search
 from allknn.engines.ordering import cluster_order
 from allknn.kernels.topk import permute_rows
+from conftest import assert_same_result, assert_topk_equal, clustered_with_duplicates, reference_topk
 
 REAL = Path(__file__).parent / "data" / "debian_minilm384_first4000_f16.npy"
 
