@@ -60,7 +60,7 @@ def test_resume_with_other_input_or_parameters_is_refused(tmp_path):
         allknn.neighbors(Y, 5, block_rows=100, checkpoint=path)
     with pytest.raises(ValueError, match="k: checkpoint has 5, this run has 6"):
         allknn.neighbors(X, 6, block_rows=100, checkpoint=path)
-    with pytest.raises(ValueError, match="block_rows: checkpoint has 100, this run has 200"):
+    with pytest.raises(ValueError, match="block_rows: checkpoint has 128, this run has 256"):
         allknn.neighbors(X, 5, block_rows=200, checkpoint=path)
 
 
@@ -79,4 +79,4 @@ def test_finished_checkpoint_returns_the_result_without_work(tmp_path):
     again = allknn.neighbors(X, 4, block_rows=100, checkpoint=path,
                              on_tile=lambda t, p: work.append(t))
     assert_same_result(first, again)
-    assert len(work) == 15  # all restored, none recomputed
+    assert len(work) == 10  # 4 blocks of 128 rows: all 10 tiles restored, none recomputed

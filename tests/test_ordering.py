@@ -19,10 +19,10 @@ REAL = Path(__file__).parent / "data" / "debian_minilm384_first4000_f16.npy"
 def test_cluster_order_is_a_seeded_permutation():
     X = clustered_with_duplicates(3000, 16, seed=4)
     A = (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32)
-    order = cluster_order(A, seed=1)
+    order = cluster_order(A, budget=10**9, seed=1)
     assert order.dtype == np.int64
     np.testing.assert_array_equal(np.sort(order), np.arange(3000))
-    np.testing.assert_array_equal(order, cluster_order(A, seed=1))
+    np.testing.assert_array_equal(order, cluster_order(A, budget=10**9, seed=1))
 
 
 def test_permute_rows_in_place_and_back(rng):
@@ -93,3 +93,10 @@ def test_default_ordering_above_threshold_matches_reference_rows():
         similarities = result.similarities[rows]
 
     assert_topk_equal(Sub, sims, order, full=full)
+
+
+def test_cluster_order_gives_up_inside_a_tiny_budget():
+    A = np.eye(3000, 16, dtype=np.float32) + 0.01
+    A /= np.linalg.norm(A, axis=1, keepdims=True)
+    assert cluster_order(A, budget=10_000) is None
+    assert cluster_order(A, budget=10**8) is not None

@@ -15,7 +15,10 @@ is made and consumed by one core while it is still in its L2/L3 cache; on
 the benchmark machine 512-2048 measured within 5% of each other and 1024
 best (see BENCHMARKS.md)."""
 
-MIN_BLOCK_ROWS = 32
+BLOCK_MULTIPLE = 64
+"""Block sizes are multiples of this (see ``allknn.engines.exact``)."""
+
+MIN_BLOCK_ROWS = BLOCK_MULTIPLE
 
 
 def parse_memory(value: object) -> int:
@@ -47,10 +50,11 @@ def working_bytes(block_rows: int, dim: int, threads: int) -> int:
     """Bytes of scratch memory a run with these blocks allocates at once.
 
     Per worker: one float32 tile ``block_rows**2``, its column thresholds,
-    and one float64 block of ``block_rows x dim`` while normalising.
+    and one float64 block of ``block_rows x dim`` while normalising; once:
+    the zero-padded last block of the queries and of the corpus.
     """
     per_worker = 4 * block_rows * block_rows + 4 * block_rows + 8 * block_rows * dim
-    return threads * per_worker
+    return threads * per_worker + 2 * 4 * block_rows * dim
 
 
 def choose_block_rows(budget: int, dim: int, threads: int) -> int:
@@ -62,14 +66,13 @@ def choose_block_rows(budget: int, dim: int, threads: int) -> int:
         If even ``MIN_BLOCK_ROWS`` rows per block exceed the budget.
     """
     per_thread = budget / threads
-    linear = 4 + 8 * dim
+    linear = 4 + 8 * dim + 8 * dim / threads
     # largest rows with 4 rows**2 + linear rows <= per_thread
     rows = int((-linear + math.sqrt(linear * linear + 16 * per_thread)) / 8)
     rows = min(rows, PREFERRED_BLOCK_ROWS)
-    if rows >= 2 * MIN_BLOCK_ROWS:
-        rows -= rows % MIN_BLOCK_ROWS  # whole vectorised chunks
+    rows -= rows % BLOCK_MULTIPLE
     while rows > 0 and working_bytes(rows, dim, threads) > budget:  # float rounding
-        rows -= 1
+        rows -= BLOCK_MULTIPLE
     if rows < MIN_BLOCK_ROWS:
         need = working_bytes(MIN_BLOCK_ROWS, dim, threads)
         raise ValueError(
@@ -77,3 +80,35 @@ def choose_block_rows(budget: int, dim: int, threads: int) -> int:
             f"dimensions; give at least {need} bytes or fewer threads"
         )
     return rows
+
+
+def round_block_rows(block_rows: int) -> int:
+    """Round a block size up to a multiple of ``BLOCK_MULTIPLE``."""
+    return -(-int(block_rows) // BLOCK_MULTIPLE) * BLOCK_MULTIPLE
+
+
+def check_block_rows(block_rows: object, n_rows: int, budget: int, dim: int, threads: int) -> int:
+    """An explicit block size, rounded up to a multiple of ``BLOCK_MULTIPLE``
+    and capped at the (rounded) row count.
+
+    Raises
+    ------
+    ValueError
+        If it is not a positive integer, or its working memory exceeds the
+        budget.
+    """
+    if isinstance(block_rows, bool) or not isinstance(block_rows, numbers.Integral) or block_rows < 1:
+        raise ValueError(f"block_rows must be a positive integer, got {block_rows!r}")
+    rows = cap_block_rows(round_block_rows(block_rows), n_rows)
+    need = working_bytes(rows, dim, threads)
+    if need > budget:
+        raise ValueError(
+            f"block_rows={block_rows} needs {need} bytes of working memory with {threads} thread(s), "
+            f"more than max_memory={budget} bytes; raise max_memory or lower block_rows"
+        )
+    return rows
+
+
+def cap_block_rows(block_rows: int, n_rows: int) -> int:
+    """No larger than the row count rounded up to ``BLOCK_MULTIPLE``."""
+    return min(block_rows, round_block_rows(max(n_rows, 1)))

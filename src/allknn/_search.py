@@ -32,6 +32,7 @@ def exact_search(
     exclude_self: bool,
     block_rows: int,
     threads: int,
+    budget: int,
     checkpoint: Checkpoint | None = None,
     on_tile: ProgressCallback | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -40,6 +41,7 @@ def exact_search(
     In the self-join (``queries is corpus``) the rows are first grouped by
     cluster (in place, undone before returning) so that the top-k
     thresholds rise early; the result does not depend on that order.
+    ``budget`` bounds the scratch memory of that clustering.
 
     Returns
     -------
@@ -54,7 +56,7 @@ def exact_search(
         if progress is not None:
             order = progress.order
         elif corpus.rows.shape[0] >= MIN_ROWS:
-            order = cluster_order(corpus.rows)
+            order = cluster_order(corpus.rows, budget=budget)
     plan: TilePlan
     if self_join:
         if order is not None:

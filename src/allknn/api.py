@@ -11,7 +11,7 @@ from numpy.typing import ArrayLike
 
 from allknn import _validate
 from allknn._checkpoint import Checkpoint, fingerprint_matrix
-from allknn._memory import choose_block_rows, parse_memory
+from allknn._memory import cap_block_rows, check_block_rows, choose_block_rows, parse_memory
 from allknn._normalize import NormalizedRows, normalize_rows
 from allknn._search import exact_search
 from allknn.engines.exact import ProgressCallback
@@ -70,8 +70,8 @@ def neighbors(
         Neighbours less similar than this are masked (index -1, similarity
         NaN); rows keep their length ``k``.
     block_rows : int, optional
-        Rows per tile side; default from ``max_memory`` and the cache. The
-        result does not depend on it.
+        Rows per tile side, rounded up to a multiple of 64; default from
+        ``max_memory`` and the cache. The result does not depend on it.
     checkpoint : path-like, optional
         Save progress to this file every few seconds; if the file exists
         (from a killed run with the same input and parameters) the run
@@ -106,10 +106,11 @@ def neighbors(
     n_threads = _validate.check_threads(threads)
     invalid = _validate.check_invalid_choice(invalid)
     budget = parse_memory(max_memory)
+    n_rows = max(corpus.shape[0], query_matrix.shape[0])
     if block_rows is None:
-        block_rows = choose_block_rows(budget, corpus.shape[1], n_threads)
-    elif int(block_rows) < 1:
-        raise ValueError(f"block_rows must be a positive integer, got {block_rows!r}")
+        block_rows = cap_block_rows(choose_block_rows(budget, corpus.shape[1], n_threads), n_rows)
+    else:
+        block_rows = check_block_rows(block_rows, n_rows, budget, corpus.shape[1], n_threads)
 
     started = time.perf_counter()
     normed = normalize_rows(corpus, name="X", block_rows=block_rows, invalid=invalid,
@@ -127,7 +128,8 @@ def neighbors(
         "self-join" if self_join else "query join", query_normed.rows.shape[0],
         corpus.shape[1], normed.rows.shape[0], k, block_rows, n_threads,
     )
-    params = {"k": k, "method": "exact", "exclude_self": bool(exclude_self and self_join),
+    params = {"k": k, "method": "exact", "self_join": self_join,
+              "exclude_self": bool(exclude_self and self_join),
               "invalid": invalid, "min_similarity": min_similarity}
     saver = None
     if checkpoint is not None:
@@ -138,7 +140,8 @@ def neighbors(
         saver = Checkpoint(checkpoint, fingerprint, interval=checkpoint_every)
     heap_idx, heap_sim = exact_search(
         query_normed, normed, k, self_join=self_join, exclude_self=exclude_self,
-        block_rows=block_rows, threads=n_threads, checkpoint=saver, on_tile=on_tile,
+        block_rows=block_rows, threads=n_threads, budget=budget, checkpoint=saver,
+        on_tile=on_tile,
     )
     indices, similarities = _to_original_rows(heap_idx, heap_sim, query_normed, normed)
     if min_similarity is not None:

@@ -57,9 +57,10 @@ class TopK:
         ----------
         ids : sequence of length n_corpus, optional
             Labels of the corpus rows; ``neighbor_id`` uses them, and so does
-            ``id`` in a self-join. Default: row numbers.
+            ``id`` in a self-join (``params["self_join"]``). Default: row
+            numbers.
         query_ids : sequence of length n, optional
-            Labels of the query rows when they differ from ``ids``.
+            Labels of the query rows of a query join (default: row numbers).
 
         Returns
         -------
@@ -76,8 +77,8 @@ class TopK:
         flat = self.indices.ravel()
         present = flat >= 0
         rows, ranks, flat = rows[present], ranks[present], flat[present]
-        if query_ids is None:
-            query_ids = ids if ids is not None and n == self.n_corpus else None
+        if query_ids is None and self.params.get("self_join", False):
+            query_ids = ids
         return pd.DataFrame(
             {
                 "id": rows if query_ids is None else _labels(query_ids, n, "query_ids")[rows],

@@ -25,29 +25,46 @@ def n_clusters_for(n: int) -> int:
     return int(np.clip(np.sqrt(n) / 2, 16, 512))
 
 
-def cluster_order(rows: np.ndarray, *, seed: int = 0) -> np.ndarray:
+def _scratch_bytes(sample_rows: int, n_clusters: int, dim: int) -> int:
+    """Peak scratch of :func:`cluster_order` (sample, products, centroids)."""
+    per_sample_row = 4 * dim + 4 * n_clusters + 8
+    per_assigned_row = 4 * n_clusters + 8
+    return sample_rows * per_sample_row + _ASSIGN_ROWS * per_assigned_row + 3 * 4 * n_clusters * dim
+
+
+def cluster_order(rows: np.ndarray, *, budget: int, seed: int = 0) -> np.ndarray | None:
     """A permutation that groups rows by spherical k-means cluster.
 
     Centroids are fitted on a seeded sample with a few Lloyd iterations;
     every row is then assigned in blocks. Rows keep their relative order
-    within a cluster.
+    within a cluster. The sample shrinks to keep the scratch memory within
+    ``budget``.
 
     Parameters
     ----------
     rows : ndarray of shape (n, d), float32
         Unit-normalised rows.
+    budget : int
+        Bytes of scratch memory allowed (besides the two length-n vectors of
+        labels and the returned order).
     seed : int
         Seed of the sample and of the initial centroids.
 
     Returns
     -------
-    ndarray of shape (n,), int64
-        ``order[r]`` is the row placed at position ``r``.
+    ndarray of shape (n,), int64, or None
+        ``order[r]`` is the row placed at position ``r``; ``None`` when the
+        budget is too small for a useful clustering.
     """
-    n = rows.shape[0]
-    rng = np.random.default_rng(seed)
-    sample = rows[np.sort(rng.choice(n, size=min(n, _SAMPLE_ROWS), replace=False))]
+    n, dim = rows.shape
     n_clusters = n_clusters_for(n)
+    sample_rows = min(n, _SAMPLE_ROWS)
+    while sample_rows >= 4 * n_clusters and _scratch_bytes(sample_rows, n_clusters, dim) > budget:
+        sample_rows //= 2
+    if sample_rows < 4 * n_clusters:
+        return None
+    rng = np.random.default_rng(seed)
+    sample = rows[np.sort(rng.choice(n, size=sample_rows, replace=False))]
     centroids = sample[rng.choice(sample.shape[0], size=n_clusters, replace=False)].copy()
     for _ in range(_ITERATIONS):
         labels = np.argmax(sample @ centroids.T, axis=1)

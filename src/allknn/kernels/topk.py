@@ -315,6 +315,20 @@ def rescore_and_sort(normed, norms, queries_normed, query_norms, rows, keys, sim
 
 
 @njit(nogil=True, cache=True)
+def compact_rows(flat, row_length, rows, cols):
+    """Move the ``rows x cols`` top-left part of a ``(?, row_length)``
+    C-ordered matrix stored in ``flat`` to the front of ``flat``, C-ordered.
+
+    Rows move forward only, so each row is read before it is overwritten.
+    """
+    for r in range(rows):
+        src = r * row_length
+        dst = r * cols
+        for c in range(cols):
+            flat[dst + c] = flat[src + c]
+
+
+@njit(nogil=True, cache=True)
 def permute_rows(matrix, order):
     """Reorder rows in place so that new row ``r`` is old row ``order[r]``.
 
