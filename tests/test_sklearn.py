@@ -1,0 +1,82 @@
+"""The scikit-learn estimator: sklearn's own checks and equality with NearestNeighbors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+sklearn = pytest.importorskip("sklearn")
+from sklearn.neighbors import KNeighborsTransformer, NearestNeighbors  # noqa: E402
+from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
+
+from allknn.datasets import make_clustered  # noqa: E402
+from allknn.sklearn import CosineNeighbors  # noqa: E402
+
+NOT_APPLICABLE = {
+    "check_estimators_dtypes": (
+        "feeds integer data with all-zero rows; a zero vector has no cosine similarity and allknn "
+        "raises a ValueError naming the rows instead of inventing a distance of 1 as sklearn does"
+    ),
+}
+
+
+@parametrize_with_checks(
+    [CosineNeighbors(), CosineNeighbors(mode="connectivity", n_neighbors=3)],
+    expected_failed_checks=lambda estimator: NOT_APPLICABLE,
+)
+def test_sklearn_estimator_checks(estimator, check):
+    check(estimator)
+
+
+def _assert_same_neighbours(dist, ind, want_dist, want_ind, atol=1e-5):
+    np.testing.assert_allclose(dist, want_dist, rtol=0, atol=atol)
+    # indices may differ only among near-equal distances
+    differ = ind != want_ind
+    assert np.allclose(dist[differ], want_dist[differ], atol=atol)
+
+
+@pytest.mark.parametrize("queries", [False, True])
+def test_equals_sklearn_nearest_neighbors(queries):
+    X = make_clustered(1500, 24, n_clusters=15, seed=4).astype(np.float64)
+    X[40] = X[41]
+    Q = make_clustered(200, 24, n_clusters=15, seed=5).astype(np.float64) if queries else None
+    ours = CosineNeighbors(n_neighbors=8).fit(X)
+    theirs = NearestNeighbors(n_neighbors=8, metric="cosine", algorithm="brute").fit(X)
+    dist, ind = ours.kneighbors(Q)
+    want_dist, want_ind = theirs.kneighbors(Q)
+    _assert_same_neighbours(dist, ind, want_dist, want_ind)
+    assert dist.dtype == np.float64 and ind.dtype == np.int64
+
+
+def test_transform_matches_kneighbors_transformer():
+    X = make_clustered(800, 16, n_clusters=10, seed=6)
+    ours = CosineNeighbors(n_neighbors=5, mode="distance").fit_transform(X)
+    theirs = KNeighborsTransformer(n_neighbors=5, mode="distance", metric="cosine").fit_transform(X)
+    assert ours.shape == theirs.shape == (800, 800)
+    assert ours.nnz == theirs.nnz == 800 * 6
+    np.testing.assert_allclose(np.sort(ours.data), np.sort(theirs.data), atol=1e-5)
+    connectivity = CosineNeighbors(n_neighbors=5, mode="connectivity").fit_transform(X)
+    assert connectivity.nnz == 800 * 5 and (connectivity.data == 1).all()
+
+
+def test_plugs_into_dbscan_with_a_precomputed_graph():
+    from sklearn.cluster import DBSCAN
+    from sklearn.pipeline import make_pipeline
+
+    X = make_clustered(600, 12, n_clusters=4, spread=0.05, seed=2)
+    pipeline = make_pipeline(CosineNeighbors(n_neighbors=10), DBSCAN(eps=0.05, metric="precomputed"))
+    labels = pipeline.fit_predict(X)
+    reference = make_pipeline(
+        KNeighborsTransformer(n_neighbors=10, metric="cosine"), DBSCAN(eps=0.05, metric="precomputed")
+    ).fit_predict(X)
+    np.testing.assert_array_equal(labels, reference)
+
+
+def test_bad_n_neighbors_and_mode():
+    est = CosineNeighbors(n_neighbors=3).fit(np.eye(5) + 0.1)
+    with pytest.raises(ValueError, match="n_neighbors < n_samples_fit"):
+        est.kneighbors(n_neighbors=5)
+    with pytest.raises(ValueError, match="Expected n_neighbors > 0"):
+        est.kneighbors(n_neighbors=0)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        est.kneighbors_graph(mode="weights")
