@@ -8,6 +8,7 @@ as one line with a non-zero exit code.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -35,8 +36,9 @@ def _progress(total: int, quiet: bool, description: str) -> tuple[AbstractContex
         return nullcontext(), lambda tile, pairs: None
     from tqdm import tqdm
 
+    width = shutil.get_terminal_size((100, 24)).columns  # the fallback covers a 0-wide pty
     bar = tqdm(total=total, unit="pairs", unit_scale=True, desc=description, file=sys.stderr,
-               smoothing=0.1, dynamic_ncols=True)
+               smoothing=0.1, ncols=width)
     return bar, lambda tile, pairs: bar.update(pairs)
 
 
@@ -96,8 +98,18 @@ def checkpoint_path(output: Path) -> Path:
     return output.with_name(output.name + ".checkpoint.npz")
 
 
+def _load(path: str, args: argparse.Namespace):
+    """Read an input file; ``--column`` names a column (parquet) or an array
+    (npz, hdf5)."""
+    from allknn.io import load
+
+    named = Path(path).suffix.lower() in (".npz", ".h5", ".hdf5")
+    return load(path, column=None if named else args.column,
+                dataset=args.column if named else None, id_column=args.id_column)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    from allknn.io import load, read_ids, save_result
+    from allknn.io import read_ids, save_result
 
     output = Path(args.output)
     if output.suffix not in OUTPUT_SUFFIXES:
@@ -111,7 +123,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             f"or delete it to start over"
         )
 
-    data = load(args.input, column=args.column, id_column=args.id_column)
+    data = _load(args.input, args)
     ids = data.ids
     if args.ids is not None:
         if ids is not None:
@@ -119,7 +131,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         ids = read_ids(args.ids, data.matrix.shape[0])
     queries = query_ids = None
     if args.queries is not None:
-        query_data = load(args.queries, column=args.column, id_column=args.id_column)
+        query_data = _load(args.queries, args)
         queries, query_ids = query_data.matrix, query_data.ids
     n_queries = data.matrix.shape[0] if queries is None else queries.shape[0]
     total = _self_join_pairs(n_queries) if queries is None else n_queries * data.matrix.shape[0]
@@ -158,9 +170,8 @@ def _estimate_pairs_per_second(d: int, threads: int) -> float:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from allknn._normalize import row_norms
-    from allknn.io import load
 
-    data = load(args.input, column=args.column, id_column=args.id_column)
+    data = _load(args.input, args)
     n, d = data.matrix.shape
     threads = check_threads(args.threads)
     budget = parse_memory(args.max_memory)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -87,6 +88,17 @@ class TopK:
                 "similarity": self.similarities.ravel()[present],
             }
         )
+
+    def save(self, path: str | os.PathLike[str], **options: Any) -> None:
+        """Write the result atomically to ``.npz`` or ``.parquet`` (by extension).
+
+        ``options`` are those of :func:`allknn.io.save_result` (``ids``,
+        ``query_ids``, ``min_similarity``, ``metadata``); read it back with
+        :func:`allknn.load_result`.
+        """
+        from allknn.io import save_result
+
+        save_result(self, path, **options)
 
     def to_csr(self) -> scipy.sparse.csr_matrix:
         """Return the kNN graph as a sparse matrix of similarities.

@@ -1,0 +1,191 @@
+"""Save a :class:`TopK` to ``.npz`` or ``.parquet`` (atomically) and load it back.
+
+``.npz`` layout
+---------------
+``indices`` (n, k) int64 and ``similarities`` (n, k) float32 (-1 / NaN
+where a neighbour is missing or below ``min_similarity``), ``n_corpus``
+(int64), ``params`` (JSON text of ``TopK.params``), ``metadata`` (JSON
+text of the caller's metadata, ``null`` if none), ``min_similarity``
+(float64, NaN if none), and ``ids`` / ``query_ids`` when given (int64 or
+unicode strings). No pickles: ``np.load(path)`` reads it as it is.
+
+``.parquet`` layout
+-------------------
+The long neighbour table of :mod:`allknn.io.neighbor_table`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from allknn.io._atomic import atomic_path
+from allknn.io._json import dumps
+from allknn.io.ids import read_ids
+from allknn.io.neighbor_table import Labels, ParquetNeighborWriter, read_neighbor_table
+from allknn.result import TopK
+
+SUFFIXES = (".npz", ".parquet")
+_ENTRIES_PER_BLOCK = 2**20
+_NPZ_KEYS = ("indices", "similarities", "n_corpus", "params")
+
+
+def save_result(
+    topk: TopK,
+    path: str | os.PathLike[str],
+    *,
+    ids: Labels | None = None,
+    query_ids: Labels | None = None,
+    min_similarity: float | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> None:
+    """Write ``topk`` to ``path`` (``.npz`` or ``.parquet``), atomically.
+
+    The file appears under its name only once complete; on any error
+    nothing is left at ``path`` or beside it.
+
+    Parameters
+    ----------
+    topk : TopK
+        The result, ``indices`` (n, k) and ``similarities`` (n, k).
+    path : path-like
+        Output file; the extension picks the format (see the module
+        docstring). Its folder must exist.
+    ids : sequence of length n_corpus, optional
+        Unique corpus labels (integers or strings). In parquet they replace
+        row numbers in ``neighbor_id``, and in ``id`` too in a self-join
+        (``topk.params["self_join"]``), as :meth:`TopK.to_pandas` does.
+    query_ids : sequence of length n, optional
+        Unique labels of the query rows of a query join.
+    min_similarity : float, optional
+        Leave out neighbours less similar than this (parquet: no row;
+        npz: index -1, similarity NaN).
+    metadata : dict, optional
+        JSON-serialisable facts about the run (input path, ...), stored
+        beside ``topk.params``.
+
+    Raises
+    ------
+    ValueError
+        Unknown extension, ids of the wrong length or not unique, a
+        missing folder.
+    TypeError
+        ``params`` or ``metadata`` that cannot be stored as JSON.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        _save_parquet(topk, path, ids, query_ids, min_similarity, metadata)
+    elif suffix == ".npz":
+        _save_npz(topk, path, ids, query_ids, min_similarity, metadata)
+    else:
+        raise ValueError(f"cannot write {path}: the extension must be one of {', '.join(SUFFIXES)}")
+
+
+def load_result(
+    path: str | os.PathLike[str], *, ids: Labels | None = None, query_ids: Labels | None = None
+) -> TopK:
+    """Read back a result written by :func:`save_result`.
+
+    Parameters
+    ----------
+    path : path-like
+        A ``.npz`` or ``.parquet`` file from :func:`save_result` (or
+        :class:`ParquetNeighborWriter`).
+    ids, query_ids : sequence, optional
+        Only for a parquet file whose ids were too many to keep in it
+        (see :mod:`allknn.io.neighbor_table`): the ids it was written with.
+
+    Returns
+    -------
+    TopK
+        ``indices`` (n, k) int64, ``similarities`` (n, k) float32 with -1 /
+        NaN for missing neighbours, ``n_corpus`` and ``params`` as saved.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ValueError
+        Unknown extension, or a file that is not an allknn result.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise ValueError(f"cannot read {path}: the extension must be one of {', '.join(SUFFIXES)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}; check the path")
+    if suffix == ".parquet":
+        return read_neighbor_table(path, ids=ids, query_ids=query_ids)
+    if ids is not None or query_ids is not None:
+        raise ValueError(f"{path} keeps its own ids; pass ids= and query_ids= only for .parquet files")
+    return _load_npz(path)
+
+
+def _save_parquet(
+    topk: TopK, path: Path, ids: Labels | None, query_ids: Labels | None, min_similarity: float | None,
+    metadata: dict[str, Any] | None,
+) -> None:
+    rows = max(1, _ENTRIES_PER_BLOCK // max(topk.k, 1))
+    with ParquetNeighborWriter(
+        path, k=topk.k, n_rows=len(topk), n_corpus=topk.n_corpus, ids=ids, query_ids=query_ids,
+        min_similarity=min_similarity, params=topk.params, metadata=metadata,
+    ) as writer:
+        for start in range(0, len(topk), rows):
+            stop = start + rows
+            writer.write_block(start, topk.indices[start:stop], topk.similarities[start:stop])
+
+
+def _save_npz(
+    topk: TopK, path: Path, ids: Labels | None, query_ids: Labels | None, min_similarity: float | None,
+    metadata: dict[str, Any] | None,
+) -> None:
+    indices = np.asarray(topk.indices, dtype=np.int64)
+    similarities = np.asarray(topk.similarities, dtype=np.float32)
+    if min_similarity is not None:
+        below = ~(similarities >= min_similarity)
+        indices = np.where(below, -1, indices)
+        similarities = np.where(below, np.float32(np.nan), similarities)
+    arrays = {
+        "indices": indices,
+        "similarities": similarities,
+        "n_corpus": np.int64(topk.n_corpus),
+        "params": np.array(dumps(topk.params)),
+        "metadata": np.array(dumps(metadata)),
+        "min_similarity": np.float64(np.nan if min_similarity is None else min_similarity),
+    }
+    for name, labels, count in (("ids", ids, topk.n_corpus), ("query_ids", query_ids, len(topk))):
+        if labels is not None:
+            values = read_ids(labels, count, name=name)
+            arrays[name] = values if values.dtype.kind == "i" else values.astype(str)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+def _load_npz(path: Path) -> TopK:
+    try:
+        saved = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(
+            f"{path} is not a readable .npz file ({exc}); it may be truncated or corrupt: write it again"
+        ) from None
+    if not hasattr(saved, "files"):
+        raise ValueError(f"{path} is a .npy file, not an allknn result")
+    with saved:
+        missing = [key for key in _NPZ_KEYS if key not in saved.files]
+        if missing:
+            raise ValueError(
+                f"{path} is not an allknn result (no {', '.join(missing)}); load_result reads files "
+                f"written by save_result"
+            )
+        return TopK(
+            indices=saved["indices"].astype(np.int64, copy=False),
+            similarities=saved["similarities"].astype(np.float32, copy=False),
+            n_corpus=int(saved["n_corpus"]),
+            params=json.loads(str(saved["params"])),
+        )
