@@ -209,7 +209,7 @@ def test_info_reports_shape_problems_and_estimates(tmp_path, capsys):
     np.save(path, X)
     assert main(["info", str(path), "-k", "10"]) == 0
     shown = capsys.readouterr().out
-    assert "2000 x 16, float32" in shown
+    assert "2000 x 16, float32, dense" in shown
     assert "zero rows:   1 (first: 3)" in shown
     assert "NaN/Inf rows: 1 (first: 9)" in shown
     assert "estimate:" in shown and "memory:" in shown
@@ -245,3 +245,17 @@ def test_npz_input_names_its_array_with_column(tmp_path):
     out = tmp_path / "o.npz"
     assert main(["run", str(source), "--column", "emb", "-k", "4", "-o", str(out), "-q"]) == 0
     np.testing.assert_array_equal(load_result(out).indices, allknn.neighbors(X, 4).indices)
+
+
+def test_sparse_npz_from_scipy_save_npz(tmp_path, capsys):
+    import scipy.sparse
+
+    X = scipy.sparse.random(800, 3000, density=0.01, format="csr", random_state=2, dtype=np.float32)
+    X = X[np.diff(X.indptr) > 0]
+    source = tmp_path / "tfidf.npz"
+    scipy.sparse.save_npz(source, X)
+    out = tmp_path / "o.npz"
+    assert main(["run", str(source), "-k", "5", "-o", str(out), "-q"]) == 0
+    np.testing.assert_array_equal(load_result(out).indices, allknn.neighbors(X, 5).indices)
+    assert main(["info", str(source)]) == 0
+    assert f"{X.shape[0]} x 3000, float32, sparse, {X.nnz} stored values" in capsys.readouterr().out

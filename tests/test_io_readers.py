@@ -91,12 +91,14 @@ def test_npz_errors_list_the_arrays(tmp_path, matrix):
         load(path, dataset="emb")
 
 
-def test_sparse_npz_is_not_supported_yet(tmp_path):
+def test_sparse_npz_loads_as_csr(tmp_path):
     scipy_sparse = pytest.importorskip("scipy.sparse")
     path = tmp_path / "sparse.npz"
-    scipy_sparse.save_npz(path, scipy_sparse.random(10, 5, density=0.3, format="csr", random_state=0))
-    with pytest.raises(TypeError, match=r"sparse\.npz holds a scipy sparse matrix; sparse input is not supp"):
-        load(path)
+    matrix = scipy_sparse.random(10, 5, density=0.3, format="coo", random_state=0)
+    scipy_sparse.save_npz(path, matrix)
+    loaded = load(path).matrix
+    assert loaded.format == "csr"
+    np.testing.assert_array_equal(loaded.toarray(), matrix.toarray())
 
 
 def test_corrupt_npz(tmp_path):

@@ -80,3 +80,14 @@ def test_bad_n_neighbors_and_mode():
         est.kneighbors(n_neighbors=0)
     with pytest.raises(ValueError, match="mode must be one of"):
         est.kneighbors_graph(mode="weights")
+
+
+def test_sparse_input_equals_sklearn():
+    import scipy.sparse as sp
+
+    X = sp.random(700, 400, density=0.03, format="csr", random_state=3, dtype=np.float64)
+    X = X[np.diff(X.indptr) > 0]
+    dist, ind = CosineNeighbors(n_neighbors=6).fit(X).kneighbors()
+    theirs = NearestNeighbors(n_neighbors=6, metric="cosine", algorithm="brute").fit(X)
+    want_dist, want_ind = theirs.kneighbors()
+    _assert_same_neighbours(dist, ind, want_dist, want_ind)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse
 
 from allknn.engines.schedule import Tile
 from allknn.kernels.topk import thresholds_of
@@ -25,10 +26,14 @@ from allknn.kernels.topk import thresholds_of
 _HASH_ROWS = 65536
 
 
-def fingerprint_matrix(data: np.ndarray) -> str:
+def fingerprint_matrix(data: np.ndarray | scipy.sparse.csr_matrix) -> str:
     """Hash of a matrix's shape, dtype and values, read block by block."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update(f"{data.shape}|{data.dtype.str}".encode())
+    if scipy.sparse.issparse(data):
+        for part in (data.indptr, data.indices, data.data):
+            digest.update(np.ascontiguousarray(part).tobytes())
+        return digest.hexdigest()
     for start in range(0, data.shape[0], _HASH_ROWS):
         digest.update(np.ascontiguousarray(data[start : start + _HASH_ROWS]).tobytes())
     return digest.hexdigest()

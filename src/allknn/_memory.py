@@ -46,18 +46,22 @@ def parse_memory(value: object) -> int:
     return size
 
 
-def working_bytes(block_rows: int, dim: int, threads: int) -> int:
+def working_bytes(block_rows: int, dim: int, threads: int, *, sparse: bool = False) -> int:
     """Bytes of scratch memory a run with these blocks allocates at once.
 
-    Per worker: one float32 tile ``block_rows**2``, its column thresholds,
-    and one float64 block of ``block_rows x dim`` while normalising; once:
-    the zero-padded last block of the queries and of the corpus.
+    Dense, per worker: one float32 tile ``block_rows**2``, its column
+    thresholds, and one float64 block of ``block_rows x dim`` while
+    normalising; once: the zero-padded last block of the queries and of the
+    corpus. Sparse, per worker: the tile, its column thresholds and the
+    sparse product before it is densified (up to 8 bytes a pair).
     """
-    per_worker = 4 * block_rows * block_rows + 4 * block_rows + 8 * block_rows * dim
-    return threads * per_worker + 2 * 4 * block_rows * dim
+    tile = 4 * block_rows * block_rows + 4 * block_rows
+    if sparse:
+        return threads * (tile + 8 * block_rows * block_rows)
+    return threads * (tile + 8 * block_rows * dim) + 2 * 4 * block_rows * dim
 
 
-def choose_block_rows(budget: int, dim: int, threads: int) -> int:
+def choose_block_rows(budget: int, dim: int, threads: int, *, sparse: bool = False) -> int:
     """Largest block (up to the cache-friendly preference) that fits the budget.
 
     Raises
@@ -66,15 +70,16 @@ def choose_block_rows(budget: int, dim: int, threads: int) -> int:
         If even ``MIN_BLOCK_ROWS`` rows per block exceed the budget.
     """
     per_thread = budget / threads
-    linear = 4 + 8 * dim + 8 * dim / threads
-    # largest rows with 4 rows**2 + linear rows <= per_thread
-    rows = int((-linear + math.sqrt(linear * linear + 16 * per_thread)) / 8)
+    quadratic = 12 if sparse else 4
+    linear = 4 if sparse else 4 + 8 * dim + 8 * dim / threads
+    # largest rows with quadratic rows**2 + linear rows <= per_thread
+    rows = int((-linear + math.sqrt(linear * linear + 4 * quadratic * per_thread)) / (2 * quadratic))
     rows = min(rows, PREFERRED_BLOCK_ROWS)
     rows -= rows % BLOCK_MULTIPLE
-    while rows > 0 and working_bytes(rows, dim, threads) > budget:  # float rounding
+    while rows > 0 and working_bytes(rows, dim, threads, sparse=sparse) > budget:  # float rounding
         rows -= BLOCK_MULTIPLE
     if rows < MIN_BLOCK_ROWS:
-        need = working_bytes(MIN_BLOCK_ROWS, dim, threads)
+        need = working_bytes(MIN_BLOCK_ROWS, dim, threads, sparse=sparse)
         raise ValueError(
             f"max_memory={budget} bytes is too small for {threads} thread(s) at {dim} "
             f"dimensions; give at least {need} bytes or fewer threads"
@@ -87,7 +92,9 @@ def round_block_rows(block_rows: int) -> int:
     return -(-int(block_rows) // BLOCK_MULTIPLE) * BLOCK_MULTIPLE
 
 
-def check_block_rows(block_rows: object, n_rows: int, budget: int, dim: int, threads: int) -> int:
+def check_block_rows(
+    block_rows: object, n_rows: int, budget: int, dim: int, threads: int, *, sparse: bool = False
+) -> int:
     """An explicit block size, rounded up to a multiple of ``BLOCK_MULTIPLE``
     and capped at the (rounded) row count.
 
@@ -100,7 +107,7 @@ def check_block_rows(block_rows: object, n_rows: int, budget: int, dim: int, thr
     if isinstance(block_rows, bool) or not isinstance(block_rows, numbers.Integral) or block_rows < 1:
         raise ValueError(f"block_rows must be a positive integer, got {block_rows!r}")
     rows = cap_block_rows(round_block_rows(block_rows), n_rows)
-    need = working_bytes(rows, dim, threads)
+    need = working_bytes(rows, dim, threads, sparse=sparse)
     if need > budget:
         raise ValueError(
             f"block_rows={block_rows} needs {need} bytes of working memory with {threads} thread(s), "

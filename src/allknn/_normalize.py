@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from allknn._sparse import is_sparse, normalize_sparse_rows
 from allknn._validate import raise_for_bad_rows, raise_if_no_valid_rows
 
 
@@ -16,8 +17,8 @@ class NormalizedRows:
 
     Attributes
     ----------
-    rows : ndarray of shape (m, d), float32, C-contiguous
-        Kept rows divided by their norm.
+    rows : ndarray of shape (m, d), float32, C-contiguous, or csr_matrix
+        Kept rows divided by their norm (sparse input stays sparse).
     norms : ndarray of shape (m,), float64
         Norms of ``rows`` themselves (1 up to float32 rounding), used to
         re-score final candidates exactly.
@@ -72,7 +73,9 @@ def normalize_rows(
 
     Parameters
     ----------
-    data : ndarray of shape (n, d), real dtype
+    data : ndarray of shape (n, d), real dtype, or csr_matrix
+        A sparse matrix is normalised by
+        :func:`allknn._sparse.normalize_sparse_rows` and stays sparse.
     name : str
         Name used in error messages (``"X"`` or ``"queries"``).
     block_rows : int
@@ -89,6 +92,8 @@ def normalize_rows(
         If there are such rows and ``invalid="raise"``, naming how many and
         the first row numbers; or if no row is left after dropping.
     """
+    if is_sparse(data):
+        return normalize_sparse_rows(data, name=name, invalid=invalid)
     norms = row_norms(data, block_rows)
     finite = np.isfinite(norms)
     good = finite & (norms > 0)

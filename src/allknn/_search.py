@@ -14,9 +14,10 @@ import numpy as np
 
 from allknn._checkpoint import Checkpoint, Progress
 from allknn._normalize import NormalizedRows
+from allknn._sparse import is_sparse
 from allknn.engines.exact import ProgressCallback, QueryJoinPlan, SelfJoinPlan, TilePlan
 from allknn.engines.ordering import MIN_ROWS, cluster_order
-from allknn.kernels.topk import new_state, permute_rows, rescore_and_sort
+from allknn.kernels.topk import new_state, permute_rows, rescore_and_sort, rescore_and_sort_sparse
 
 logger = logging.getLogger("allknn")
 
@@ -55,7 +56,7 @@ def exact_search(
     if self_join:
         if progress is not None:
             order = progress.order
-        elif corpus.rows.shape[0] >= MIN_ROWS:
+        elif corpus.rows.shape[0] >= MIN_ROWS and not is_sparse(corpus.rows):
             order = cluster_order(corpus.rows, budget=budget)
     plan: TilePlan
     if self_join:
@@ -123,8 +124,14 @@ def _finish(
     processing state rows in the order ``rows`` (clustered rows together)."""
 
     def rescore(start: int) -> None:
-        rescore_and_sort(corpus.rows, corpus.norms, queries.rows, queries.norms,
-                         rows[start : start + _RESCORE_ROWS], keys, similarities)
+        chunk = rows[start : start + _RESCORE_ROWS]
+        if is_sparse(corpus.rows):
+            x, q = corpus.rows, queries.rows
+            rescore_and_sort_sparse(x.indptr, x.indices, x.data, corpus.norms, q.indptr, q.indices,
+                                    q.data, queries.norms, chunk, keys, similarities)
+        else:
+            rescore_and_sort(corpus.rows, corpus.norms, queries.rows, queries.norms, chunk, keys,
+                             similarities)
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         list(pool.map(rescore, range(0, rows.shape[0], _RESCORE_ROWS)))

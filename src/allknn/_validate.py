@@ -6,16 +6,18 @@ import numbers
 import os
 
 import numpy as np
+import scipy.sparse
 
 INVALID_CHOICES = ("raise", "drop")
 
 
-def as_matrix(data: object, name: str) -> np.ndarray:
+def as_matrix(data: object, name: str) -> np.ndarray | scipy.sparse.csr_matrix:
     """Return ``data`` as a 2-D numeric ndarray without copying when possible.
 
     float16/32/64 arrays (and memory maps) are returned as they are; other
     real numeric dtypes are accepted as they are too and converted block by
-    block later.
+    block later. scipy sparse matrices and arrays of any format become a
+    canonical CSR matrix.
 
     Raises
     ------
@@ -27,11 +29,10 @@ def as_matrix(data: object, name: str) -> np.ndarray:
     if isinstance(data, np.ndarray):
         array = data
     else:
-        if hasattr(data, "tocsr") or hasattr(data, "toarray"):
-            raise TypeError(
-                f"{name} is a sparse matrix ({type(data).__name__}); sparse input is not "
-                f"supported yet: pass {name}.toarray() if it fits in memory"
-            )
+        if scipy.sparse.issparse(data):
+            from allknn._sparse import as_csr
+
+            return as_csr(data, name)
         try:
             array = np.asarray(data)
         except (ValueError, TypeError) as exc:

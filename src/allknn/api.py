@@ -7,6 +7,7 @@ import os
 import time
 
 import numpy as np
+import scipy.sparse
 from numpy.typing import ArrayLike
 
 from allknn import _validate
@@ -14,6 +15,7 @@ from allknn._checkpoint import Checkpoint, fingerprint_matrix
 from allknn._memory import cap_block_rows, check_block_rows, choose_block_rows, parse_memory
 from allknn._normalize import NormalizedRows, normalize_rows
 from allknn._search import exact_search
+from allknn._sparse import is_sparse
 from allknn.engines.exact import ProgressCallback
 from allknn.result import TopK
 
@@ -42,13 +44,15 @@ def neighbors(
 
     Parameters
     ----------
-    X : array-like of shape (n, d)
+    X : array-like or scipy sparse matrix of shape (n, d)
         Corpus, any real dtype (float16/32/64 are read without a copy;
-        memory maps are read block by block).
+        memory maps are read block by block). Sparse input (CSR, CSC, COO,
+        sparse arrays) is never densified as a whole: tiles are sparse
+        products, densified one at a time.
     k : int
         Neighbours per row, ``1 <= k <= n - 1`` in the self-join (``n``
         with ``exclude_self=False`` or with ``queries``).
-    queries : array-like of shape (nq, d), optional
+    queries : array-like or sparse matrix of shape (nq, d), optional
         Search these rows against ``X`` instead of ``X`` against itself.
         Passing ``X`` itself is the self-join.
     exclude_self : bool
@@ -103,14 +107,20 @@ def neighbors(
     self_join = queries is None or queries is X
     query_matrix = corpus if self_join else _validate.as_matrix(queries, "queries")
     _validate.check_same_width(corpus, query_matrix)
+    sparse = is_sparse(corpus) or is_sparse(query_matrix)
+    if sparse and not self_join:  # one representation for both sides
+        corpus, query_matrix = scipy.sparse.csr_matrix(corpus), scipy.sparse.csr_matrix(query_matrix)
     n_threads = _validate.check_threads(threads)
     invalid = _validate.check_invalid_choice(invalid)
     budget = parse_memory(max_memory)
     n_rows = max(corpus.shape[0], query_matrix.shape[0])
     if block_rows is None:
-        block_rows = cap_block_rows(choose_block_rows(budget, corpus.shape[1], n_threads), n_rows)
+        block_rows = cap_block_rows(
+            choose_block_rows(budget, corpus.shape[1], n_threads, sparse=sparse), n_rows
+        )
     else:
-        block_rows = check_block_rows(block_rows, n_rows, budget, corpus.shape[1], n_threads)
+        block_rows = check_block_rows(block_rows, n_rows, budget, corpus.shape[1], n_threads,
+                                      sparse=sparse)
 
     started = time.perf_counter()
     normed = normalize_rows(corpus, name="X", block_rows=block_rows, invalid=invalid,

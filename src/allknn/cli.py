@@ -170,25 +170,29 @@ def _estimate_pairs_per_second(d: int, threads: int) -> float:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from allknn._normalize import row_norms
+    from allknn._sparse import is_sparse, sparse_row_norms
 
     data = _load(args.input, args)
     n, d = data.matrix.shape
     threads = check_threads(args.threads)
     budget = parse_memory(args.max_memory)
     block_rows = choose_block_rows(budget, d, threads)
-    norms = row_norms(data.matrix, block_rows)
+    sparse = is_sparse(data.matrix)
+    norms = sparse_row_norms(data.matrix) if sparse else row_norms(data.matrix, block_rows)
     nonfinite = np.flatnonzero(~np.isfinite(norms))
     zero = np.flatnonzero(norms == 0)
     rate = _estimate_pairs_per_second(d, threads)
     memory = n * d * 4 + n * args.k * 12 + working_bytes(block_rows, d, threads)
     print(f"file:        {args.input}")
-    print(f"shape:       {n} x {d}, {data.matrix.dtype}")
+    kind = f"sparse, {data.matrix.nnz} stored values" if sparse else "dense"
+    print(f"shape:       {n} x {d}, {data.matrix.dtype}, {kind}")
     print(f"ids:         {'yes' if data.ids is not None else 'no (row numbers)'}")
     print(f"zero rows:   {zero.size}" + (f" (first: {', '.join(map(str, zero[:5]))})" if zero.size else ""))
     print(f"NaN/Inf rows: {nonfinite.size}"
           + (f" (first: {', '.join(map(str, nonfinite[:5]))})" if nonfinite.size else ""))
     print(f"estimate:    {_self_join_pairs(n) / rate:.1f} s for the exact self-join with k={args.k} "
-          f"on {threads} thread(s) ({rate:.3g} pairs/s measured here)")
+          f"on {threads} thread(s) ({rate:.3g} pairs/s measured here on dense rows"
+          + ("; sparse rows are usually slower per pair)" if sparse else ")"))
     print(f"memory:      about {memory / 1e6:.0f} MB beyond the input (block_rows={block_rows})")
     return 0
 

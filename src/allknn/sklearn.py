@@ -27,6 +27,14 @@ from allknn.api import neighbors
 _MODES = ("distance", "connectivity")
 
 
+def _another_object(X):
+    """The same data in a new object (no copy), so :func:`allknn.neighbors`
+    treats it as queries and keeps each sample itself, as sklearn does."""
+    if scipy.sparse.issparse(X):
+        return scipy.sparse.csr_matrix((X.data, X.indices, X.indptr), shape=X.shape)
+    return X.view()
+
+
 class CosineNeighbors(TransformerMixin, BaseEstimator):
     """Exact k nearest neighbours by cosine distance, computed by allknn.
 
@@ -62,7 +70,7 @@ class CosineNeighbors(TransformerMixin, BaseEstimator):
         X : array-like of shape (n_samples, n_features)
         y : ignored
         """
-        X = validate_data(self, X, dtype=[np.float64, np.float32], accept_sparse=False)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], accept_sparse="csr")
         self._fit_X = X
         self.n_samples_fit_ = X.shape[0]
         return self
@@ -102,15 +110,15 @@ class CosineNeighbors(TransformerMixin, BaseEstimator):
                 )
             result = neighbors(self._fit_X, int(k), max_memory=self.max_memory, threads=self._threads())
         else:
-            X = validate_data(self, X, dtype=[np.float64, np.float32], accept_sparse=False, reset=False)
+            X = validate_data(self, X, dtype=[np.float64, np.float32], accept_sparse="csr",
+                              reset=False)
             if k > self.n_samples_fit_:
                 raise ValueError(
                     f"Expected n_neighbors <= n_samples_fit, but n_neighbors = {k}, "
                     f"n_samples_fit = {self.n_samples_fit_}, n_samples = {X.shape[0]}"
                 )
-            # a view, never the training array itself: sklearn's query form keeps self
-            result = neighbors(self._fit_X, int(k), queries=X.view(), max_memory=self.max_memory,
-                               threads=self._threads())
+            result = neighbors(self._fit_X, int(k), queries=_another_object(X),
+                               max_memory=self.max_memory, threads=self._threads())
         if not return_distance:
             return result.indices
         distances = (1.0 - result.similarities.astype(np.float64)).astype(self._fit_X.dtype)
@@ -160,4 +168,5 @@ class CosineNeighbors(TransformerMixin, BaseEstimator):
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.input_tags.allow_nan = False
+        tags.input_tags.sparse = True
         return tags

@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import scipy.sparse
 from threadpoolctl import threadpool_limits
 
 from allknn._memory import round_block_rows
@@ -53,21 +54,26 @@ class Blocks:
         Rows per block, rounded up to a multiple of ``BLOCK_MULTIPLE``.
     """
 
-    def __init__(self, matrix: np.ndarray, block_rows: int):
+    def __init__(self, matrix: np.ndarray | scipy.sparse.csr_matrix, block_rows: int):
         self.matrix = matrix
         self.block_rows = block_rows = round_block_rows(block_rows)
         self.bounds = block_bounds(matrix.shape[0], block_rows)
+        self.sparse = scipy.sparse.issparse(matrix)
         start, stop = self.bounds[-1]
-        self._tail = np.zeros((block_rows, matrix.shape[1]), dtype=np.float32)
-        self._tail[: stop - start] = matrix[start:stop]
+        if not self.sparse:
+            self._tail = np.zeros((block_rows, matrix.shape[1]), dtype=np.float32)
+            self._tail[: stop - start] = matrix[start:stop]
 
     def __len__(self) -> int:
         return len(self.bounds)
 
-    def block(self, i: int) -> np.ndarray:
-        """Rows of block ``i`` as a (block_rows, d) array (padded if short)."""
+    def block(self, i: int) -> np.ndarray | scipy.sparse.csr_matrix:
+        """Rows of block ``i``: a (block_rows, d) array, padded if short, or
+        for a sparse matrix its real rows as CSR."""
         start, stop = self.bounds[i]
-        return self._tail if stop - start < self.block_rows else self.matrix[start:stop]
+        if self.sparse or stop - start == self.block_rows:
+            return self.matrix[start:stop]
+        return self._tail
 
     def rows(self, i: int) -> int:
         """Number of real rows in block ``i``."""
@@ -78,10 +84,14 @@ class Blocks:
 def _product(a: Blocks, i: int, b: Blocks, j: int, buffer: np.ndarray) -> np.ndarray:
     """Block ``i`` of ``a`` times block ``j`` of ``b`` transposed.
 
-    The product is made at the full block shape into ``buffer``, then the
-    real ``rows x cols`` part is compacted to a C-contiguous array at its
-    front (only for tiles touching a padded block).
+    Dense: the product is made at the full block shape into ``buffer``, then
+    the real ``rows x cols`` part is compacted to a C-contiguous array at
+    its front (only for tiles touching a padded block). Sparse: a sparse
+    product (each pair summed over its common columns in column order,
+    whatever the tile) densified into the front of ``buffer``.
     """
+    if a.sparse or b.sparse:
+        return _sparse_product(a.block(i), b.block(j), buffer)
     size = a.block_rows
     full = buffer.reshape(size, size)
     np.matmul(a.block(i), b.block(j).T, out=full)
@@ -90,6 +100,13 @@ def _product(a: Blocks, i: int, b: Blocks, j: int, buffer: np.ndarray) -> np.nda
         return full
     compact_rows(buffer, size, rows, cols)
     return buffer[: rows * cols].reshape(rows, cols)
+
+
+def _sparse_product(a: scipy.sparse.csr_matrix, b: scipy.sparse.csr_matrix, buffer: np.ndarray) -> np.ndarray:
+    out = buffer[: a.shape[0] * b.shape[0]].reshape(a.shape[0], b.shape[0])
+    out.fill(0.0)
+    (a @ b.T).toarray(out=out)
+    return out
 
 
 class TilePlan(ABC):

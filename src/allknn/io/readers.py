@@ -19,7 +19,7 @@ import numpy as np
 from allknn.io._deps import optional
 from allknn.io._parquet_embeddings import read_parquet
 
-_SPARSE_KEYS = {"format", "indptr", "indices", "data", "shape"}
+_SPARSE_KEYS = frozenset({"format", "shape", "data"})  # what scipy.sparse.save_npz writes for every format
 _ANN_BENCHMARKS_TRAIN = "train"
 
 
@@ -81,7 +81,7 @@ def load(
         truncated or corrupt file, a missing column or dataset, ragged or
         null rows, bad ids. Messages name the file and say the fix.
     TypeError
-        Non-numeric data, or a sparse matrix in a ``.npz``.
+        Non-numeric data.
     ImportError
         If the format needs an optional package that is missing.
 
@@ -93,6 +93,7 @@ def load(
         Memory-mapped read-only (``np.load(path, mmap_mode="r")``).
     ``.npz``
         The array named ``dataset``, or the only array; read into memory.
+        A file written by ``scipy.sparse.save_npz`` gives a CSR matrix.
     ``.parquet``
         ``column``: a list / large_list / fixed_size_list column of numbers;
         by default the only list column, else all float columns (one
@@ -171,10 +172,13 @@ def _read_npz(path: Path, dataset: str | None) -> tuple[np.ndarray, str]:
         raise ValueError(f"{path} is a .npy file, not a .npz archive; rename it to .npy")
     with archive:
         if _SPARSE_KEYS <= set(archive.files):
-            raise TypeError(
-                f"{path} holds a scipy sparse matrix; sparse input is not supported yet: "
-                f"save it dense (matrix.toarray()) with numpy.save"
-            )
+            import scipy.sparse
+
+            try:
+                matrix = scipy.sparse.load_npz(path).tocsr()
+            except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+                raise _corrupt(path, exc, "scipy.sparse.save_npz") from None
+            return matrix, f"{path} (sparse {matrix.format})"
         name = _pick(archive.files, dataset, path, what="array")
         try:
             return archive[name], f"{path} (array {name!r})"

@@ -298,20 +298,88 @@ def rescore_and_sort(normed, norms, queries_normed, query_norms, rows, keys, sim
         q = queries_normed[r]
         qn = query_norms[r]
         for m in range(k):
-            j = 0xFFFFFFFF - (keys[r, m] & 0xFFFFFFFF)
+            j = _decode_id(keys[r, m])
             ids[m] = j
-            if j == EMPTY_ID:
+            if j != EMPTY_ID:
+                sims[m] = _clip(_dot64(q, normed[j]) / (qn * norms[j]))
+            else:
                 sims[m] = -np.inf
-            else:
-                sims[m] = min(1.0, max(-1.0, _dot64(q, normed[j]) / (qn * norms[j])))
         _sort_best_first(sims, ids)
+        _store_row(keys, similarities, r, sims, ids)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _decode_id(key):
+    return 0xFFFFFFFF - (key & 0xFFFFFFFF)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _clip(s):
+    return min(1.0, max(-1.0, s))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _store_row(keys, similarities, r, sims, ids):
+    """Write a sorted row: ids into ``keys`` (-1 when empty), float32 sims."""
+    for m in range(keys.shape[1]):
+        if ids[m] == EMPTY_ID:
+            keys[r, m] = -1
+            similarities[r, m] = np.nan
+        else:
+            keys[r, m] = ids[m]
+            similarities[r, m] = np.float32(sims[m])
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _sparse_dot64(a_indices, a_data, b_indices, b_data):
+    """Float64 dot product of two sparse rows with sorted column indices."""
+    acc = 0.0
+    p = 0
+    q = 0
+    while p < a_indices.shape[0] and q < b_indices.shape[0]:
+        if a_indices[p] == b_indices[q]:
+            acc += np.float64(a_data[p]) * np.float64(b_data[q])
+            p += 1
+            q += 1
+        elif a_indices[p] < b_indices[q]:
+            p += 1
+        else:
+            q += 1
+    return acc
+
+
+@njit(nogil=True, cache=True)
+def rescore_and_sort_sparse(indptr, indices, data, norms, q_indptr, q_indices, q_data, query_norms,
+                            rows, keys, similarities):
+    """:func:`rescore_and_sort` for CSR rows (sorted column indices).
+
+    Parameters
+    ----------
+    indptr, indices, data : ndarray
+        CSR arrays of the normalised corpus (float32 data).
+    norms : ndarray of shape (m,), float64
+    q_indptr, q_indices, q_data : ndarray
+        CSR arrays of the normalised queries.
+    query_norms : ndarray of shape (n,), float64
+    rows, keys, similarities
+        As in :func:`rescore_and_sort`.
+    """
+    k = keys.shape[1]
+    sims = np.empty(k, dtype=np.float64)
+    ids = np.empty(k, dtype=np.int64)
+    for r in rows:
+        q0, q1 = q_indptr[r], q_indptr[r + 1]
         for m in range(k):
-            if ids[m] == EMPTY_ID:
-                keys[r, m] = -1
-                similarities[r, m] = np.nan
+            j = _decode_id(keys[r, m])
+            ids[m] = j
+            if j != EMPTY_ID:
+                x0, x1 = indptr[j], indptr[j + 1]
+                dot = _sparse_dot64(q_indices[q0:q1], q_data[q0:q1], indices[x0:x1], data[x0:x1])
+                sims[m] = _clip(dot / (query_norms[r] * norms[j]))
             else:
-                keys[r, m] = ids[m]
-                similarities[r, m] = np.float32(sims[m])
+                sims[m] = -np.inf
+        _sort_best_first(sims, ids)
+        _store_row(keys, similarities, r, sims, ids)
 
 
 @njit(nogil=True, cache=True)

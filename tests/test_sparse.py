@@ -1,0 +1,103 @@
+"""Sparse input: same contract as dense, never densified whole."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import allknn
+from conftest import assert_same_result, assert_topk_equal, reference_topk
+
+
+def _user_item(n_users: int, n_items: int, per_user: int, seed: int) -> sp.csr_matrix:
+    """Power-law item popularity, a few interactions per user, float32 counts."""
+    rng = np.random.default_rng(seed)
+    popularity = 1.0 / np.arange(1, n_items + 1) ** 0.9
+    rows = np.repeat(np.arange(n_users), per_user)
+    cols = rng.choice(n_items, size=rows.size, p=popularity / popularity.sum())
+    counts = rng.integers(1, 5, size=rows.size).astype(np.float32)
+    return sp.csr_matrix((counts, (rows, cols)), shape=(n_users, n_items))
+
+
+@pytest.fixture
+def interactions() -> sp.csr_matrix:
+    X = _user_item(900, 300, 6, seed=1).tolil()
+    X[5] = X[7]  # a duplicate user
+    return X.tocsr()
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csc", "coo", "csr_array"])
+def test_sparse_formats_equal_the_dense_reference(interactions, fmt):
+    X = interactions.asformat(fmt) if fmt != "csr_array" else sp.csr_array(interactions)
+    result = allknn.neighbors(X, 8, threads=2)
+    ref = reference_topk(interactions.toarray(), 8)
+    assert_topk_equal(result, ref.similarities, ref.indices, full=ref.full)
+    assert result.similarities[5, 0] == 1.0 and result.indices[5, 0] == 7
+
+
+def test_sparse_matches_dense_input_tie_aware(interactions):
+    sparse = allknn.neighbors(interactions, 6)
+    dense = allknn.neighbors(interactions.toarray(), 6)
+    assert_topk_equal(sparse, dense.similarities, dense.indices)
+
+
+@pytest.mark.parametrize("block_rows", [64, 128, 1024])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_sparse_independent_of_block_rows_and_threads(interactions, block_rows, threads):
+    assert_same_result(allknn.neighbors(interactions, 7, block_rows=block_rows, threads=threads),
+                       allknn.neighbors(interactions, 7))
+
+
+def test_sparse_query_form_and_mixed_input(interactions):
+    Q = interactions[:120]
+    sparse_q = allknn.neighbors(interactions, 5, queries=Q)
+    ref = reference_topk(interactions.toarray(), 5, queries=Q.toarray())
+    assert_topk_equal(sparse_q, ref.similarities, ref.indices, full=ref.full)
+    assert_same_result(allknn.neighbors(interactions, 5, queries=Q.toarray()), sparse_q)
+
+
+def test_empty_rows_raise_or_drop(interactions):
+    X = interactions.tolil()
+    X[[3, 40]] = 0
+    X = X.tocsr()
+    with pytest.raises(ValueError, match=r"X has 2 all-zero row\(s\).*\(rows 3, 40\).*invalid='drop'"):
+        allknn.neighbors(X, 4)
+    result = allknn.neighbors(X, 4, invalid="drop")
+    assert (result.indices[[3, 40]] == -1).all() and np.isnan(result.similarities[[3, 40]]).all()
+    assert not np.isin(result.indices, [3, 40]).any()
+    ref = reference_topk(X.toarray(), 4, drop_invalid=True)
+    assert_topk_equal(result, ref.similarities, ref.indices, full=ref.full)
+
+
+def test_nan_in_sparse_data_is_named(interactions):
+    X = interactions.copy()
+    X.data[X.indptr[9]] = np.nan
+    with pytest.raises(ValueError, match=r"1 row\(s\) containing NaN or Inf \(rows 9\)"):
+        allknn.neighbors(X, 3)
+
+
+def test_millions_of_columns_in_bounded_memory():
+    """A 3-million-word vocabulary: never densified (a dense block would be GBs)."""
+    rng = np.random.default_rng(4)
+    n, vocab, per_row = 2000, 3_000_000, 12
+    rows = np.repeat(np.arange(n), per_row)
+    cols = rng.integers(0, vocab, size=rows.size)
+    cols[::3] = rng.integers(0, 50, size=cols[::3].size)  # shared frequent words
+    X = sp.csr_matrix((rng.random(rows.size, dtype=np.float32) + 0.1, (rows, cols)), shape=(n, vocab))
+    result = allknn.neighbors(X, 5, max_memory="64MB")
+    sample = np.arange(0, n, 97)
+    Xn = X.multiply(1 / np.sqrt(X.multiply(X).sum(axis=1))).tocsr()
+    S = (Xn[sample] @ Xn.T).toarray()
+    S[np.arange(sample.size), sample] = -np.inf
+    best = -np.sort(-S, axis=1)[:, :5]
+    np.testing.assert_allclose(result.similarities[sample], best, rtol=0, atol=1e-6)
+
+
+def test_sparse_checkpoint_fingerprint_sees_values(interactions, tmp_path):
+    path = tmp_path / "s.ckpt"
+    allknn.neighbors(interactions, 4, checkpoint=path)
+    changed = interactions.copy()
+    changed.data[0] += 1
+    with pytest.raises(ValueError, match="X: checkpoint has"):
+        allknn.neighbors(changed, 4, checkpoint=path)
