@@ -209,7 +209,8 @@ def main() -> None:
     report = {"data": label, "k": args.k, "threads": args.threads, "machine": _machine(),
               "command": " ".join(sys.argv), "results": summary}
     RESULTS.mkdir(exist_ok=True)
-    name = f"exact-{label.split()[0]}-{X.shape[0]}x{X.shape[1]}-k{args.k}-{'-'.join(args.methods)}.json"
+    methods = "-".join(args.methods)
+    name = f"exact-{label.split()[0]}-{X.shape[0]}x{X.shape[1]}-k{args.k}-{methods}.json"
     (RESULTS / name).write_text(json.dumps(report, indent=2))
     print(f"\n{label}, k={args.k}, {args.threads} threads")
     print("| method | median s | runs s | peak RSS MB | time / allknn | agreement with allknn |")
