@@ -52,12 +52,12 @@ def working_bytes(block_rows: int, dim: int, threads: int, *, sparse: bool = Fal
     Dense, per worker: one float32 tile ``block_rows**2``, its column
     thresholds, and one float64 block of ``block_rows x dim`` while
     normalising; once: the zero-padded last block of the queries and of the
-    corpus. Sparse, per worker: the tile, its column thresholds and the
-    sparse product before it is densified (up to 8 bytes a pair).
+    corpus. Sparse, per worker: the tile and its column thresholds (the
+    per-block column index is input-sized and counted with the input).
     """
     tile = 4 * block_rows * block_rows + 4 * block_rows
     if sparse:
-        return threads * (tile + 8 * block_rows * block_rows)
+        return threads * tile
     return threads * (tile + 8 * block_rows * dim) + 2 * 4 * block_rows * dim
 
 
@@ -70,7 +70,7 @@ def choose_block_rows(budget: int, dim: int, threads: int, *, sparse: bool = Fal
         If even ``MIN_BLOCK_ROWS`` rows per block exceed the budget.
     """
     per_thread = budget / threads
-    quadratic = 12 if sparse else 4
+    quadratic = 4
     linear = 4 if sparse else 4 + 8 * dim + 8 * dim / threads
     # largest rows with quadratic rows**2 + linear rows <= per_thread
     rows = int((-linear + math.sqrt(linear * linear + 4 * quadratic * per_thread)) / (2 * quadratic))

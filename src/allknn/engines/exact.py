@@ -29,6 +29,7 @@ from allknn.engines.schedule import (
     run_tiles,
     symmetric_tiles,
 )
+from allknn.kernels.sparse_product import column_index, sparse_tile
 from allknn.kernels.topk import compact_rows, merge_rows, merge_rows_and_columns
 
 ProgressCallback = Callable[[Tile, int], None]
@@ -49,7 +50,9 @@ class Blocks:
 
     Parameters
     ----------
-    matrix : ndarray of shape (n, d), float32, C-contiguous
+    matrix : ndarray of shape (n, d), float32, C-contiguous, or csr_matrix
+        A CSR matrix is not padded; each of its blocks gets a column index
+        instead (together about the size of the matrix).
     block_rows : int
         Rows per block, rounded up to a multiple of ``BLOCK_MULTIPLE``.
     """
@@ -60,20 +63,19 @@ class Blocks:
         self.bounds = block_bounds(matrix.shape[0], block_rows)
         self.sparse = scipy.sparse.issparse(matrix)
         start, stop = self.bounds[-1]
-        if not self.sparse:
+        if self.sparse:
+            self.by_column = [column_index(matrix[a:b]) for a, b in self.bounds]
+        else:
             self._tail = np.zeros((block_rows, matrix.shape[1]), dtype=np.float32)
             self._tail[: stop - start] = matrix[start:stop]
 
     def __len__(self) -> int:
         return len(self.bounds)
 
-    def block(self, i: int) -> np.ndarray | scipy.sparse.csr_matrix:
-        """Rows of block ``i``: a (block_rows, d) array, padded if short, or
-        for a sparse matrix its real rows as CSR."""
+    def block(self, i: int) -> np.ndarray:
+        """Rows of block ``i`` as a (block_rows, d) array (padded if short)."""
         start, stop = self.bounds[i]
-        if self.sparse or stop - start == self.block_rows:
-            return self.matrix[start:stop]
-        return self._tail
+        return self.matrix[start:stop] if stop - start == self.block_rows else self._tail
 
     def rows(self, i: int) -> int:
         """Number of real rows in block ``i``."""
@@ -86,12 +88,13 @@ def _product(a: Blocks, i: int, b: Blocks, j: int, buffer: np.ndarray) -> np.nda
 
     Dense: the product is made at the full block shape into ``buffer``, then
     the real ``rows x cols`` part is compacted to a C-contiguous array at
-    its front (only for tiles touching a padded block). Sparse: a sparse
-    product (each pair summed over its common columns in column order,
-    whatever the tile) densified into the front of ``buffer``.
+    its front (only for tiles touching a padded block). Sparse (both sides
+    are): the rows of block ``i`` scatter into a dense ``rows x cols`` tile
+    through block ``j``'s column index (see
+    :mod:`allknn.kernels.sparse_product`).
     """
-    if a.sparse or b.sparse:
-        return _sparse_product(a.block(i), b.block(j), buffer)
+    if a.sparse:
+        return _sparse_product(a, i, b, j, buffer)
     size = a.block_rows
     full = buffer.reshape(size, size)
     np.matmul(a.block(i), b.block(j).T, out=full)
@@ -102,10 +105,12 @@ def _product(a: Blocks, i: int, b: Blocks, j: int, buffer: np.ndarray) -> np.nda
     return buffer[: rows * cols].reshape(rows, cols)
 
 
-def _sparse_product(a: scipy.sparse.csr_matrix, b: scipy.sparse.csr_matrix, buffer: np.ndarray) -> np.ndarray:
-    out = buffer[: a.shape[0] * b.shape[0]].reshape(a.shape[0], b.shape[0])
-    out.fill(0.0)
-    (a @ b.T).toarray(out=out)
+def _sparse_product(a: Blocks, i: int, b: Blocks, j: int, buffer: np.ndarray) -> np.ndarray:
+    rows, cols = a.rows(i), b.rows(j)
+    out = buffer[: rows * cols].reshape(rows, cols)
+    m, index = a.matrix, b.by_column[j]
+    sparse_tile(m.indptr, m.indices, m.data, a.bounds[i][0], rows, index.columns, index.starts,
+                index.rows, index.values, out)
     return out
 
 
