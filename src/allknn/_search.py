@@ -14,7 +14,7 @@ import numpy as np
 
 from allknn._checkpoint import Checkpoint, Progress
 from allknn._normalize import NormalizedRows
-from allknn._sparse import is_sparse
+from allknn._sparse import dense_columns, is_sparse
 from allknn.engines.exact import ProgressCallback, QueryJoinPlan, SelfJoinPlan, TilePlan
 from allknn.engines.ordering import MIN_ROWS, cluster_order
 from allknn.kernels.topk import new_state, permute_rows, rescore_and_sort, rescore_and_sort_sparse
@@ -58,13 +58,15 @@ def exact_search(
             order = progress.order
         elif corpus.rows.shape[0] >= MIN_ROWS and not is_sparse(corpus.rows):
             order = cluster_order(corpus.rows, budget=budget)
+    columns = dense_columns(corpus.rows, budget) if is_sparse(corpus.rows) else None
     plan: TilePlan
     if self_join:
         if order is not None:
             permute_rows(corpus.rows, order)
-        plan = SelfJoinPlan(corpus.rows, block_rows=block_rows, exclude_self=exclude_self, ids=order)
+        plan = SelfJoinPlan(corpus.rows, block_rows=block_rows, exclude_self=exclude_self, ids=order,
+                            dense_columns=columns)
     else:
-        plan = QueryJoinPlan(queries.rows, corpus.rows, block_rows=block_rows)
+        plan = QueryJoinPlan(queries.rows, corpus.rows, block_rows=block_rows, dense_columns=columns)
     try:
         if progress is None:
             progress = Progress(*new_state(plan.n_queries, k), done=set(), order=order)

@@ -100,7 +100,7 @@ class CosineNeighbors(TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self, "_fit_X")
         k = self.n_neighbors if n_neighbors is None else n_neighbors
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k <= 0:
             raise ValueError(f"Expected n_neighbors > 0, got {k!r}")
         if X is None:
             if k >= self.n_samples_fit_:

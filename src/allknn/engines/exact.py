@@ -22,6 +22,7 @@ import scipy.sparse
 from threadpoolctl import threadpool_limits
 
 from allknn._memory import round_block_rows
+from allknn._sparse import split_columns
 from allknn.engines.schedule import (
     Tile,
     block_bounds,
@@ -50,24 +51,18 @@ class Blocks:
 
     Parameters
     ----------
-    matrix : ndarray of shape (n, d), float32, C-contiguous, or csr_matrix
-        A CSR matrix is not padded; each of its blocks gets a column index
-        instead (together about the size of the matrix).
+    matrix : ndarray of shape (n, d), float32, C-contiguous
     block_rows : int
         Rows per block, rounded up to a multiple of ``BLOCK_MULTIPLE``.
     """
 
-    def __init__(self, matrix: np.ndarray | scipy.sparse.csr_matrix, block_rows: int):
+    def __init__(self, matrix: np.ndarray, block_rows: int):
         self.matrix = matrix
         self.block_rows = block_rows = round_block_rows(block_rows)
         self.bounds = block_bounds(matrix.shape[0], block_rows)
-        self.sparse = scipy.sparse.issparse(matrix)
         start, stop = self.bounds[-1]
-        if self.sparse:
-            self.by_column = [column_index(matrix[a:b]) for a, b in self.bounds]
-        else:
-            self._tail = np.zeros((block_rows, matrix.shape[1]), dtype=np.float32)
-            self._tail[: stop - start] = matrix[start:stop]
+        self._tail = np.zeros((block_rows, matrix.shape[1]), dtype=np.float32)
+        self._tail[: stop - start] = matrix[start:stop]
 
     def __len__(self) -> int:
         return len(self.bounds)
@@ -83,17 +78,56 @@ class Blocks:
         return stop - start
 
 
-def _product(a: Blocks, i: int, b: Blocks, j: int, buffer: np.ndarray) -> np.ndarray:
+class SparseBlocks:
+    """A CSR matrix cut into row blocks, its dense columns split off.
+
+    The columns held by many rows (``dense_columns``) form a dense matrix
+    multiplied with BLAS like :class:`Blocks`; the other entries stay
+    sparse, and each block of them is indexed by column so a tile is made
+    by scattering into the dense tile (see
+    :mod:`allknn.kernels.sparse_product`). A pair's similarity is the dense
+    part plus the sparse terms added in column order, the same in every
+    tile.
+
+    Parameters
+    ----------
+    matrix : csr_matrix of shape (n, d), float32, sorted indices
+    block_rows : int
+        Rows per block, rounded up to a multiple of ``BLOCK_MULTIPLE``.
+    dense_columns : ndarray of int64
+        Columns to multiply densely (may be empty).
+    """
+
+    def __init__(self, matrix: scipy.sparse.csr_matrix, block_rows: int, dense_columns: np.ndarray):
+        self.block_rows = round_block_rows(block_rows)
+        self.bounds = block_bounds(matrix.shape[0], self.block_rows)
+        self.dense = None
+        if dense_columns.size:
+            head, matrix = split_columns(matrix, dense_columns)
+            self.dense = Blocks(head, self.block_rows)
+        self.matrix = matrix
+        self.by_column = [column_index(matrix[a:b]) for a, b in self.bounds]
+
+    def __len__(self) -> int:
+        return len(self.bounds)
+
+    def rows(self, i: int) -> int:
+        """Number of rows in block ``i``."""
+        start, stop = self.bounds[i]
+        return stop - start
+
+
+def _product(a, i: int, b, j: int, buffer: np.ndarray) -> np.ndarray:
     """Block ``i`` of ``a`` times block ``j`` of ``b`` transposed.
 
-    Dense: the product is made at the full block shape into ``buffer``, then
-    the real ``rows x cols`` part is compacted to a C-contiguous array at
-    its front (only for tiles touching a padded block). Sparse (both sides
-    are): the rows of block ``i`` scatter into a dense ``rows x cols`` tile
-    through block ``j``'s column index (see
-    :mod:`allknn.kernels.sparse_product`).
+    Dense (:class:`Blocks`): the product is made at the full block shape
+    into ``buffer``, then the real ``rows x cols`` part is compacted to a
+    C-contiguous array at its front (only for tiles touching a padded
+    block). Sparse (:class:`SparseBlocks` on both sides): the dense columns'
+    product as above, then the sparse entries of block ``i`` scattered onto
+    it through block ``j``'s column index.
     """
-    if a.sparse:
+    if isinstance(a, SparseBlocks):
         return _sparse_product(a, i, b, j, buffer)
     size = a.block_rows
     full = buffer.reshape(size, size)
@@ -105,13 +139,24 @@ def _product(a: Blocks, i: int, b: Blocks, j: int, buffer: np.ndarray) -> np.nda
     return buffer[: rows * cols].reshape(rows, cols)
 
 
-def _sparse_product(a: Blocks, i: int, b: Blocks, j: int, buffer: np.ndarray) -> np.ndarray:
+def _sparse_product(a: SparseBlocks, i: int, b: SparseBlocks, j: int, buffer: np.ndarray) -> np.ndarray:
     rows, cols = a.rows(i), b.rows(j)
-    out = buffer[: rows * cols].reshape(rows, cols)
+    if a.dense is not None:
+        out = _product(a.dense, i, b.dense, j, buffer)
+    else:
+        out = buffer[: rows * cols].reshape(rows, cols)
+        out.fill(0.0)
     m, index = a.matrix, b.by_column[j]
     sparse_tile(m.indptr, m.indices, m.data, a.bounds[i][0], rows, index.columns, index.starts,
                 index.rows, index.values, out)
     return out
+
+
+def _blocks(matrix, block_rows: int, dense_columns: np.ndarray | None):
+    if scipy.sparse.issparse(matrix):
+        columns = np.zeros(0, np.int64) if dense_columns is None else dense_columns
+        return SparseBlocks(matrix, block_rows, columns)
+    return Blocks(matrix, block_rows)
 
 
 class TilePlan(ABC):
@@ -183,6 +228,9 @@ class SelfJoinPlan(TilePlan):
     ids : ndarray of shape (n,), int64, optional
         Id of the row at each position of ``normed`` (its state row and its
         index in results); default ``range(n)``.
+    dense_columns : ndarray of int64, optional
+        For a sparse ``normed``: columns multiplied densely (see
+        :class:`SparseBlocks`).
     """
 
     def __init__(
@@ -192,11 +240,12 @@ class SelfJoinPlan(TilePlan):
         block_rows: int,
         exclude_self: bool = True,
         ids: np.ndarray | None = None,
+        dense_columns: np.ndarray | None = None,
     ):
         self.exclude_self = exclude_self
         self.ids = np.arange(normed.shape[0], dtype=np.int64) if ids is None else ids
         self.n_queries = normed.shape[0]
-        self.blocks = Blocks(normed, block_rows)
+        self.blocks = _blocks(normed, block_rows, dense_columns)
         self.block_rows = self.blocks.block_rows
         self.tiles = symmetric_tiles(len(self.blocks))
 
@@ -231,6 +280,9 @@ class QueryJoinPlan(TilePlan):
     exclude_diagonal : bool
         Never pair query ``i`` with corpus row ``i`` (for ``Q`` equal to
         ``X``).
+    dense_columns : ndarray of int64, optional
+        For sparse rows: columns multiplied densely (see
+        :class:`SparseBlocks`).
     """
 
     def __init__(
@@ -240,14 +292,15 @@ class QueryJoinPlan(TilePlan):
         *,
         block_rows: int,
         exclude_diagonal: bool = False,
+        dense_columns: np.ndarray | None = None,
     ):
         self.exclude_diagonal = exclude_diagonal
         self.query_ids = np.arange(queries_normed.shape[0], dtype=np.int64)
         self.corpus_ids = np.arange(normed.shape[0], dtype=np.int64)
         self.n_queries = queries_normed.shape[0]
-        self.query_blocks = Blocks(queries_normed, block_rows)
+        self.query_blocks = _blocks(queries_normed, block_rows, dense_columns)
         self.block_rows = self.query_blocks.block_rows
-        self.corpus_blocks = Blocks(normed, block_rows)
+        self.corpus_blocks = _blocks(normed, block_rows, dense_columns)
         self.tiles = query_tiles(len(self.query_blocks), len(self.corpus_blocks))
 
     def pairs(self, tile: Tile) -> int:

@@ -51,7 +51,7 @@ def column_index(block: scipy.sparse.csr_matrix) -> ColumnIndex:
 
 @njit(nogil=True, cache=True)
 def sparse_tile(indptr, indices, data, row0, n_rows, columns, starts, rows, values, out):
-    """``out = A[row0 : row0 + n_rows] @ B.T`` for CSR ``A`` and indexed ``B``.
+    """``out += A[row0 : row0 + n_rows] @ B.T`` for CSR ``A`` and indexed ``B``.
 
     Parameters
     ----------
@@ -62,9 +62,8 @@ def sparse_tile(indptr, indices, data, row0, n_rows, columns, starts, rows, valu
     columns, starts, rows, values : ndarray
         :class:`ColumnIndex` of the corpus block ``B``.
     out : ndarray of shape (n_rows, rows of B), float32, C-contiguous
-        Overwritten with the tile.
+        The tile, added to (each pair's terms in increasing column order).
     """
-    out[:, :] = 0.0
     for i in range(n_rows):
         target = out[i]
         for p in range(indptr[row0 + i], indptr[row0 + i + 1]):
