@@ -101,3 +101,25 @@ def test_sparse_checkpoint_fingerprint_sees_values(interactions, tmp_path):
     changed.data[0] += 1
     with pytest.raises(ValueError, match="X: checkpoint has"):
         allknn.neighbors(changed, 4, checkpoint=path)
+
+
+def test_dense_columns_split_matches_pure_scatter(interactions, monkeypatch):
+    import allknn._sparse
+
+    assert allknn._sparse.dense_columns(interactions, 10**9).size > 0  # the fixture has popular items
+    hybrid = allknn.neighbors(interactions, 6)
+    monkeypatch.setattr(allknn._sparse, "DENSE_COLUMN_DENSITY", 2.0)  # nothing dense
+    assert allknn._sparse.dense_columns(interactions, 10**9).size == 0
+    scatter = allknn.neighbors(interactions, 6)
+    assert_topk_equal(hybrid, scatter.similarities, scatter.indices)
+    assert_same_result(allknn.neighbors(interactions, 6, block_rows=64, threads=3), scatter)
+
+
+def test_dense_columns_respect_the_budget(interactions):
+    from allknn._sparse import dense_columns
+
+    everything = dense_columns(interactions, 10**9)
+    capped = dense_columns(interactions, 4 * interactions.shape[0] * 2)  # room for two columns
+    assert capped.size == 2 and np.isin(capped, everything).all()
+    counts = np.bincount(interactions.indices, minlength=interactions.shape[1])
+    assert counts[capped].min() >= np.sort(counts[everything])[-2]
