@@ -132,3 +132,19 @@ def raise_for_bad_rows(name: str, zero_rows: np.ndarray, nonfinite_rows: np.ndar
 def raise_if_no_valid_rows(name: str, n_rows: int) -> None:
     """Raise when dropping invalid rows left nothing."""
     raise ValueError(f"all {n_rows} rows of {name} are zero or contain NaN/Inf; nothing to search")
+
+
+def check_fraction(value: object, name: str) -> float:
+    """A number in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= 1:
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+def check_optional_count(value: object, name: str) -> int | None:
+    """None or a positive integer."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+    return int(value)

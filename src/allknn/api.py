@@ -14,7 +14,7 @@ from allknn import _validate
 from allknn._checkpoint import Checkpoint, fingerprint_matrix
 from allknn._memory import cap_block_rows, check_block_rows, choose_block_rows, parse_memory
 from allknn._normalize import NormalizedRows, normalize_rows
-from allknn._search import exact_search
+from allknn._search import approx_search, exact_search
 from allknn._sparse import is_sparse
 from allknn.engines.exact import ProgressCallback
 from allknn.result import TopK
@@ -32,6 +32,11 @@ def neighbors(
     threads: int | None = None,
     invalid: str = "raise",
     min_similarity: float | None = None,
+    method: str = "exact",
+    recall_target: float = 0.95,
+    probes: int | None = None,
+    cells: int | None = None,
+    seed: int = 0,
     block_rows: int | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
     checkpoint_every: float = 5.0,
@@ -73,6 +78,21 @@ def neighbors(
     min_similarity : float, optional
         Neighbours less similar than this are masked (index -1, similarity
         NaN); rows keep their length ``k``.
+    method : {"exact", "approx", "auto"}
+        ``"approx"``: partition the corpus into cells (spherical k-means)
+        and search each row in its nearest cells only, for inputs too large
+        for the exact join; the result's ``recall`` is measured on a random
+        sample of rows against exact answers. ``"auto"``: exact when its
+        estimated time is under a minute, else approximate.
+    recall_target : float
+        Approximate runs probe more cells until a pilot sample reaches this
+        recall@k (ignored with ``probes``).
+    probes, cells : int, optional
+        Experts: cells searched per row, and number of cells (default about
+        ``2 sqrt(n)``).
+    seed : int
+        Seed of the approximate engine's sampling (equal seeds, equal
+        results).
     block_rows : int, optional
         Rows per tile side, rounded up to a multiple of 64; default from
         ``max_memory`` and the cache. The result does not depend on it.
@@ -81,6 +101,8 @@ def neighbors(
         (from a killed run with the same input and parameters) the run
         resumes from it and returns exactly what an uninterrupted run would.
         The file is left in place; delete it once the result is stored.
+        Exact runs only (``method="auto"`` ignores it when it picks the
+        approximate engine, which is fast).
     checkpoint_every : float
         Seconds between two checkpoint saves.
     on_tile : callable, optional
@@ -141,30 +163,76 @@ def neighbors(
     params = {"k": k, "method": "exact", "self_join": self_join,
               "exclude_self": bool(exclude_self and self_join),
               "invalid": invalid, "min_similarity": min_similarity}
-    saver = None
-    if checkpoint is not None:
-        fingerprint = {
-            **params, "block_rows": block_rows, "X": fingerprint_matrix(corpus),
-            "queries": None if self_join else fingerprint_matrix(query_matrix),
-        }
-        saver = Checkpoint(checkpoint, fingerprint, interval=checkpoint_every)
-    heap_idx, heap_sim = exact_search(
-        query_normed, normed, k, self_join=self_join, exclude_self=exclude_self,
-        block_rows=block_rows, threads=n_threads, budget=budget, checkpoint=saver,
-        on_tile=on_tile,
-    )
+    chosen = _choose_method(method, n_pairs=_pair_count(self_join, query_normed, normed),
+                            dim=corpus.shape[1], threads=n_threads)
+    params["method"] = chosen
+    recall = None
+    if chosen == "approx":
+        if checkpoint is not None and method == "approx":
+            raise ValueError("checkpoint= works with method='exact' (or 'auto') only")
+        heap_idx, heap_sim, recall = approx_search(
+            query_normed, normed, k, self_join=self_join, exclude_self=exclude_self,
+            block_rows=block_rows, threads=n_threads, budget=budget,
+            recall_target=_validate.check_fraction(recall_target, "recall_target"),
+            probes=_validate.check_optional_count(probes, "probes"),
+            cells=_validate.check_optional_count(cells, "cells"), seed=seed,
+            sample_size=RECALL_SAMPLE_ROWS,
+        )
+        params.update(recall=recall.estimate, recall_interval=list(recall.interval))
+    else:
+        saver = None
+        if checkpoint is not None:
+            fingerprint = {
+                **params, "block_rows": block_rows, "X": fingerprint_matrix(corpus),
+                "queries": None if self_join else fingerprint_matrix(query_matrix),
+            }
+            saver = Checkpoint(checkpoint, fingerprint, interval=checkpoint_every)
+        heap_idx, heap_sim = exact_search(
+            query_normed, normed, k, self_join=self_join, exclude_self=exclude_self,
+            block_rows=block_rows, threads=n_threads, budget=budget, checkpoint=saver,
+            on_tile=on_tile,
+        )
     indices, similarities = _to_original_rows(heap_idx, heap_sim, query_normed, normed)
     if min_similarity is not None:
         below = ~(similarities >= min_similarity)  # NaN padding stays masked
         indices[below] = -1
         similarities[below] = np.nan
-    logger.info("exact search of %d rows done in %.2f s", indices.shape[0], time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    logger.info("%s search of %d rows done in %.2f s", chosen, indices.shape[0], elapsed)
     return TopK(
         indices=indices,
         similarities=similarities,
         n_corpus=corpus.shape[0],
         params=params,
+        recall=recall,
     )
+
+
+RECALL_SAMPLE_ROWS = 1000
+"""Rows whose recall every approximate run measures (and as many again for
+the pilot that picks the number of probes)."""
+
+EXACT_PAIR_DIMS_PER_SECOND = 5.5e10
+"""Exact engine speed per thread, in (pairs x dimensions) per second, as
+measured on the benchmark machine (BENCHMARKS.md); used by ``method="auto"``."""
+
+AUTO_EXACT_SECONDS = 60.0
+
+
+def _pair_count(self_join: bool, queries: NormalizedRows, corpus: NormalizedRows) -> int:
+    n = corpus.rows.shape[0]
+    return n * (n - 1) // 2 if self_join else queries.rows.shape[0] * n
+
+
+def _choose_method(method: str, *, n_pairs: int, dim: int, threads: int) -> str:
+    """``"exact"`` or ``"approx"``; for ``"auto"``, from the estimated exact time."""
+    if method not in ("exact", "approx", "auto"):
+        raise ValueError(f"method must be 'exact', 'approx' or 'auto', got {method!r}")
+    if method != "auto":
+        return method
+    seconds = n_pairs * dim / (EXACT_PAIR_DIMS_PER_SECOND * threads)
+    logger.info("auto: the exact join would take about %.0f s", seconds)
+    return "exact" if seconds < AUTO_EXACT_SECONDS else "approx"
 
 
 def _spill(data: np.ndarray, budget: int) -> bool:

@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ids", help="text file with one id per input row")
     run.add_argument("--queries", help="search the rows of this file against INPUT instead")
     run.add_argument("--min-similarity", type=float, default=None, help="leave out less similar neighbours")
+    run.add_argument("--method", choices=("exact", "approx", "auto"), default="exact",
+                     help="exact (default), approx (cells; recall measured and printed) or auto")
+    run.add_argument("--recall-target", type=float, default=0.95,
+                     help="recall@k an approximate run aims for (default 0.95)")
     run.add_argument("--invalid", choices=("raise", "drop"), default="raise",
                      help="zero or NaN/Inf rows: stop with an error (default) or drop them")
     run.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoint")
@@ -141,7 +145,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     with bar:
         result = allknn.neighbors(
             data.matrix, args.k, queries=queries, max_memory=args.max_memory, threads=args.threads,
-            invalid=args.invalid, min_similarity=args.min_similarity, checkpoint=checkpoint,
+            invalid=args.invalid, min_similarity=args.min_similarity, method=args.method,
+            recall_target=args.recall_target,
+            checkpoint=None if args.method == "approx" else checkpoint,
             checkpoint_every=args.checkpoint_every, on_tile=on_tile,
         )
     save_result(
@@ -154,6 +160,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         elapsed = time.perf_counter() - started
         print(f"wrote the {args.k} nearest neighbours of {len(result)} rows to {output} "
               f"in {elapsed:.1f} s")
+        if result.recall is not None:
+            print(f"measured {result.recall}")
     return 0
 
 

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from allknn._recall import RecallEstimate
+
 if TYPE_CHECKING:
     import pandas as pd
     import scipy.sparse
@@ -31,12 +33,17 @@ class TopK:
         Number of rows of the corpus (the column count of :meth:`to_csr`).
     params : dict
         The parameters of the run that made this result.
+    recall : RecallEstimate or None
+        For an approximate run, its recall@k measured against exact answers
+        on a random sample of rows (``estimate``, 95% ``interval``,
+        ``sample_size``); ``None`` for exact runs.
     """
 
     indices: np.ndarray
     similarities: np.ndarray
     n_corpus: int
     params: dict[str, Any] = field(default_factory=dict)
+    recall: RecallEstimate | None = None
 
     @property
     def k(self) -> int:

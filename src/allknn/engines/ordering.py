@@ -32,13 +32,72 @@ def _scratch_bytes(sample_rows: int, n_clusters: int, dim: int) -> int:
     return sample_rows * per_sample_row + _ASSIGN_ROWS * per_assigned_row + 3 * 4 * n_clusters * dim
 
 
+def fit_centroids(rows: np.ndarray, n_clusters: int, *, budget: int, seed: int = 0) -> np.ndarray | None:
+    """Spherical k-means centroids fitted on a seeded sample of the rows.
+
+    A few Lloyd iterations on at most ``_SAMPLE_ROWS`` rows; the sample
+    shrinks to keep the scratch memory within ``budget``.
+
+    Parameters
+    ----------
+    rows : ndarray of shape (n, d), float32
+        Unit-normalised rows.
+    n_clusters : int
+        Number of centroids (at most n).
+    budget : int
+        Bytes of scratch memory allowed.
+    seed : int
+        Seed of the sample and of the initial centroids.
+
+    Returns
+    -------
+    ndarray of shape (n_clusters, d), float32, or None
+        Unit-norm centroids; ``None`` when the budget is too small for a
+        sample of four rows per cluster.
+    """
+    n, dim = rows.shape
+    sample_rows = min(n, _SAMPLE_ROWS)
+    while sample_rows >= 4 * n_clusters and _scratch_bytes(sample_rows, n_clusters, dim) > budget:
+        sample_rows //= 2
+    if sample_rows < min(n, 4 * n_clusters):
+        return None
+    rng = np.random.default_rng(seed)
+    sample = np.asarray(rows[np.sort(rng.choice(n, size=sample_rows, replace=False))], dtype=np.float32)
+    centroids = sample[rng.choice(sample.shape[0], size=n_clusters, replace=False)].copy()
+    for _ in range(_ITERATIONS):
+        labels = np.argmax(sample @ centroids.T, axis=1)
+        sums = np.zeros_like(centroids)
+        np.add.at(sums, labels, sample)
+        norms = np.linalg.norm(sums, axis=1, keepdims=True)
+        empty = norms[:, 0] == 0
+        centroids = np.where(empty[:, None], centroids, sums / np.where(norms == 0, 1, norms))
+    return centroids.astype(np.float32)
+
+
+def nearest_centroids(rows: np.ndarray, centroids: np.ndarray, count: int = 1) -> np.ndarray:
+    """The ``count`` most similar centroids of each row, best first.
+
+    Returns
+    -------
+    ndarray of shape (n, count), int32
+    """
+    out = np.empty((rows.shape[0], count), dtype=np.int32)
+    for start in range(0, rows.shape[0], _ASSIGN_ROWS):
+        scores = rows[start : start + _ASSIGN_ROWS] @ centroids.T
+        if count == 1:
+            best = np.argmax(scores, axis=1)[:, None]
+        else:
+            top = np.argpartition(-scores, count - 1, axis=1)[:, :count]
+            order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
+            best = np.take_along_axis(top, order, axis=1)
+        out[start : start + best.shape[0]] = best
+    return out
+
+
 def cluster_order(rows: np.ndarray, *, budget: int, seed: int = 0) -> np.ndarray | None:
     """A permutation that groups rows by spherical k-means cluster.
 
-    Centroids are fitted on a seeded sample with a few Lloyd iterations;
-    every row is then assigned in blocks. Rows keep their relative order
-    within a cluster. The sample shrinks to keep the scratch memory within
-    ``budget``.
+    Rows keep their relative order within a cluster.
 
     Parameters
     ----------
@@ -56,25 +115,8 @@ def cluster_order(rows: np.ndarray, *, budget: int, seed: int = 0) -> np.ndarray
         ``order[r]`` is the row placed at position ``r``; ``None`` when the
         budget is too small for a useful clustering.
     """
-    n, dim = rows.shape
-    n_clusters = n_clusters_for(n)
-    sample_rows = min(n, _SAMPLE_ROWS)
-    while sample_rows >= 4 * n_clusters and _scratch_bytes(sample_rows, n_clusters, dim) > budget:
-        sample_rows //= 2
-    if sample_rows < 4 * n_clusters:
+    centroids = fit_centroids(rows, n_clusters_for(rows.shape[0]), budget=budget, seed=seed)
+    if centroids is None:
         return None
-    rng = np.random.default_rng(seed)
-    sample = rows[np.sort(rng.choice(n, size=sample_rows, replace=False))]
-    centroids = sample[rng.choice(sample.shape[0], size=n_clusters, replace=False)].copy()
-    for _ in range(_ITERATIONS):
-        labels = np.argmax(sample @ centroids.T, axis=1)
-        sums = np.zeros_like(centroids)
-        np.add.at(sums, labels, sample)
-        norms = np.linalg.norm(sums, axis=1, keepdims=True)
-        empty = norms[:, 0] == 0
-        centroids = np.where(empty[:, None], centroids, sums / np.where(norms == 0, 1, norms))
-    labels = np.empty(n, dtype=np.int32)
-    for start in range(0, n, _ASSIGN_ROWS):
-        block = rows[start : start + _ASSIGN_ROWS]
-        labels[start : start + block.shape[0]] = np.argmax(block @ centroids.T, axis=1)
+    labels = nearest_centroids(rows, centroids)[:, 0]
     return np.argsort(labels, kind="stable").astype(np.int64)

@@ -50,11 +50,16 @@ def new_state(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full((n, k), EMPTY_KEY, dtype=np.int64), np.full(n, -np.inf, dtype=np.float32)
 
 
+def key_similarities(keys: np.ndarray) -> np.ndarray:
+    """The float32 similarities packed in keys (``-inf`` for empty slots)."""
+    order = keys >> 32
+    bits = np.where(order >= 0, order, order ^ 0x7FFFFFFF).astype(np.int32)
+    return bits.view(np.float32)
+
+
 def thresholds_of(keys: np.ndarray) -> np.ndarray:
     """Rebuild the thresholds of a state from its keys (e.g. after loading)."""
-    order = keys[:, 0] >> 32
-    bits = np.where(order >= 0, order, order ^ 0x7FFFFFFF).astype(np.int32)
-    return bits.view(np.float32).copy()
+    return key_similarities(keys[:, 0]).copy()
 
 
 @njit(nogil=True, cache=True, inline="always")

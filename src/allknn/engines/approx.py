@@ -1,0 +1,115 @@
+"""Approximate engine: partition into cells, then join exactly inside them.
+
+The corpus is split into cells by spherical k-means (centroids fitted on a
+sample); every query row is searched against the rows of its ``probes``
+nearest cells, with dense tile products and the exact engine's fused
+kernels. Probing goes round by round: in round ``p`` each query row visits
+its ``p``-th nearest cell, so within a round the tasks (cells) touch
+disjoint query rows and run in parallel without locks, and each candidate
+is offered to a row at most once. With a recall target, rounds continue
+until a pilot sample of rows reaches it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from allknn.engines.ordering import fit_centroids, nearest_centroids
+from allknn.engines.schedule import run_tiles
+from allknn.kernels.topk import merge_rows
+
+MAX_PROBES = 64
+
+
+def n_cells_for(n: int) -> int:
+    """Default number of cells: about ``2 sqrt(n)``, at least 1."""
+    return max(1, min(n, int(2 * np.sqrt(n))))
+
+
+class CellIndex:
+    """Corpus rows grouped by their nearest centroid.
+
+    Parameters
+    ----------
+    normed : ndarray of shape (n, d), float32
+        Unit-normalised corpus rows.
+    n_cells : int
+    budget : int
+        Scratch bytes for fitting the centroids.
+    seed : int
+    """
+
+    def __init__(self, normed: np.ndarray, n_cells: int, *, budget: int, seed: int):
+        centroids = fit_centroids(normed, n_cells, budget=budget, seed=seed)
+        if centroids is None:
+            raise ValueError(
+                f"max_memory={budget} bytes is too small to fit {n_cells} cells; raise max_memory "
+                f"or pass fewer cells"
+            )
+        self.centroids = centroids
+        labels = nearest_centroids(normed, centroids)[:, 0]
+        self.order = np.argsort(labels, kind="stable").astype(np.int64)
+        counts = np.bincount(labels, minlength=n_cells)
+        self.starts = np.zeros(n_cells + 1, dtype=np.int64)
+        np.cumsum(counts, out=self.starts[1:])
+        self.rows = np.ascontiguousarray(normed[self.order])
+
+    @property
+    def n_cells(self) -> int:
+        return self.centroids.shape[0]
+
+
+def probe_rounds(
+    queries: np.ndarray,
+    index: CellIndex,
+    keys: np.ndarray,
+    thresholds: np.ndarray,
+    rounds: range,
+    probe_order: np.ndarray,
+    *,
+    block_rows: int,
+    threads: int,
+    skip_self: bool,
+) -> None:
+    """Run probing rounds ``rounds``: each query row against one more cell.
+
+    Parameters
+    ----------
+    queries : ndarray of shape (nq, d), float32
+        Unit-normalised query rows (state row ``i`` is query ``i``).
+    index : CellIndex
+    keys, thresholds : ndarray
+        Top-k state of the queries, updated in place (ids are corpus rows).
+    rounds : range
+        Which probe ranks to run (columns of ``probe_order``).
+    probe_order : ndarray of shape (nq, max_probes), int32
+        Cells of each query row, nearest first.
+    block_rows : int
+        Most query rows and corpus rows in one tile.
+    threads : int
+    skip_self : bool
+        Never pair query ``i`` with corpus row ``i`` (self-join).
+    """
+    buffers = [np.empty(block_rows * block_rows, dtype=np.float32) for _ in range(threads)]
+    for probe in rounds:
+        cells = probe_order[:, probe]
+        by_cell = np.argsort(cells, kind="stable")
+        bounds = np.searchsorted(cells[by_cell], np.arange(index.n_cells + 1))
+        tasks = [(int(c), 0) for c in range(index.n_cells) if bounds[c + 1] > bounds[c]]
+
+        def work(task: tuple[int, int], worker: int, by_cell=by_cell, bounds=bounds) -> None:
+            cell = task[0]
+            query_ids = by_cell[bounds[cell] : bounds[cell + 1]].astype(np.int64)
+            c0, c1 = index.starts[cell], index.starts[cell + 1]
+            for q0 in range(0, query_ids.size, block_rows):
+                chunk = query_ids[q0 : q0 + block_rows]
+                block = queries[chunk]
+                for s in range(c0, c1, block_rows):
+                    members = index.rows[s : min(s + block_rows, c1)]
+                    out = buffers[worker][: chunk.size * members.shape[0]].reshape(chunk.size, -1)
+                    np.matmul(block, members.T, out=out)
+                    merge_rows(out, 0, s, chunk, index.order, keys, thresholds, skip_self)
+
+        with threadpool_limits(limits=1, user_api="blas"):
+            run_tiles(tasks, work, threads=threads, blocks_of=lambda t: {t[0]})
