@@ -12,9 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from allknn.engines.exact import exact_top_keys
+from allknn.kernels.topk import key_ids, key_similarities
+
 TOLERANCE = 1e-5
 _Z95 = 1.959964
-_CORPUS_BLOCK = 8192
 
 
 @dataclass(frozen=True)
@@ -41,9 +43,13 @@ class RecallEstimate:
 
 
 def exact_kth(
-    queries: np.ndarray, corpus: np.ndarray, sample: np.ndarray, k: int, *, skip_self: bool
+    queries: np.ndarray, corpus: np.ndarray, sample: np.ndarray, k: int, *, skip_self: bool,
+    block_rows: int, threads: int,
 ) -> np.ndarray:
     """Exact k-th best similarity of each sampled query row.
+
+    Runs the exact engine for ``k + 1`` neighbours and, in a self-join,
+    leaves the row itself out (a row is its own best match).
 
     Parameters
     ----------
@@ -61,17 +67,13 @@ def exact_kth(
     -------
     ndarray of shape (len(sample),), float32
     """
-    q = np.asarray(queries[sample], dtype=np.float32)
-    best = np.full((sample.size, k), -np.inf, dtype=np.float32)
-    rows = np.arange(sample.size)
-    for start in range(0, corpus.shape[0], _CORPUS_BLOCK):
-        scores = q @ corpus[start : start + _CORPUS_BLOCK].T
-        if skip_self:
-            inside = (sample >= start) & (sample < start + scores.shape[1])
-            scores[rows[inside], sample[inside] - start] = -np.inf
-        merged = np.concatenate([best, scores], axis=1)
-        best = -np.partition(-merged, k - 1, axis=1)[:, :k]
-    return best.min(axis=1)
+    wanted = min(k + 1, corpus.shape[0]) if skip_self else k
+    keys = exact_top_keys(queries[sample], corpus, wanted, block_rows=block_rows, threads=threads)
+    similarities = key_similarities(keys).copy()
+    if skip_self:
+        similarities[key_ids(keys) == sample[:, None]] = -np.inf
+        similarities = -np.sort(-similarities, axis=1)
+    return similarities[:, k - 1]
 
 
 def row_recall(found_similarities: np.ndarray, kth: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ from allknn._checkpoint import Checkpoint, Progress
 from allknn._normalize import NormalizedRows
 from allknn._recall import RecallEstimate, estimate, exact_kth, row_recall
 from allknn._sparse import dense_columns, is_sparse
-from allknn.engines.approx import MAX_PROBES, CellIndex, n_cells_for, probe_rounds
+from allknn.engines.approx import MAX_PROBES, CellIndex, cell_centroids, n_cells_for, probe_rounds
 from allknn.engines.exact import ProgressCallback, QueryJoinPlan, SelfJoinPlan, TilePlan
 from allknn.engines.ordering import MIN_ROWS, cluster_order, nearest_centroids
 from allknn.kernels.topk import (
@@ -30,6 +30,11 @@ from allknn.kernels.topk import (
 logger = logging.getLogger("allknn")
 
 _RESCORE_ROWS = 8192
+
+PROBE_STEPS = (1, 2, 3, 4, 6, 8, 11, 16, 22, 32, 45, 64)
+"""Cells per row after which an approximate run checks its pilot recall
+(growing by about 1.4x, so it overshoots the needed breadth by at most
+that much)."""
 
 
 def exact_search(
@@ -166,8 +171,8 @@ def approx_search(
 ) -> tuple[np.ndarray, np.ndarray, RecallEstimate]:
     """Approximate top-k by cell probing, with recall measured on a sample.
 
-    Without ``probes``, rounds of probing (1, 2, 4, ... cells per row) run
-    until a pilot sample of rows reaches ``recall_target``. The reported
+    Without ``probes``, rounds of probing (``PROBE_STEPS`` cells per row)
+    run until a pilot sample of rows reaches ``recall_target``. The reported
     recall is measured afterwards on a second, independent sample (the
     stopping rule would bias the pilot's own estimate).
 
@@ -180,9 +185,15 @@ def approx_search(
     if is_sparse(corpus.rows):
         raise ValueError("method='approx' supports dense rows only; use method='exact' for sparse input")
     n_queries = queries.rows.shape[0]
-    index = CellIndex(corpus.rows, cells or n_cells_for(corpus.rows.shape[0]), budget=budget, seed=seed)
-    most = min(index.n_cells, probes or MAX_PROBES)
-    probe_order = nearest_centroids(queries.rows, index.centroids, most)
+    centroids = cell_centroids(corpus.rows, cells or n_cells_for(corpus.rows.shape[0]), budget=budget,
+                               seed=seed)
+    most = min(centroids.shape[0], probes or MAX_PROBES)
+    probe_order = nearest_centroids(queries.rows, centroids, most, threads=threads)
+    if self_join:
+        labels = probe_order[:, 0]
+    else:
+        labels = nearest_centroids(corpus.rows, centroids, threads=threads)[:, 0]
+    index = CellIndex(corpus.rows, centroids, labels)
     keys, thresholds = new_state(n_queries, k)
     skip_self = self_join and exclude_self
     picks = np.random.default_rng(seed).permutation(n_queries)
@@ -197,9 +208,10 @@ def approx_search(
     if probes:
         run(range(most))
     else:
-        pilot_kth = exact_kth(queries.rows, corpus.rows, pilot, k, skip_self=skip_self)
+        pilot_kth = exact_kth(queries.rows, corpus.rows, pilot, k, skip_self=skip_self,
+                              block_rows=block_rows, threads=threads)
         done = 0
-        for step in (1, 2, 4, 8, 16, 32, 64):
+        for step in PROBE_STEPS:
             run(range(done, min(step, most)))
             done = min(step, most)
             reached = row_recall(key_similarities(keys[pilot]), pilot_kth).mean()
@@ -208,5 +220,6 @@ def approx_search(
                 break
     similarities = np.empty(keys.shape, dtype=np.float32)
     _finish(keys, similarities, queries, corpus, np.arange(n_queries, dtype=np.int64), threads=threads)
-    audit_kth = exact_kth(queries.rows, corpus.rows, audit, k, skip_self=skip_self)
+    audit_kth = exact_kth(queries.rows, corpus.rows, audit, k, skip_self=skip_self,
+                          block_rows=block_rows, threads=threads)
     return keys, similarities, estimate(row_recall(similarities[audit], audit_kth))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from allknn.engines.ordering import fit_centroids, nearest_centroids
+from allknn.engines.ordering import fit_centroids
 from allknn.engines.schedule import run_tiles
 from allknn.kernels.topk import merge_rows
 
@@ -27,28 +27,38 @@ def n_cells_for(n: int) -> int:
     return max(1, min(n, int(2 * np.sqrt(n))))
 
 
+def cell_centroids(normed: np.ndarray, n_cells: int, *, budget: int, seed: int) -> np.ndarray:
+    """Centroids of the cells (see :func:`allknn.engines.ordering.fit_centroids`).
+
+    Raises
+    ------
+    ValueError
+        If the budget cannot hold the sample that fits them.
+    """
+    centroids = fit_centroids(normed, n_cells, budget=budget, seed=seed)
+    if centroids is None:
+        raise ValueError(
+            f"max_memory={budget} bytes is too small to fit {n_cells} cells; raise max_memory "
+            f"or pass fewer cells"
+        )
+    return centroids
+
+
 class CellIndex:
-    """Corpus rows grouped by their nearest centroid.
+    """Corpus rows grouped by cell, each cell's rows contiguous.
 
     Parameters
     ----------
     normed : ndarray of shape (n, d), float32
         Unit-normalised corpus rows.
-    n_cells : int
-    budget : int
-        Scratch bytes for fitting the centroids.
-    seed : int
+    centroids : ndarray of shape (n_cells, d), float32
+    labels : ndarray of shape (n,), int
+        Cell of each corpus row (its nearest centroid).
     """
 
-    def __init__(self, normed: np.ndarray, n_cells: int, *, budget: int, seed: int):
-        centroids = fit_centroids(normed, n_cells, budget=budget, seed=seed)
-        if centroids is None:
-            raise ValueError(
-                f"max_memory={budget} bytes is too small to fit {n_cells} cells; raise max_memory "
-                f"or pass fewer cells"
-            )
+    def __init__(self, normed: np.ndarray, centroids: np.ndarray, labels: np.ndarray):
         self.centroids = centroids
-        labels = nearest_centroids(normed, centroids)[:, 0]
+        n_cells = centroids.shape[0]
         self.order = np.argsort(labels, kind="stable").astype(np.int64)
         counts = np.bincount(labels, minlength=n_cells)
         self.starts = np.zeros(n_cells + 1, dtype=np.int64)

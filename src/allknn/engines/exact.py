@@ -31,7 +31,7 @@ from allknn.engines.schedule import (
     symmetric_tiles,
 )
 from allknn.kernels.sparse_product import column_index, sparse_tile
-from allknn.kernels.topk import compact_rows, merge_rows, merge_rows_and_columns
+from allknn.kernels.topk import compact_rows, merge_rows, merge_rows_and_columns, new_state
 
 ProgressCallback = Callable[[Tile, int], None]
 """Called after each tile with the tile and the number of pairs it scored."""
@@ -314,3 +314,31 @@ class QueryJoinPlan(TilePlan):
 
     def _blocks_of(self, tile: Tile) -> set[tuple[str, int]]:
         return {("query", tile[0])}
+
+
+def exact_top_keys(queries: np.ndarray, corpus: np.ndarray, k: int, *, block_rows: int,
+                   threads: int) -> np.ndarray:
+    """Top-k state of dense ``queries`` against ``corpus``, as sorted keys.
+
+    The exact engine's query join, for internal uses that need candidates
+    rather than a finished result (nearest cells, recall references).
+
+    Parameters
+    ----------
+    queries : ndarray of shape (nq, d), float32
+    corpus : ndarray of shape (n, d), float32
+    k : int
+        At most ``n``.
+
+    Returns
+    -------
+    ndarray of shape (nq, k), int64
+        Packed keys (see :mod:`allknn.kernels.topk`), best first: decode with
+        :func:`allknn.kernels.topk.key_similarities` and ``key_ids``.
+    """
+    keys, thresholds = new_state(queries.shape[0], k)
+    block_rows = min(block_rows, round_block_rows(max(queries.shape[0], corpus.shape[0])))
+    QueryJoinPlan(np.ascontiguousarray(queries), np.ascontiguousarray(corpus),
+                  block_rows=block_rows).run(keys, thresholds, threads=threads)
+    keys.sort(axis=1)
+    return keys[:, ::-1]

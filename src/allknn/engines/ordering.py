@@ -10,7 +10,13 @@ never touch a heap. The clustering costs a few percent of the join.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
+from threadpoolctl import threadpool_limits
+
+from allknn.engines.exact import exact_top_keys
+from allknn.kernels.topk import key_ids
 
 MIN_ROWS = 8192
 """Below this the join is too short for ordering to pay."""
@@ -74,23 +80,30 @@ def fit_centroids(rows: np.ndarray, n_clusters: int, *, budget: int, seed: int =
     return centroids.astype(np.float32)
 
 
-def nearest_centroids(rows: np.ndarray, centroids: np.ndarray, count: int = 1) -> np.ndarray:
+def nearest_centroids(
+    rows: np.ndarray, centroids: np.ndarray, count: int = 1, *, threads: int = 1
+) -> np.ndarray:
     """The ``count`` most similar centroids of each row, best first.
+
+    Ties go to the smaller centroid number. ``count > 1`` runs the exact
+    engine's query join against the centroids.
 
     Returns
     -------
     ndarray of shape (n, count), int32
     """
-    out = np.empty((rows.shape[0], count), dtype=np.int32)
-    for start in range(0, rows.shape[0], _ASSIGN_ROWS):
+    if count > 1:
+        keys = exact_top_keys(rows, centroids, count, block_rows=1024, threads=threads)
+        return key_ids(keys).astype(np.int32)
+    out = np.empty((rows.shape[0], 1), dtype=np.int32)
+
+    def assign(start: int) -> None:
         scores = rows[start : start + _ASSIGN_ROWS] @ centroids.T
-        if count == 1:
-            best = np.argmax(scores, axis=1)[:, None]
-        else:
-            top = np.argpartition(-scores, count - 1, axis=1)[:, :count]
-            order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
-            best = np.take_along_axis(top, order, axis=1)
-        out[start : start + best.shape[0]] = best
+        out[start : start + scores.shape[0], 0] = np.argmax(scores, axis=1)
+
+    starts = range(0, rows.shape[0], _ASSIGN_ROWS)
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(assign, starts))
     return out
 
 

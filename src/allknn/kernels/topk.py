@@ -57,6 +57,11 @@ def key_similarities(keys: np.ndarray) -> np.ndarray:
     return bits.view(np.float32)
 
 
+def key_ids(keys: np.ndarray) -> np.ndarray:
+    """The row ids packed in keys (``EMPTY_ID`` for empty slots)."""
+    return 0xFFFFFFFF - (keys & 0xFFFFFFFF)
+
+
 def thresholds_of(keys: np.ndarray) -> np.ndarray:
     """Rebuild the thresholds of a state from its keys (e.g. after loading)."""
     return key_similarities(keys[:, 0]).copy()
