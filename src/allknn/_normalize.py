@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from allknn._sparse import is_sparse, normalize_sparse_rows
-from allknn._validate import raise_for_bad_rows, raise_if_no_valid_rows
+from allknn._validate import rows_to_keep
 
 
 @dataclass(frozen=True)
@@ -95,15 +95,7 @@ def normalize_rows(
     if is_sparse(data):
         return normalize_sparse_rows(data, name=name, invalid=invalid)
     norms = row_norms(data, block_rows)
-    finite = np.isfinite(norms)
-    good = finite & (norms > 0)
-    kept = None
-    if not good.all():
-        if invalid == "raise":
-            raise_for_bad_rows(name, np.flatnonzero(finite & (norms == 0)), np.flatnonzero(~finite))
-        kept = np.flatnonzero(good)
-        if kept.size == 0:
-            raise_if_no_valid_rows(name, data.shape[0])
+    kept = rows_to_keep(norms, name=name, invalid=invalid)
 
     n_kept = data.shape[0] if kept is None else kept.size
     rows = _allocate((n_kept, data.shape[1]), on_disk)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse
 
-from allknn._validate import raise_for_bad_rows, raise_if_no_valid_rows
+from allknn._validate import rows_to_keep
 
 
 def is_sparse(data: object) -> bool:
@@ -73,15 +73,8 @@ def normalize_sparse_rows(matrix: scipy.sparse.csr_matrix, *, name: str, invalid
 
     n_original = matrix.shape[0]
     norms = sparse_row_norms(matrix)
-    finite = np.isfinite(norms)
-    good = finite & (norms > 0)
-    kept = None
-    if not good.all():
-        if invalid == "raise":
-            raise_for_bad_rows(name, np.flatnonzero(finite & (norms == 0)), np.flatnonzero(~finite))
-        kept = np.flatnonzero(good)
-        if kept.size == 0:
-            raise_if_no_valid_rows(name, matrix.shape[0])
+    kept = rows_to_keep(norms, name=name, invalid=invalid)
+    if kept is not None:
         matrix, norms = matrix[kept], norms[kept]
     scaled = matrix.data.astype(np.float64) / norms[_row_of_entries(matrix)]
     rows = scipy.sparse.csr_matrix(

@@ -148,3 +148,24 @@ def check_optional_count(value: object, name: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
     return int(value)
+
+
+def rows_to_keep(norms: np.ndarray, *, name: str, invalid: str) -> np.ndarray | None:
+    """Rows with a finite, non-zero norm; ``None`` when that is all of them.
+
+    Raises
+    ------
+    ValueError
+        For zero or NaN/Inf rows with ``invalid="raise"`` (naming them), or
+        when no row is left.
+    """
+    finite = np.isfinite(norms)
+    good = finite & (norms > 0)
+    if good.all():
+        return None
+    if invalid == "raise":
+        raise_for_bad_rows(name, np.flatnonzero(finite & (norms == 0)), np.flatnonzero(~finite))
+    kept = np.flatnonzero(good)
+    if kept.size == 0:
+        raise_if_no_valid_rows(name, norms.size)
+    return kept

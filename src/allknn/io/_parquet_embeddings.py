@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from allknn.io._deps import optional
+from allknn.io._deps import open_parquet
 from allknn.io.ids import read_ids
 
 if TYPE_CHECKING:
@@ -54,15 +54,7 @@ def read_parquet(
     TypeError
         An embedding column that does not hold numbers.
     """
-    pa = optional("pyarrow", "reading .parquet files")
-    pq = optional("pyarrow.parquet", "reading .parquet files")
-
-    try:
-        parquet = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise ValueError(
-            f"{path} is not a readable parquet file ({exc}); it may be truncated or corrupt: write it again"
-        ) from None
+    parquet = open_parquet(path)
     schema = parquet.schema_arrow
     for name in (column, id_column):
         if name is not None and name not in schema.names:

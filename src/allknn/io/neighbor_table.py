@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from allknn.io._atomic import AtomicFile
-from allknn.io._deps import optional
+from allknn.io._deps import open_parquet, optional
 from allknn.io._json import dumps
 from allknn.io.ids import read_ids
 from allknn.result import TopK
@@ -302,16 +302,9 @@ def read_neighbor_table(
         A file not written by allknn, missing or mismatching ids, or
         inconsistent contents.
     """
-    import pyarrow as pa
 
-    pq = optional("pyarrow.parquet", "reading .parquet files")
     path = Path(path)
-    try:
-        parquet = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise ValueError(
-            f"{path} is not a readable parquet file ({exc}); it may be truncated or corrupt: write it again"
-        ) from None
+    parquet = open_parquet(path)
     metadata = parquet.schema_arrow.metadata or {}
     if HEADER_KEY not in metadata:
         raise ValueError(
