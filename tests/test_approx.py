@@ -129,3 +129,13 @@ def test_cli_prints_measured_recall(real, tmp_path, capsys):
 
     stored = json.loads(pq.read_schema(out).metadata[b"allknn"])
     assert stored["params"]["method"] == "approx" and 0.8 < stored["params"]["recall"] <= 1.0
+
+
+def test_options_are_checked_before_any_work():
+    """A bad option fails at once even on input that would take long to normalise."""
+    X = np.ones((5, 3), dtype=np.float32)
+    X[0] = np.nan  # would raise a different error if normalisation ran first
+    with pytest.raises(ValueError, match="method must be"):
+        allknn.neighbors(X, 2, method="quick")
+    with pytest.raises(ValueError, match=r"min_similarity must be a finite number or None, got 'high'"):
+        allknn.neighbors(X, 2, min_similarity="high")

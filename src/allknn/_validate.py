@@ -169,3 +169,22 @@ def rows_to_keep(norms: np.ndarray, *, name: str, invalid: str) -> np.ndarray | 
     if kept.size == 0:
         raise_if_no_valid_rows(name, norms.size)
     return kept
+
+
+METHODS = ("exact", "approx", "auto")
+
+
+def check_method(method: object) -> str:
+    """Check the ``method=`` option."""
+    if method not in METHODS:
+        raise ValueError(f"method must be 'exact', 'approx' or 'auto', got {method!r}")
+    return str(method)
+
+
+def check_min_similarity(value: object) -> float | None:
+    """None or a finite number (similarities lie in [-1, 1])."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
+        raise ValueError(f"min_similarity must be a finite number or None, got {value!r}")
+    return float(value)

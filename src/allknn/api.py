@@ -135,6 +135,13 @@ def neighbors(
     n_threads = _validate.check_threads(threads)
     invalid = _validate.check_invalid_choice(invalid)
     budget = parse_memory(max_memory)
+    _validate.check_method(method)
+    if method == "approx" and checkpoint is not None:
+        raise ValueError("checkpoint= works with method='exact' (or 'auto') only")
+    recall_target = _validate.check_fraction(recall_target, "recall_target")
+    probes = _validate.check_optional_count(probes, "probes")
+    cells = _validate.check_optional_count(cells, "cells")
+    min_similarity = _validate.check_min_similarity(min_similarity)
     n_rows = max(corpus.shape[0], query_matrix.shape[0])
     if block_rows is None:
         block_rows = cap_block_rows(
@@ -155,28 +162,22 @@ def neighbors(
         query_normed = normalize_rows(query_matrix, name="queries", block_rows=block_rows,
                                       invalid=invalid, on_disk=_spill(query_matrix, budget))
 
+    chosen = _choose_method(method, n_pairs=_pair_count(self_join, query_normed, normed),
+                            dim=corpus.shape[1], threads=n_threads)
     logger.debug(
-        "exact %s: %d x %d against %d rows, k=%d, block_rows=%d, threads=%d",
+        "%s %s: %d x %d against %d rows, k=%d, block_rows=%d, threads=%d", chosen,
         "self-join" if self_join else "query join", query_normed.rows.shape[0],
         corpus.shape[1], normed.rows.shape[0], k, block_rows, n_threads,
     )
-    params = {"k": k, "method": "exact", "self_join": self_join,
+    params = {"k": k, "method": chosen, "self_join": self_join,
               "exclude_self": bool(exclude_self and self_join),
               "invalid": invalid, "min_similarity": min_similarity}
-    chosen = _choose_method(method, n_pairs=_pair_count(self_join, query_normed, normed),
-                            dim=corpus.shape[1], threads=n_threads)
-    params["method"] = chosen
     recall = None
     if chosen == "approx":
-        if checkpoint is not None and method == "approx":
-            raise ValueError("checkpoint= works with method='exact' (or 'auto') only")
         heap_idx, heap_sim, recall = approx_search(
             query_normed, normed, k, self_join=self_join, exclude_self=exclude_self,
-            block_rows=block_rows, threads=n_threads, budget=budget,
-            recall_target=_validate.check_fraction(recall_target, "recall_target"),
-            probes=_validate.check_optional_count(probes, "probes"),
-            cells=_validate.check_optional_count(cells, "cells"), seed=seed,
-            sample_size=RECALL_SAMPLE_ROWS,
+            block_rows=block_rows, threads=n_threads, budget=budget, recall_target=recall_target,
+            probes=probes, cells=cells, seed=seed, sample_size=RECALL_SAMPLE_ROWS,
         )
         params.update(recall=recall.estimate, recall_interval=list(recall.interval))
     else:
@@ -226,8 +227,6 @@ def _pair_count(self_join: bool, queries: NormalizedRows, corpus: NormalizedRows
 
 def _choose_method(method: str, *, n_pairs: int, dim: int, threads: int) -> str:
     """``"exact"`` or ``"approx"``; for ``"auto"``, from the estimated exact time."""
-    if method not in ("exact", "approx", "auto"):
-        raise ValueError(f"method must be 'exact', 'approx' or 'auto', got {method!r}")
     if method != "auto":
         return method
     seconds = n_pairs * dim / (EXACT_PAIR_DIMS_PER_SECOND * threads)
