@@ -306,3 +306,16 @@ def test_drop_with_nothing_to_drop_is_plain(rng):
     a, b = allknn.neighbors(X, 4, invalid="drop"), allknn.neighbors(X, 4)
     np.testing.assert_array_equal(a.indices, b.indices)
     np.testing.assert_array_equal(a.similarities, b.similarities)
+
+
+def test_more_rows_than_ids_can_hold_is_refused(monkeypatch):
+    """Row ids are packed in 32 bits; the limit is enforced, not assumed."""
+    import allknn.api
+
+    monkeypatch.setattr(allknn.api, "MAX_ROWS", 100)
+    X = np.random.default_rng(0).standard_normal((100, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match="X has 100 rows; one search handles fewer than 100: split it"):
+        allknn.neighbors(X, 3)
+    with pytest.raises(ValueError, match="queries has 100 rows"):
+        allknn.neighbors(X[:50], 3, queries=X)
+    assert allknn.neighbors(X[:99], 3).indices.shape == (99, 3)

@@ -143,7 +143,3 @@ class Checkpoint:
         finally:
             tmp.unlink(missing_ok=True)
         self._last_save = time.monotonic()
-
-    def remove(self) -> None:
-        """Delete the checkpoint (the output is complete)."""
-        self.path.unlink(missing_ok=True)

@@ -188,3 +188,12 @@ def check_min_similarity(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
         raise ValueError(f"min_similarity must be a finite number or None, got {value!r}")
     return float(value)
+
+
+def check_row_limit(n_rows: int, limit: int, name: str) -> None:
+    """Row ids are packed in 32 bits by the engine: refuse larger inputs."""
+    if n_rows >= limit:
+        raise ValueError(
+            f"{name} has {n_rows} rows; one search handles fewer than {limit}: split it and use "
+            f"queries= against each part"
+        )

@@ -17,6 +17,7 @@ from allknn._normalize import NormalizedRows, normalize_rows
 from allknn._search import approx_search, exact_search
 from allknn._sparse import is_sparse
 from allknn.engines.exact import ProgressCallback
+from allknn.kernels.topk import MAX_ROWS
 from allknn.result import TopK
 
 logger = logging.getLogger("allknn")
@@ -129,6 +130,8 @@ def neighbors(
     self_join = queries is None or queries is X
     query_matrix = corpus if self_join else _validate.as_matrix(queries, "queries")
     _validate.check_same_width(corpus, query_matrix)
+    _validate.check_row_limit(corpus.shape[0], MAX_ROWS, "X")
+    _validate.check_row_limit(query_matrix.shape[0], MAX_ROWS, "queries")
     sparse = is_sparse(corpus) or is_sparse(query_matrix)
     if sparse and not self_join:  # one representation for both sides
         corpus, query_matrix = scipy.sparse.csr_matrix(corpus), scipy.sparse.csr_matrix(query_matrix)
