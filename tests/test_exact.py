@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import allknn
 from allknn._normalize import normalize_rows
-from allknn._search import _finish
+from allknn._search import finish
 from allknn.datasets import make_clustered
 from allknn.engines.exact import QueryJoinPlan
 from allknn.engines.ordering import MIN_ROWS
@@ -211,7 +211,7 @@ def _query_engine_self_join(X: np.ndarray, k: int, *, block_rows: int, threads: 
     keys, thresholds = new_state(X.shape[0], k)
     plan.run(keys, thresholds, threads=threads)
     similarities = np.empty(keys.shape, dtype=np.float32)
-    _finish(keys, similarities, queries, corpus, np.arange(X.shape[0], dtype=np.int64), threads=threads)
+    finish(keys, similarities, queries, corpus, np.arange(X.shape[0], dtype=np.int64), threads=threads)
     return allknn.TopK(indices=keys, similarities=similarities, n_corpus=X.shape[0])
 
 

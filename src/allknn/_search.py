@@ -14,13 +14,10 @@ import numpy as np
 
 from allknn._checkpoint import Checkpoint, Progress
 from allknn._normalize import NormalizedRows
-from allknn._recall import RecallEstimate, estimate, exact_kth, row_recall
 from allknn._sparse import dense_columns, is_sparse
-from allknn.engines.approx import MAX_PROBES, CellIndex, cell_centroids, n_cells_for, probe_rounds
 from allknn.engines.exact import ProgressCallback, QueryJoinPlan, SelfJoinPlan, TilePlan
-from allknn.engines.ordering import MIN_ROWS, cluster_order, nearest_centroids
+from allknn.engines.ordering import MIN_ROWS, cluster_order
 from allknn.kernels.topk import (
-    key_similarities,
     new_state,
     permute_rows,
     rescore_and_sort,
@@ -30,12 +27,6 @@ from allknn.kernels.topk import (
 logger = logging.getLogger("allknn")
 
 _RESCORE_ROWS = 8192
-
-PROBE_STEPS = (1, 2, 3, 4, 6, 8, 11, 16, 22, 32, 45, 64)
-"""Cells per row after which an approximate run checks its pilot recall
-(growing by about 1.4x, so it overshoots the needed breadth by at most
-that much)."""
-
 
 def exact_search(
     queries: NormalizedRows,
@@ -89,7 +80,7 @@ def exact_search(
             permute_rows(corpus.rows, np.argsort(order))
     similarities = np.empty(progress.keys.shape, dtype=np.float32)
     rows = np.arange(plan.n_queries, dtype=np.int64) if order is None else order
-    _finish(progress.keys, similarities, queries, corpus, rows, threads=threads)
+    finish(progress.keys, similarities, queries, corpus, rows, threads=threads)
     return progress.keys, similarities
 
 
@@ -126,7 +117,7 @@ def _run(
     checkpoint.save(progress)
 
 
-def _finish(
+def finish(
     keys: np.ndarray,
     similarities: np.ndarray,
     queries: NormalizedRows,
@@ -150,76 +141,3 @@ def _finish(
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         list(pool.map(rescore, range(0, rows.shape[0], _RESCORE_ROWS)))
-
-
-
-def approx_search(
-    queries: NormalizedRows,
-    corpus: NormalizedRows,
-    k: int,
-    *,
-    self_join: bool,
-    exclude_self: bool,
-    block_rows: int,
-    threads: int,
-    budget: int,
-    recall_target: float,
-    probes: int | None,
-    cells: int | None,
-    seed: int,
-    sample_size: int,
-) -> tuple[np.ndarray, np.ndarray, RecallEstimate]:
-    """Approximate top-k by cell probing, with recall measured on a sample.
-
-    Without ``probes``, rounds of probing (``PROBE_STEPS`` cells per row)
-    run until a pilot sample of rows reaches ``recall_target``. The reported
-    recall is measured afterwards on a second, independent sample (the
-    stopping rule would bias the pilot's own estimate).
-
-    Returns
-    -------
-    indices, similarities : ndarray of shape (nq, k)
-        As :func:`exact_search`.
-    recall : RecallEstimate
-    """
-    if is_sparse(corpus.rows):
-        raise ValueError("method='approx' supports dense rows only; use method='exact' for sparse input")
-    n_queries = queries.rows.shape[0]
-    centroids = cell_centroids(corpus.rows, cells or n_cells_for(corpus.rows.shape[0]), budget=budget,
-                               seed=seed)
-    most = min(centroids.shape[0], probes or MAX_PROBES)
-    probe_order = nearest_centroids(queries.rows, centroids, most, threads=threads)
-    if self_join:
-        labels = probe_order[:, 0]
-    else:
-        labels = nearest_centroids(corpus.rows, centroids, threads=threads)[:, 0]
-    index = CellIndex(corpus.rows, centroids, labels)
-    keys, thresholds = new_state(n_queries, k)
-    skip_self = self_join and exclude_self
-    picks = np.random.default_rng(seed).permutation(n_queries)
-    size = min(sample_size, n_queries)
-    audit = np.sort(picks[:size])
-    pilot = np.sort(picks[size : 2 * size]) if n_queries >= 2 * size else audit
-
-    def run(rounds: range) -> None:
-        probe_rounds(queries.rows, index, keys, thresholds, rounds, probe_order,
-                     block_rows=block_rows, threads=threads, skip_self=skip_self)
-
-    if probes:
-        run(range(most))
-    else:
-        pilot_kth = exact_kth(queries.rows, corpus.rows, pilot, k, skip_self=skip_self,
-                              block_rows=block_rows, threads=threads)
-        done = 0
-        for step in PROBE_STEPS:
-            run(range(done, min(step, most)))
-            done = min(step, most)
-            reached = row_recall(key_similarities(keys[pilot]), pilot_kth).mean()
-            logger.info("approx: %d probe(s) per row, pilot recall %.4f", done, reached)
-            if reached >= recall_target or done == most:
-                break
-    similarities = np.empty(keys.shape, dtype=np.float32)
-    _finish(keys, similarities, queries, corpus, np.arange(n_queries, dtype=np.int64), threads=threads)
-    audit_kth = exact_kth(queries.rows, corpus.rows, audit, k, skip_self=skip_self,
-                          block_rows=block_rows, threads=threads)
-    return keys, similarities, estimate(row_recall(similarities[audit], audit_kth))

@@ -150,6 +150,19 @@ def check_optional_count(value: object, name: str) -> int | None:
     return int(value)
 
 
+def check_refine(value: object, probes: int | None) -> int | None:
+    """None, or a count of passes (zero allowed) given together with ``probes``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"refine must be a non-negative integer or None, got {value!r}")
+    if probes is None:
+        raise ValueError(
+            "refine= needs probes=; with recall_target the engine chooses its passes itself"
+        )
+    return int(value)
+
+
 def rows_to_keep(norms: np.ndarray, *, name: str, invalid: str) -> np.ndarray | None:
     """Rows with a finite, non-zero norm; ``None`` when that is all of them.
 

@@ -11,10 +11,11 @@ import scipy.sparse
 from numpy.typing import ArrayLike
 
 from allknn import _validate
+from allknn._approx_search import approx_search
 from allknn._checkpoint import Checkpoint, fingerprint_matrix
 from allknn._memory import cap_block_rows, check_block_rows, choose_block_rows, parse_memory
 from allknn._normalize import NormalizedRows, normalize_rows
-from allknn._search import approx_search, exact_search
+from allknn._search import exact_search
 from allknn._sparse import is_sparse
 from allknn.engines.exact import ProgressCallback
 from allknn.kernels.topk import MAX_ROWS
@@ -36,6 +37,7 @@ def neighbors(
     method: str = "exact",
     recall_target: float = 0.95,
     probes: int | None = None,
+    refine: int | None = None,
     cells: int | None = None,
     seed: int = 0,
     block_rows: int | None = None,
@@ -80,17 +82,21 @@ def neighbors(
         Neighbours less similar than this are masked (index -1, similarity
         NaN); rows keep their length ``k``.
     method : {"exact", "approx", "auto"}
-        ``"approx"``: partition the corpus into cells (spherical k-means)
-        and search each row in its nearest cells only, for inputs too large
-        for the exact join; the result's ``recall`` is measured on a random
-        sample of rows against exact answers. ``"auto"``: exact when its
-        estimated time is under a minute, else approximate.
+        ``"approx"``: partition the corpus into cells (spherical k-means),
+        search each row in its nearest cells only and, in the self-join,
+        refine the graph with neighbours of neighbours, for inputs too
+        large for the exact join; the result's ``recall`` is measured on a
+        random sample of rows against exact answers. ``"auto"``: exact when
+        its estimated time is under a minute, else approximate.
     recall_target : float
-        Approximate runs probe more cells until a pilot sample reaches this
+        Approximate runs widen the search until a pilot sample reaches this
         recall@k (ignored with ``probes``).
     probes, cells : int, optional
         Experts: cells searched per row, and number of cells (default about
         ``2 sqrt(n)``).
+    refine : int, optional
+        Experts, with ``probes``: neighbour-of-neighbour passes after the
+        probing (self-join only; default none).
     seed : int
         Seed of the approximate engine's sampling (equal seeds, equal
         results).
@@ -143,6 +149,7 @@ def neighbors(
         raise ValueError("checkpoint= works with method='exact' (or 'auto') only")
     recall_target = _validate.check_fraction(recall_target, "recall_target")
     probes = _validate.check_optional_count(probes, "probes")
+    refine = _validate.check_refine(refine, probes)
     cells = _validate.check_optional_count(cells, "cells")
     min_similarity = _validate.check_min_similarity(min_similarity)
     n_rows = max(corpus.shape[0], query_matrix.shape[0])
@@ -177,12 +184,14 @@ def neighbors(
               "invalid": invalid, "min_similarity": min_similarity}
     recall = None
     if chosen == "approx":
-        heap_idx, heap_sim, recall = approx_search(
+        heap_idx, heap_sim, recall, plan = approx_search(
             query_normed, normed, k, self_join=self_join, exclude_self=exclude_self,
             block_rows=block_rows, threads=n_threads, budget=budget, recall_target=recall_target,
-            probes=probes, cells=cells, seed=seed, sample_size=RECALL_SAMPLE_ROWS,
+            probes=probes, refine_passes=refine, cells=cells, seed=seed,
+            sample_size=RECALL_SAMPLE_ROWS,
         )
-        params.update(recall=recall.estimate, recall_interval=list(recall.interval))
+        params.update(recall=recall.estimate, recall_interval=list(recall.interval),
+                      cells=plan.cells, probes=plan.probes, refine_passes=plan.passes, seed=seed)
     else:
         saver = None
         if checkpoint is not None:

@@ -17,7 +17,7 @@ from threadpoolctl import threadpool_limits
 
 from allknn.engines.ordering import fit_centroids
 from allknn.engines.schedule import run_tiles
-from allknn.kernels.topk import merge_rows
+from allknn.kernels.topk import merge_rows, permute_rows
 
 MAX_PROBES = 64
 
@@ -45,33 +45,55 @@ def cell_centroids(normed: np.ndarray, n_cells: int, *, budget: int, seed: int) 
 
 
 class CellIndex:
-    """Corpus rows grouped by cell, each cell's rows contiguous.
+    """Corpus rows grouped by cell, each cell's rows contiguous, in place.
+
+    Making the index reorders ``normed`` in place (no second copy of the
+    corpus); :meth:`restore` puts the rows back in their original order.
 
     Parameters
     ----------
     normed : ndarray of shape (n, d), float32
-        Unit-normalised corpus rows.
+        Unit-normalised corpus rows; reordered in place.
     centroids : ndarray of shape (n_cells, d), float32
     labels : ndarray of shape (n,), int
         Cell of each corpus row (its nearest centroid).
+
+    Attributes
+    ----------
+    rows : ndarray of shape (n, d), float32
+        ``normed``, grouped by cell while the index is in use.
+    order : ndarray of shape (n,), int64
+        Original row id at each position.
+    positions : ndarray of shape (n,), int64
+        Position of each original row id (the inverse of ``order``).
+    starts : ndarray of shape (n_cells + 1,), int64
+        First position of each cell.
     """
 
     def __init__(self, normed: np.ndarray, centroids: np.ndarray, labels: np.ndarray):
         self.centroids = centroids
         n_cells = centroids.shape[0]
         self.order = np.argsort(labels, kind="stable").astype(np.int64)
+        self.positions = np.empty_like(self.order)
+        self.positions[self.order] = np.arange(self.order.size)
         counts = np.bincount(labels, minlength=n_cells)
         self.starts = np.zeros(n_cells + 1, dtype=np.int64)
         np.cumsum(counts, out=self.starts[1:])
-        self.rows = np.ascontiguousarray(normed[self.order])
+        self.rows = normed
+        permute_rows(normed, self.order)
 
     @property
     def n_cells(self) -> int:
         return self.centroids.shape[0]
 
+    def restore(self) -> None:
+        """Put the rows back in their original order."""
+        permute_rows(self.rows, self.positions)
+
 
 def probe_rounds(
     queries: np.ndarray,
+    query_positions: np.ndarray | None,
     index: CellIndex,
     keys: np.ndarray,
     thresholds: np.ndarray,
@@ -81,6 +103,7 @@ def probe_rounds(
     block_rows: int,
     threads: int,
     skip_self: bool,
+    unique: bool = False,
 ) -> None:
     """Run probing rounds ``rounds``: each query row against one more cell.
 
@@ -88,6 +111,9 @@ def probe_rounds(
     ----------
     queries : ndarray of shape (nq, d), float32
         Unit-normalised query rows (state row ``i`` is query ``i``).
+    query_positions : ndarray of shape (nq,), int64, or None
+        Where query ``i`` is in ``queries`` (the self-join's queries are
+        the index's grouped rows); None: at ``i``.
     index : CellIndex
     keys, thresholds : ndarray
         Top-k state of the queries, updated in place (ids are corpus rows).
@@ -100,6 +126,9 @@ def probe_rounds(
     threads : int
     skip_self : bool
         Never pair query ``i`` with corpus row ``i`` (self-join).
+    unique : bool
+        The state may already hold candidates from these cells (after a
+        refinement pass); do not add them twice.
     """
     buffers = [np.empty(block_rows * block_rows, dtype=np.float32) for _ in range(threads)]
     for probe in rounds:
@@ -114,12 +143,12 @@ def probe_rounds(
             c0, c1 = index.starts[cell], index.starts[cell + 1]
             for q0 in range(0, query_ids.size, block_rows):
                 chunk = query_ids[q0 : q0 + block_rows]
-                block = queries[chunk]
+                block = queries[chunk if query_positions is None else query_positions[chunk]]
                 for s in range(c0, c1, block_rows):
                     members = index.rows[s : min(s + block_rows, c1)]
                     out = buffers[worker][: chunk.size * members.shape[0]].reshape(chunk.size, -1)
                     np.matmul(block, members.T, out=out)
-                    merge_rows(out, 0, s, chunk, index.order, keys, thresholds, skip_self)
+                    merge_rows(out, 0, s, chunk, index.order, keys, thresholds, skip_self, unique)
 
         with threadpool_limits(limits=1, user_api="blas"):
             run_tiles(tasks, work, threads=threads, blocks_of=lambda t: {t[0]})

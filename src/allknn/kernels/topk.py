@@ -79,6 +79,11 @@ def _encode(bits, j):
 
 
 @njit(nogil=True, cache=True, inline="always")
+def _decode_id(key):
+    return 0xFFFFFFFF - (key & 0xFFFFFFFF)
+
+
+@njit(nogil=True, cache=True, inline="always")
 def _similarity_bits(key):
     """Float32 bit pattern of the similarity packed in ``key``."""
     b = key >> 32
@@ -88,11 +93,8 @@ def _similarity_bits(key):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _offer(keys, threshold_bits, r, bits, j, k):
-    """Offer candidate ``(bits, j)`` to row ``r``: replace its root if better."""
-    key = _encode(bits, j)
-    if key <= keys[r, 0]:
-        return
+def _replace_root(keys, threshold_bits, r, key, k):
+    """Put ``key`` (better than row ``r``'s root) in place of the root."""
     pos = 0
     while True:
         child = 2 * pos + 1
@@ -107,6 +109,29 @@ def _offer(keys, threshold_bits, r, bits, j, k):
         pos = child
     keys[r, pos] = key
     threshold_bits[r] = _similarity_bits(keys[r, 0])
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _offer(keys, threshold_bits, r, bits, j, k):
+    """Offer candidate ``(bits, j)`` to row ``r``: replace its root if better."""
+    key = _encode(bits, j)
+    if key > keys[r, 0]:
+        _replace_root(keys, threshold_bits, r, key, k)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def offer_new(keys, threshold_bits, r, bits, j, k):
+    """:func:`_offer` for a candidate that may already be among the row's
+    neighbours (found another way, with a float32 score rounded
+    differently): then it is not offered again. Returns whether it entered."""
+    key = _encode(bits, j)
+    if key <= keys[r, 0]:
+        return False
+    for m in range(k):
+        if _decode_id(keys[r, m]) == j:
+            return False
+    _replace_root(keys, threshold_bits, r, key, k)
+    return True
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -130,17 +155,21 @@ def _any_at_least_either(row, c0, t, column_thresholds):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _walk_row(row, row_bits, c0, c1, r, col0, col_ids, keys, thresholds, threshold_bits, k, skip_self):
+def _walk_row(row, row_bits, c0, c1, r, col0, col_ids, keys, thresholds, threshold_bits, k, skip_self,
+              unique):
     for c in range(c0, c1):
         if row[c] >= thresholds[r]:
             j = col_ids[col0 + c]
             if skip_self and j == r:
                 continue
-            _offer(keys, threshold_bits, r, row_bits[c], j, k)
+            if unique:
+                offer_new(keys, threshold_bits, r, row_bits[c], j, k)
+            else:
+                _offer(keys, threshold_bits, r, row_bits[c], j, k)
 
 
 @njit(nogil=True, cache=True)
-def merge_rows(tile, row0, col0, row_ids, col_ids, keys, thresholds, skip_self):
+def merge_rows(tile, row0, col0, row_ids, col_ids, keys, thresholds, skip_self, unique=False):
     """Merge a tile into the top-k state of its rows only.
 
     Each chunk of ``CHUNK`` values is first compared with the row threshold
@@ -163,6 +192,9 @@ def merge_rows(tile, row0, col0, row_ids, col_ids, keys, thresholds, skip_self):
         Top-k state, updated in place.
     skip_self : bool
         Never offer a candidate whose id equals the row's id.
+    unique : bool
+        Candidates may already be in the state (offered by another route
+        than this tile); do not add them twice.
     """
     bi, bj = tile.shape
     k = keys.shape[1]
@@ -176,9 +208,9 @@ def merge_rows(tile, row0, col0, row_ids, col_ids, keys, thresholds, skip_self):
         for c0 in range(0, full, CHUNK):
             if _any_at_least(row, c0, thresholds[r]):
                 _walk_row(row, row_bits, c0, c0 + CHUNK, r, col0, col_ids, keys, thresholds,
-                          threshold_bits, k, skip_self)
+                          threshold_bits, k, skip_self, unique)
         _walk_row(row, row_bits, full, bj, r, col0, col_ids, keys, thresholds, threshold_bits, k,
-                  skip_self)
+                  skip_self, unique)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -316,11 +348,6 @@ def rescore_and_sort(normed, norms, queries_normed, query_norms, rows, keys, sim
                 sims[m] = -np.inf
         _sort_best_first(sims, ids)
         _store_row(keys, similarities, r, sims, ids)
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _decode_id(key):
-    return 0xFFFFFFFF - (key & 0xFFFFFFFF)
 
 
 @njit(nogil=True, cache=True, inline="always")

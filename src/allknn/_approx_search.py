@@ -1,0 +1,255 @@
+"""Run the approximate engine: cells, probing, refinement, measured recall.
+
+The breadth of the search is chosen by a pilot sample of rows whose exact
+neighbours are known: probing rounds (each row against one more of its
+nearest cells) and, in the self-join, neighbour-of-neighbour refinement
+passes run until the pilot reaches the recall target. The recall reported
+to the user is measured afterwards on a second, independent sample (the
+stopping rule would bias the pilot's own estimate).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from allknn._normalize import NormalizedRows
+from allknn._recall import RecallEstimate, estimate, exact_kth, row_recall
+from allknn._search import finish
+from allknn._sparse import is_sparse
+from allknn.engines.approx import MAX_PROBES, CellIndex, cell_centroids, n_cells_for, probe_rounds
+from allknn.engines.ordering import nearest_centroids
+from allknn.kernels.local_join import neighbour_ids, refine, refine_bytes
+from allknn.kernels.topk import key_similarities, new_state
+
+logger = logging.getLogger("allknn")
+
+PROBE_STEPS = (1, 2, 3, 4, 6, 8, 11, 16, 22, 32, 45, 64)
+"""Cells per row after which a run checks its pilot recall (growing by about
+1.4x, so it overshoots the needed breadth by at most that much)."""
+
+FIRST_PROBES = 16
+"""Nearest cells listed per row up front; more are listed only when the
+pilot needs them (the list is ``n x probes`` integers)."""
+
+FIRST_PASS_SHARE = 0.45
+"""Expected share of the missing pilot recall that a refinement pass
+recovers, until one is measured (0.3 to 0.55 measured on the real and
+generated sets)."""
+
+PROBE_NS_PER_PAIR_DIM = 0.025
+REFINE_NS_PER_PAIR = 25.0
+REFINE_NS_PER_PAIR_DIM = 0.08
+"""Cost model of the two ways to widen the search, in nanoseconds on the
+benchmark machine: probing is a BLAS product; a refinement pass gathers
+scattered rows, so it pays per pair as well as per dimension. Only their
+ratio matters, and only for the choice between the two (never for the
+result's correctness), so the choice is deterministic."""
+
+
+def max_candidates_for(k: int) -> int:
+    """Candidates per row and kind in a refinement pass: ``2k``, 20 to 60."""
+    return int(np.clip(2 * k, 20, 60))
+
+
+@dataclass
+class ApproxPlan:
+    """What an approximate run did (recorded in the result's parameters)."""
+
+    cells: int
+    probes: int = 0
+    passes: int = 0
+    pilot_recall: list[float] = field(default_factory=list)
+
+
+def approx_bytes(n_queries: int, n_corpus: int, k: int, *, self_join: bool, threads: int,
+                 block_rows: int) -> int:
+    """Peak working memory of :func:`approx_search` besides the top-k state.
+
+    Tiles, the nearest-cell lists (``FIRST_PROBES`` per row; growing to
+    ``MAX_PROBES`` only if the pilot needs them), the cell index and, in the
+    self-join, the refinement's candidate lists.
+    """
+    tiles = threads * 4 * block_rows * block_rows
+    probe_lists = n_queries * (4 * FIRST_PROBES + 3 * 8)
+    index = 3 * 8 * n_corpus
+    refinement = refine_bytes(n_corpus, k, max_candidates_for(k)) if self_join else 0
+    return tiles + probe_lists + index + refinement
+
+
+def approx_search(
+    queries: NormalizedRows,
+    corpus: NormalizedRows,
+    k: int,
+    *,
+    self_join: bool,
+    exclude_self: bool,
+    block_rows: int,
+    threads: int,
+    budget: int,
+    recall_target: float,
+    probes: int | None,
+    refine_passes: int | None,
+    cells: int | None,
+    seed: int,
+    sample_size: int,
+) -> tuple[np.ndarray, np.ndarray, RecallEstimate, ApproxPlan]:
+    """Approximate top-k by cell probing and refinement, with measured recall.
+
+    With ``probes``, exactly that many cells per row, then
+    ``refine_passes`` refinement passes (self-join only; default none).
+    Without, see the module docstring.
+
+    Returns
+    -------
+    indices, similarities : ndarray of shape (nq, k)
+        As :func:`allknn._search.exact_search`.
+    recall : RecallEstimate
+    plan : ApproxPlan
+
+    Raises
+    ------
+    ValueError
+        Sparse input, refinement asked for a query join, or a budget too
+        small for the engine's working memory.
+    """
+    if is_sparse(corpus.rows):
+        raise ValueError("method='approx' supports dense rows only; use method='exact' for sparse input")
+    if refine_passes and not self_join:
+        raise ValueError("refine= works in the self-join only (it follows the corpus's own kNN graph)")
+    n_queries, n_corpus = queries.rows.shape[0], corpus.rows.shape[0]
+    need = approx_bytes(n_queries, n_corpus, k, self_join=self_join, threads=threads,
+                        block_rows=block_rows)
+    if need > budget:
+        raise ValueError(
+            f"max_memory={budget} bytes is too small for the approximate engine on {n_corpus} rows "
+            f"(it needs about {need} bytes); raise max_memory"
+        )
+    centroids = cell_centroids(corpus.rows, cells or n_cells_for(n_corpus), budget=budget, seed=seed)
+    plan = ApproxPlan(cells=centroids.shape[0])
+    most = min(centroids.shape[0], probes or MAX_PROBES)
+    listed = min(most, probes or FIRST_PROBES)
+    probe_order = nearest_centroids(queries.rows, centroids, listed, threads=threads)
+    labels = probe_order[:, 0] if self_join else nearest_centroids(corpus.rows, centroids,
+                                                                   threads=threads)[:, 0]
+    keys, thresholds = new_state(n_queries, k)
+    skip_self = self_join and exclude_self
+    picks = np.random.default_rng(seed).permutation(n_queries)
+    size = min(sample_size, n_queries)
+    audit = np.sort(picks[:size])
+    pilot = np.sort(picks[size : 2 * size]) if n_queries >= 2 * size else audit
+    pilot_kth = None if probes else exact_kth(queries.rows, corpus.rows, pilot, k, skip_self=skip_self,
+                                              block_rows=block_rows, threads=threads)
+
+    index = CellIndex(corpus.rows, centroids, labels)  # groups corpus.rows in place
+    query_positions = index.positions if self_join else None
+    previous: list[np.ndarray | None] = [None]
+
+    def probe_to(count: int) -> None:
+        nonlocal probe_order
+        if count > probe_order.shape[1]:
+            probe_order = nearest_centroids(queries.rows, centroids, most, threads=threads)
+            if query_positions is not None:
+                probe_order = probe_order[query_positions]
+        probe_rounds(queries.rows, query_positions, index, keys, thresholds,
+                     range(plan.probes, count), probe_order, block_rows=block_rows,
+                     threads=threads, skip_self=skip_self, unique=plan.passes > 0)
+        plan.probes = count
+
+    def refine_once() -> int:
+        snapshot = neighbour_ids(keys)
+        pairs = refine(index.rows, index.positions, index.order, keys, thresholds, previous[0],
+                       max_candidates=max_candidates_for(k), seed=seed + plan.passes,
+                       threads=threads)
+        previous[0] = snapshot
+        plan.passes += 1
+        return pairs
+
+    def pilot_recall() -> float:
+        reached = float(row_recall(key_similarities(keys[pilot]), pilot_kth).mean())
+        plan.pilot_recall.append(round(reached, 4))
+        logger.info("approx: %d probe(s), %d pass(es): pilot recall %.4f", plan.probes, plan.passes,
+                    reached)
+        return reached
+
+    try:
+        if probes:
+            probe_to(most)
+            for _ in range(refine_passes or 0):
+                refine_once()
+        else:
+            costs = _Costs(probe_order, np.diff(index.starts), n_corpus, k, corpus.rows.shape[1])
+            _search_to_target(probe_to, refine_once if self_join else None, pilot_recall, costs,
+                              recall_target, most)
+    finally:
+        index.restore()
+    similarities = np.empty(keys.shape, dtype=np.float32)
+    finish(keys, similarities, queries, corpus, np.arange(n_queries, dtype=np.int64), threads=threads)
+    audit_kth = exact_kth(queries.rows, corpus.rows, audit, k, skip_self=skip_self,
+                          block_rows=block_rows, threads=threads)
+    return keys, similarities, estimate(row_recall(similarities[audit], audit_kth)), plan
+
+
+class _Costs:
+    """The cost model applied to a run (nanoseconds, see the constants)."""
+
+    def __init__(self, probe_order: np.ndarray, cell_sizes: np.ndarray, n: int, k: int, dim: int):
+        self.probe_order, self.cell_sizes = probe_order, cell_sizes
+        self.dim = dim
+        self.first_pass_pairs = n * min(k, max_candidates_for(k)) ** 2
+
+    def probe(self, done: int, count: int) -> float:
+        """Cost of probe rounds ``done : count``."""
+        listed = self.probe_order.shape[1]
+        columns = self.probe_order[:, min(done, listed - 1) : min(count, listed)]
+        rounds = columns.shape[1]
+        pairs = self.cell_sizes[columns].sum() * (count - done) / rounds
+        return PROBE_NS_PER_PAIR_DIM * float(pairs) * self.dim
+
+    def refine(self, pairs: int) -> float:
+        return (REFINE_NS_PER_PAIR + REFINE_NS_PER_PAIR_DIM * self.dim) * pairs
+
+
+def _search_to_target(probe_to, refine_once, pilot_recall, costs: _Costs, target: float,
+                      most: int) -> None:
+    """Widen the search until the pilot recall reaches ``target``.
+
+    Each step either probes up to the next count of ``PROBE_STEPS`` or
+    (self-join, ``refine_once`` given) runs a refinement pass, whichever
+    promises more recall per cost: the share of the missing recall that
+    the last step of each kind recovered, per round or per pass, times the
+    recall still missing, over the modelled cost.
+    """
+    steps = [min(step, most) for step in PROBE_STEPS if step <= most] + [most]
+    done = steps[0]
+    probe_to(done)
+    reached = pilot_recall()
+    probe_share = reached  # per round, from nothing
+    refine_share, refine_pairs = FIRST_PASS_SHARE, costs.first_pass_pairs
+    while reached < target:
+        following = next((step for step in steps if step > done), None)
+        gap = 1.0 - reached
+        probe_rate = 0.0
+        if following is not None:
+            rounds = following - done
+            probe_rate = (1 - (1 - probe_share) ** rounds) * gap / costs.probe(done, following)
+        refine_rate = 0.0
+        if refine_once is not None and done > 1:  # one probe: the cells were joined exactly
+            refine_rate = refine_share * gap / costs.refine(refine_pairs)
+        if probe_rate <= 0.0 and refine_rate <= 0.0:
+            return
+        before = reached
+        if refine_rate > probe_rate:
+            refine_pairs = refine_once()
+            reached = pilot_recall()
+            refine_share = max(0.0, reached - before) / gap
+            refine_pairs //= 2  # the next pass joins only what this one changed
+        else:
+            probe_to(following)
+            reached = pilot_recall()
+            left = max(1.0 - reached, 1e-9) / gap
+            probe_share = 1.0 - left ** (1.0 / (following - done))
+            done = following
+            refine_share, refine_pairs = FIRST_PASS_SHARE, costs.first_pass_pairs
