@@ -10,9 +10,10 @@ Usage (the commands behind BENCHMARKS.md)::
     python benchmarks/bench_approx.py --data ../shared/data/debian_packages_minilm384_f16.npy
     python benchmarks/bench_approx.py --n 200000 --d 100
 
-Peers: hnswlib (build on all rows, then query all rows, ``M`` and ``ef``
-varied), faiss ``IndexIVFFlat`` on normalised rows (inner product,
-``nprobe`` varied) and pynndescent (its default settings).
+Peers: hnswlib and usearch (HNSW: build on all rows, then query all rows,
+``ef`` varied), faiss ``IndexIVFFlat`` on normalised rows (inner product,
+``nprobe`` varied) and pynndescent (its default settings). ``--settings``
+replaces the settings of some methods, e.g. fewer for the 1M-row set.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ SETTINGS = {
     "hnswlib": [{"M": 16, "ef": ef} for ef in (16, 32, 64, 128)],
     "faiss-ivf": [{"nprobe": p} for p in (4, 8, 16, 32)],
     "pynndescent": [{}],
+    "usearch": [{"connectivity": 16, "ef": ef} for ef in (32, 128)],
 }
 
 
@@ -81,6 +83,14 @@ def _peer(method: str, X: np.ndarray, k: int, threads: int, setting: dict) -> np
         index.nprobe = setting["nprobe"]
         _, found = index.search(A, k + 1)
         return _drop_self(found, k)
+    if method == "usearch":
+        from usearch.index import Index
+
+        index = Index(ndim=A.shape[1], metric="ip", dtype="f32", connectivity=setting["connectivity"],
+                      expansion_add=128, expansion_search=max(setting["ef"], k + 1))
+        index.add(np.arange(A.shape[0]), A, threads=threads)
+        found = index.search(A, k + 1, threads=threads).keys
+        return _drop_self(found.astype(np.int64), k)
     if method == "pynndescent":
         from pynndescent import NNDescent
 
@@ -121,6 +131,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--methods", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--settings", type=json.loads, default={},
+                        help='JSON: {"method": [setting, ...]} replacing the defaults')
     parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -150,7 +162,7 @@ def main() -> None:
         data = str(Path(tmp) / "X.npy")
         np.save(data, X)
         for method in args.methods:
-            for number, setting in enumerate(SETTINGS[method]):
+            for number, setting in enumerate(args.settings.get(method, SETTINGS[method])):
                 out = str(Path(tmp) / f"{method}-{number}.json")
                 subprocess.run([sys.executable, __file__, "--worker", method, data, str(args.k),
                                 str(args.threads), json.dumps(setting), out], check=True)
