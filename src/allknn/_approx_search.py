@@ -11,7 +11,7 @@ stopping rule would bias the pilot's own estimate).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from allknn._recall import RecallEstimate, estimate, exact_kth, row_recall
 from allknn._search import finish
 from allknn._sparse import is_sparse
 from allknn.engines.approx import MAX_PROBES, CellIndex, cell_centroids, n_cells_for, probe_rounds
-from allknn.engines.ordering import nearest_centroids
+from allknn.engines.ordering import NEAREST_ROWS, nearest_centroids
 from allknn.kernels.local_join import neighbour_ids, refine, refine_bytes
 from allknn.kernels.topk import key_similarities, new_state
 
@@ -61,19 +61,18 @@ class ApproxPlan:
     cells: int
     probes: int = 0
     passes: int = 0
-    pilot_recall: list[float] = field(default_factory=list)
 
 
-def approx_bytes(n_queries: int, n_corpus: int, k: int, *, self_join: bool, threads: int,
-                 block_rows: int) -> int:
+def approx_bytes(n_queries: int, n_corpus: int, k: int, *, listed: int, self_join: bool,
+                 threads: int, block_rows: int) -> int:
     """Peak working memory of :func:`approx_search` besides the top-k state.
 
-    Tiles, the nearest-cell lists (``FIRST_PROBES`` per row; growing to
-    ``MAX_PROBES`` only if the pilot needs them), the cell index and, in the
-    self-join, the refinement's candidate lists.
+    Tiles, the nearest-cell lists (``listed`` per row, and the batch state
+    that lists them), the cell index and, in the self-join, the
+    refinement's candidate lists.
     """
     tiles = threads * 4 * block_rows * block_rows
-    probe_lists = n_queries * (4 * FIRST_PROBES + 3 * 8)
+    probe_lists = n_queries * (4 * listed + 3 * 8) + NEAREST_ROWS * 16 * listed
     index = 3 * 8 * n_corpus
     refinement = refine_bytes(n_corpus, k, max_candidates_for(k)) if self_join else 0
     return tiles + probe_lists + index + refinement
@@ -120,17 +119,20 @@ def approx_search(
     if refine_passes and not self_join:
         raise ValueError("refine= works in the self-join only (it follows the corpus's own kNN graph)")
     n_queries, n_corpus = queries.rows.shape[0], corpus.rows.shape[0]
-    need = approx_bytes(n_queries, n_corpus, k, self_join=self_join, threads=threads,
+    n_cells = min(cells or n_cells_for(n_corpus), n_corpus)
+    most = min(n_cells, probes or MAX_PROBES)
+    listed = min(most, probes or FIRST_PROBES)
+    need = approx_bytes(n_queries, n_corpus, k, listed=listed, self_join=self_join, threads=threads,
                         block_rows=block_rows)
     if need > budget:
         raise ValueError(
             f"max_memory={budget} bytes is too small for the approximate engine on {n_corpus} rows "
             f"(it needs about {need} bytes); raise max_memory"
         )
-    centroids = cell_centroids(corpus.rows, cells or n_cells_for(n_corpus), budget=budget, seed=seed)
+    # longer lists (made while the first ones are kept) only as far as the budget allows
+    most = max(listed, min(most, (budget - need) // (4 * n_queries + NEAREST_ROWS * 16)))
+    centroids = cell_centroids(corpus.rows, n_cells, budget=budget - need, seed=seed)
     plan = ApproxPlan(cells=centroids.shape[0])
-    most = min(centroids.shape[0], probes or MAX_PROBES)
-    listed = min(most, probes or FIRST_PROBES)
     probe_order = nearest_centroids(queries.rows, centroids, listed, threads=threads)
     labels = probe_order[:, 0] if self_join else nearest_centroids(corpus.rows, centroids,
                                                                    threads=threads)[:, 0]
@@ -169,7 +171,6 @@ def approx_search(
 
     def pilot_recall() -> float:
         reached = float(row_recall(key_similarities(keys[pilot]), pilot_kth).mean())
-        plan.pilot_recall.append(round(reached, 4))
         logger.info("approx: %d probe(s), %d pass(es): pilot recall %.4f", plan.probes, plan.passes,
                     reached)
         return reached

@@ -24,6 +24,8 @@ MIN_ROWS = 8192
 _SAMPLE_ROWS = 16384
 _ITERATIONS = 3
 _ASSIGN_ROWS = 4096
+NEAREST_ROWS = 16384
+"""Rows per batch when listing several nearest centroids."""
 
 
 def n_clusters_for(n: int) -> int:
@@ -86,16 +88,20 @@ def nearest_centroids(
     """The ``count`` most similar centroids of each row, best first.
 
     Ties go to the smaller centroid number. ``count > 1`` runs the exact
-    engine's query join against the centroids.
+    engine's query join against the centroids, ``NEAREST_ROWS`` rows at a
+    time (its int64 state is four times the int32 answer).
 
     Returns
     -------
     ndarray of shape (n, count), int32
     """
+    out = np.empty((rows.shape[0], count), dtype=np.int32)
     if count > 1:
-        keys = exact_top_keys(rows, centroids, count, block_rows=1024, threads=threads)
-        return key_ids(keys).astype(np.int32)
-    out = np.empty((rows.shape[0], 1), dtype=np.int32)
+        for start in range(0, rows.shape[0], NEAREST_ROWS):
+            keys = exact_top_keys(rows[start : start + NEAREST_ROWS], centroids, count,
+                                  block_rows=1024, threads=threads)
+            out[start : start + keys.shape[0]] = key_ids(keys)
+        return out
 
     def assign(start: int) -> None:
         scores = rows[start : start + _ASSIGN_ROWS] @ centroids.T

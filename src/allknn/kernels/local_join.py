@@ -27,8 +27,9 @@ from numba import njit
 
 from allknn.kernels.topk import EMPTY_ID, key_ids, offer_new
 
-CHUNK_ROWS = 4096
-"""Rows whose candidate lists are joined before their offers are merged."""
+CHUNK_PAIRS = 2**19
+"""Pairs scored before their offers are merged (at most two 12-byte records
+each); a chunk ends at the row that reaches it."""
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -279,12 +280,16 @@ def neighbour_ids(keys: np.ndarray) -> np.ndarray:
 
 
 def refine_bytes(n: int, k: int, max_candidates: int) -> int:
-    """Peak scratch of :func:`refine` for ``n`` rows: ids, flags, candidate
-    lists, and the records of one chunk at most (two per pair)."""
-    lists = 2 * n * max_candidates * 4 + 2 * n * 8 + n * (8 + k * 5)
+    """Peak scratch of :func:`refine` for ``n`` rows, with the caller's two
+    id snapshots: ids (and their int64 decoding), flags, reverse lists,
+    candidate lists, pair counts, and the records of one chunk at most (two
+    per pair)."""
+    ids = n * k * (4 + 4 + 8 + 1)
+    reverse = n * 8 + n * k * 5
+    lists = 2 * n * max_candidates * 4 + 3 * n * 8
     most_pairs = max_candidates * (max_candidates - 1) // 2 + max_candidates * max_candidates
-    records = min(n, CHUNK_ROWS) * (2 * most_pairs * 12 + 24)
-    return n * k * (4 + 1) + lists + records
+    records = 2 * (CHUNK_PAIRS + most_pairs) * 12 + 3 * n * 8
+    return ids + reverse + lists + records
 
 
 def _sample_candidates(keys, previous, max_candidates, seed, pool, threads):
@@ -346,8 +351,12 @@ def refine(
         new, old, new_counts, old_counts = _sample_candidates(keys, previous, max_candidates, seed,
                                                               pool, threads)
         pairs = new_counts * (new_counts - 1) // 2 + new_counts * old_counts
-        for v0 in range(0, n, CHUNK_ROWS):
-            v1 = min(n, v0 + CHUNK_ROWS)
+        visited_pairs = np.cumsum(pairs[order])
+        ends = np.searchsorted(visited_pairs, np.arange(1, visited_pairs[-1] // CHUNK_PAIRS + 1)
+                               * CHUNK_PAIRS) + 1
+        for v0, v1 in zip(np.r_[0, ends], np.r_[ends, n], strict=True):
+            if v1 <= v0:
+                continue
             offsets = np.zeros(v1 - v0 + 1, dtype=np.int64)
             np.cumsum(2 * pairs[order[v0:v1]], out=offsets[1:])
             total = int(offsets[-1])
@@ -359,14 +368,13 @@ def refine(
 
             def join(s: int, v1=v1, offsets=offsets, targets=targets, candidates=candidates,
                      similarities=similarities, used=used, v0=v0, step=step) -> None:
-                join_lists(rows, positions, new, old, new_counts, old_counts, thresholds,
-                           order, s,
+                join_lists(rows, positions, new, old, new_counts, old_counts, thresholds, order, s,
                            min(v1, s + step), offsets[s - v0 :], targets, candidates, similarities,
                            used[s - v0 :])
 
             def merge(part: int, offsets=offsets, used=used, targets=targets, candidates=candidates,
-                      similarities=similarities) -> int:
-                return merge_records(offsets, used, targets, candidates, similarities, keys,
+                      similarities=similarities) -> None:
+                merge_records(offsets, used, targets, candidates, similarities, keys,
                                      thresholds, part, threads)
 
             list(pool.map(join, range(v0, v1, step)))
