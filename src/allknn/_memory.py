@@ -52,12 +52,13 @@ def working_bytes(block_rows: int, dim: int, threads: int, *, sparse: bool = Fal
     Dense, per worker: one float32 tile ``block_rows**2``, its column
     thresholds, and one float64 block of ``block_rows x dim`` while
     normalising; once: the zero-padded last block of the queries and of the
-    corpus. Sparse, per worker: the tile and its column thresholds (the
-    per-block column index is input-sized and counted with the input).
+    corpus. Sparse, per worker: the tile, its column thresholds and a table
+    of two int32 per column (the per-block column index is input-sized and
+    counted with the input).
     """
     tile = 4 * block_rows * block_rows + 4 * block_rows
     if sparse:
-        return threads * tile
+        return threads * (tile + 8 * dim)
     return threads * (tile + 8 * block_rows * dim) + 2 * 4 * block_rows * dim
 
 
@@ -69,7 +70,7 @@ def choose_block_rows(budget: int, dim: int, threads: int, *, sparse: bool = Fal
     ValueError
         If even ``MIN_BLOCK_ROWS`` rows per block exceed the budget.
     """
-    per_thread = budget / threads
+    per_thread = max(0.0, budget / threads - (8 * dim if sparse else 0))
     quadratic = 4
     linear = 4 if sparse else 4 + 8 * dim + 8 * dim / threads
     # largest rows with quadratic rows**2 + linear rows <= per_thread

@@ -14,6 +14,7 @@ run be checkpointed and resumed tile by tile.
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
@@ -107,6 +108,7 @@ class SparseBlocks:
             self.dense = Blocks(head, self.block_rows)
         self.matrix = matrix
         self.by_column = [column_index(matrix[a:b]) for a, b in self.bounds]
+        self._scratch = threading.local()
 
     def __len__(self) -> int:
         return len(self.bounds)
@@ -115,6 +117,13 @@ class SparseBlocks:
         """Number of rows in block ``i``."""
         start, stop = self.bounds[i]
         return stop - start
+
+    def spans(self) -> np.ndarray:
+        """This thread's column table for :func:`sparse_tile`, shape (d, 2), int32."""
+        table = getattr(self._scratch, "spans", None)
+        if table is None:
+            table = self._scratch.spans = np.zeros((self.matrix.shape[1], 2), dtype=np.int32)
+        return table
 
 
 def _product(a, i: int, b, j: int, buffer: np.ndarray) -> np.ndarray:
@@ -148,7 +157,7 @@ def _sparse_product(a: SparseBlocks, i: int, b: SparseBlocks, j: int, buffer: np
         out.fill(0.0)
     m, index = a.matrix, b.by_column[j]
     sparse_tile(m.indptr, m.indices, m.data, a.bounds[i][0], rows, index.columns, index.starts,
-                index.rows, index.values, out)
+                index.rows, index.values, out, b.spans())
     return out
 
 
