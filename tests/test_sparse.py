@@ -123,3 +123,57 @@ def test_dense_columns_respect_the_budget(interactions):
     assert capped.size == 2 and np.isin(capped, everything).all()
     counts = np.bincount(interactions.indices, minlength=interactions.shape[1])
     assert counts[capped].min() >= np.sort(counts[everything])[-2]
+
+
+def _very_sparse(n: int, d: int, per_row: int, seed: int, signed: bool) -> sp.csr_matrix:
+    """Short rows over many columns (most pairs share none); some rows share
+    nothing with anybody, so zero-similarity neighbours matter."""
+    rng = np.random.default_rng(seed)
+    rows = np.repeat(np.arange(n), per_row)
+    cols = rng.integers(0, d - 5 * per_row, size=rows.size)
+    cols[: 5 * per_row] = d - 1 - np.arange(5 * per_row)  # five rows with columns nobody else has
+    values = rng.random(rows.size).astype(np.float32) + 0.1
+    if signed:
+        values[rng.random(rows.size) < 0.5] *= -1
+    matrix = sp.csr_matrix((values, (rows, cols)), shape=(n, d))
+    matrix.sum_duplicates()
+    return matrix
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_accumulated_tiles_equal_dense_tiles_and_the_reference(monkeypatch, signed):
+    """Row-by-row accumulation (chosen for very sparse tiles) gives bit for
+    bit the dense-tile result, including the zero-similarity neighbours of
+    rows with fewer than k positive ones (smallest index first, ahead of
+    negative ones)."""
+    import allknn.engines.exact as exact
+
+    X = _very_sparse(1500, 3000, 3, seed=5, signed=signed)
+    k = 6
+    monkeypatch.setattr(exact, "ACCUMULATE_BELOW", 0.0)  # dense tiles everywhere
+    dense = allknn.neighbors(X, k, block_rows=256)
+    monkeypatch.setattr(exact, "ACCUMULATE_BELOW", 10.0**9)  # accumulate everywhere
+    accumulated = allknn.neighbors(X, k, block_rows=256)
+    assert_same_result(accumulated, dense)
+    assert_same_result(allknn.neighbors(X, k, block_rows=64, threads=3), accumulated)
+    reference = reference_topk(X.toarray(), k)
+    assert_topk_equal(accumulated, reference)
+    assert (accumulated.similarities[:5] == 0).all()  # the isolated rows: zeros, smallest indices
+    np.testing.assert_array_equal(accumulated.indices[0], [1, 2, 3, 4, 5, 6])
+    Q = X[:200]
+    monkeypatch.setattr(exact, "ACCUMULATE_BELOW", 0.0)
+    dense_q = allknn.neighbors(X, k, queries=Q, block_rows=128)
+    monkeypatch.setattr(exact, "ACCUMULATE_BELOW", 10.0**9)
+    assert_same_result(allknn.neighbors(X, k, queries=Q, block_rows=128), dense_q)
+
+
+def test_very_sparse_tiles_are_accumulated():
+    """The per-tile choice: tiles of short rows over a large vocabulary are
+    accumulated, tiles with dense columns are not."""
+    from allknn.engines.exact import SelfJoinPlan
+
+    X = _very_sparse(1500, 3000, 3, seed=5, signed=False)
+    plan = SelfJoinPlan(X, block_rows=256)
+    assert plan.accumulated is not None and plan.accumulated.all()
+    crowded = sp.random(600, 20, density=0.5, format="csr", random_state=1, dtype=np.float32)
+    assert not SelfJoinPlan(crowded, block_rows=256).accumulated.any()

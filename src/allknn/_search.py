@@ -17,6 +17,7 @@ from allknn._normalize import NormalizedRows
 from allknn._sparse import dense_columns, is_sparse
 from allknn.engines.exact import ProgressCallback, QueryJoinPlan, SelfJoinPlan, TilePlan
 from allknn.engines.ordering import MIN_ROWS, cluster_order
+from allknn.kernels.sparse_accumulate import offer_zero_similarity
 from allknn.kernels.topk import (
     new_state,
     permute_rows,
@@ -75,6 +76,10 @@ def exact_search(
         if progress is None:
             progress = Progress(*new_state(plan.n_queries, k), done=set(), order=order)
         _run(plan, progress, threads=threads, checkpoint=checkpoint, on_tile=on_tile)
+        if is_sparse(corpus.rows):  # pairs sharing no column: never in a tile's products
+            offer_zero_similarity(queries.rows.indptr, queries.rows.indices, corpus.rows.indptr,
+                                  corpus.rows.indices, progress.keys, progress.thresholds,
+                                  self_join and exclude_self)
     finally:
         if order is not None:
             permute_rows(corpus.rows, np.argsort(order))

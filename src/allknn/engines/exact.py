@@ -31,6 +31,7 @@ from allknn.engines.schedule import (
     run_tiles,
     symmetric_tiles,
 )
+from allknn.kernels.sparse_accumulate import accumulate_and_merge
 from allknn.kernels.sparse_product import column_index, sparse_tile
 from allknn.kernels.topk import compact_rows, merge_rows, merge_rows_and_columns, new_state
 
@@ -124,6 +125,53 @@ class SparseBlocks:
         if table is None:
             table = self._scratch.spans = np.zeros((self.matrix.shape[1], 2), dtype=np.int32)
         return table
+
+    def row_scratch(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This thread's zeroed accumulator, touched list and flags for
+        :func:`accumulate_and_merge` (one block row long)."""
+        scratch = getattr(self._scratch, "row", None)
+        if scratch is None:
+            scratch = self._scratch.row = (np.zeros(self.block_rows, dtype=np.float32),
+                                           np.zeros(self.block_rows, dtype=np.int32),
+                                           np.zeros(self.block_rows, dtype=np.bool_))
+        return scratch
+
+    def column_counts(self) -> scipy.sparse.csr_matrix:
+        """Entries of each column in each block (sparse part), shape (blocks, d)."""
+        m = self.matrix
+        block_of_entry = np.repeat(np.arange(m.shape[0]) // self.block_rows, np.diff(m.indptr))
+        return scipy.sparse.csr_matrix((np.ones(m.nnz), (block_of_entry, m.indices)),
+                                       shape=(len(self), m.shape[1]))
+
+
+ACCUMULATE_BELOW = 0.25
+"""A sparse tile without dense columns whose products touch fewer than this
+share of its pairs is accumulated row by row (cost per product) instead of
+made as a dense tile (cost per pair: clearing and scanning it)."""
+
+
+def accumulated_tiles(a, b) -> np.ndarray | None:
+    """Which tiles of ``a`` x ``b`` to accumulate row by row, as a
+    (blocks of a, blocks of b) bool array; None for dense blocks or blocks
+    with dense columns. The products of tile ``(i, j)`` are counted exactly
+    as ``sum over columns of count_i * count_j``."""
+    if not isinstance(a, SparseBlocks) or a.dense is not None:
+        return None
+    products = (a.column_counts() @ b.column_counts().T).toarray()
+    sizes_a = np.diff(np.asarray(a.bounds), axis=1)[:, 0]
+    sizes_b = np.diff(np.asarray(b.bounds), axis=1)[:, 0]
+    return products < ACCUMULATE_BELOW * np.outer(sizes_a, sizes_b)
+
+
+def _accumulate(a: SparseBlocks, i: int, b: SparseBlocks, j: int, row_ids: np.ndarray,
+                col_ids: np.ndarray, keys: np.ndarray, thresholds: np.ndarray, *, skip_self: bool,
+                both_sides: bool) -> None:
+    """Tile ``(i, j)`` through :func:`accumulate_and_merge`."""
+    m, index = a.matrix, b.by_column[j]
+    scratch, touched, seen = b.row_scratch()
+    accumulate_and_merge(m.indptr, m.indices, m.data, a.bounds[i][0], a.rows(i), index.columns,
+                         index.starts, index.rows, index.values, b.spans(), row_ids, b.bounds[j][0],
+                         col_ids, keys, thresholds, skip_self, both_sides, scratch, touched, seen)
 
 
 def _product(a, i: int, b, j: int, buffer: np.ndarray) -> np.ndarray:
@@ -257,12 +305,17 @@ class SelfJoinPlan(TilePlan):
         self.blocks = _blocks(normed, block_rows, dense_columns)
         self.block_rows = self.blocks.block_rows
         self.tiles = symmetric_tiles(len(self.blocks))
+        self.accumulated = accumulated_tiles(self.blocks, self.blocks)
 
     def pairs(self, tile: Tile) -> int:
         rows, cols = self.blocks.rows(tile[0]), self.blocks.rows(tile[1])
         return rows * (rows + 1) // 2 if tile[0] == tile[1] else rows * cols
 
     def _work(self, tile: Tile, buffer: np.ndarray, keys: np.ndarray, thresholds: np.ndarray) -> None:
+        if self.accumulated is not None and self.accumulated[tile]:
+            _accumulate(self.blocks, tile[0], self.blocks, tile[1], self.ids, self.ids, keys,
+                        thresholds, skip_self=self.exclude_self, both_sides=tile[0] != tile[1])
+            return
         (i0, _), (j0, _) = self.blocks.bounds[tile[0]], self.blocks.bounds[tile[1]]
         product = _product(self.blocks, tile[0], self.blocks, tile[1], buffer)
         if tile[0] == tile[1]:
@@ -311,11 +364,17 @@ class QueryJoinPlan(TilePlan):
         self.block_rows = self.query_blocks.block_rows
         self.corpus_blocks = _blocks(normed, block_rows, dense_columns)
         self.tiles = query_tiles(len(self.query_blocks), len(self.corpus_blocks))
+        self.accumulated = accumulated_tiles(self.query_blocks, self.corpus_blocks)
 
     def pairs(self, tile: Tile) -> int:
         return self.query_blocks.rows(tile[0]) * self.corpus_blocks.rows(tile[1])
 
     def _work(self, tile: Tile, buffer: np.ndarray, keys: np.ndarray, thresholds: np.ndarray) -> None:
+        if self.accumulated is not None and self.accumulated[tile]:
+            _accumulate(self.query_blocks, tile[0], self.corpus_blocks, tile[1], self.query_ids,
+                        self.corpus_ids, keys, thresholds, skip_self=self.exclude_diagonal,
+                        both_sides=False)
+            return
         i0, j0 = self.query_blocks.bounds[tile[0]][0], self.corpus_blocks.bounds[tile[1]][0]
         product = _product(self.query_blocks, tile[0], self.corpus_blocks, tile[1], buffer)
         merge_rows(product, i0, j0, self.query_ids, self.corpus_ids, keys, thresholds,
