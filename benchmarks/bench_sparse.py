@@ -11,7 +11,8 @@ Usage (the commands behind BENCHMARKS.md)::
 ``--data user-item``: a seeded user x item matrix (power-law item
 popularity, ``--per-user`` interactions per user, counts 1-4).
 ``--data tfidf``: scikit-learn's ``TfidfVectorizer`` on the Debian package
-descriptions in ``shared/data``. chunkdot pins old numpy/numba versions, so
+descriptions in ``shared/data`` (``tfidf-english``: with English stop words
+removed, so no column is dense). chunkdot pins old numpy/numba versions, so
 it runs from its own environment (``--chunkdot-python``).
 """
 
@@ -46,13 +47,13 @@ def user_item(n_users: int, n_items: int, per_user: int, seed: int = 0) -> sp.cs
     return matrix
 
 
-def tfidf() -> sp.csr_matrix:
+def tfidf(stop_words: str | None = None) -> sp.csr_matrix:
     """TF-IDF rows of the Debian package descriptions (empty ones left out)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     with gzip.open(DEBIAN, "rt", encoding="utf-8") as handle:
         texts = [line.split("\t", 1)[-1] for line in handle]
-    matrix = TfidfVectorizer(dtype=np.float32).fit_transform(texts).tocsr()
+    matrix = TfidfVectorizer(dtype=np.float32, stop_words=stop_words).fit_transform(texts).tocsr()
     return matrix[np.diff(matrix.indptr) > 0]
 
 
@@ -122,7 +123,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data", choices=("user-item", "tfidf"), default="user-item")
+    parser.add_argument("--data", choices=("user-item", "tfidf", "tfidf-english"), default="user-item",
+                        help="tfidf-english: English stop words removed (very sparse tiles)")
     parser.add_argument("--n", type=int, default=100_000, help="users (user-item)")
     parser.add_argument("--items", type=int, default=50_000)
     parser.add_argument("--per-user", type=int, default=50)
@@ -139,7 +141,10 @@ def main() -> None:
         worker(method, data, int(k), int(threads), out)
         return
 
-    X = user_item(args.n, args.items, args.per_user) if args.data == "user-item" else tfidf()
+    if args.data == "user-item":
+        X = user_item(args.n, args.items, args.per_user)
+    else:
+        X = tfidf("english" if args.data == "tfidf-english" else None)
     label = f"{args.data} {X.shape[0]} x {X.shape[1]}, {X.nnz} stored values"
     runs: dict[str, list[dict]] = {}
     answers: dict[str, np.ndarray] = {}
