@@ -150,9 +150,9 @@ def test_accumulated_tiles_equal_dense_tiles_and_the_reference(monkeypatch, sign
 
     X = _very_sparse(1500, 3000, 3, seed=5, signed=signed)
     k = 6
-    monkeypatch.setattr(exact, "ACCUMULATE_BELOW", 0.0)  # dense tiles everywhere
+    monkeypatch.setattr(exact, "SPARSE_PRODUCT_SHARE", 0.0)  # dense tiles everywhere
     dense = allknn.neighbors(X, k, block_rows=256)
-    monkeypatch.setattr(exact, "ACCUMULATE_BELOW", 10.0**9)  # accumulate everywhere
+    monkeypatch.setattr(exact, "SPARSE_PRODUCT_SHARE", 10.0**9)  # accumulate everywhere
     accumulated = allknn.neighbors(X, k, block_rows=256)
     assert_same_result(accumulated, dense)
     assert_same_result(allknn.neighbors(X, k, block_rows=64, threads=3), accumulated)
@@ -161,9 +161,9 @@ def test_accumulated_tiles_equal_dense_tiles_and_the_reference(monkeypatch, sign
     assert (accumulated.similarities[:5] == 0).all()  # the isolated rows: zeros, smallest indices
     np.testing.assert_array_equal(accumulated.indices[0], [1, 2, 3, 4, 5, 6])
     Q = X[:200]
-    monkeypatch.setattr(exact, "ACCUMULATE_BELOW", 0.0)
+    monkeypatch.setattr(exact, "SPARSE_PRODUCT_SHARE", 0.0)
     dense_q = allknn.neighbors(X, k, queries=Q, block_rows=128)
-    monkeypatch.setattr(exact, "ACCUMULATE_BELOW", 10.0**9)
+    monkeypatch.setattr(exact, "SPARSE_PRODUCT_SHARE", 10.0**9)
     assert_same_result(allknn.neighbors(X, k, queries=Q, block_rows=128), dense_q)
 
 

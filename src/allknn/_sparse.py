@@ -91,8 +91,21 @@ product about 0.02 ns per pair of rows, so a column is cheaper dense once
 more than about a tenth of the rows hold it (stop words, popular items)."""
 
 
+SPARSE_PRODUCT_SHARE = 0.25
+"""A tile whose products (pairs of entries in a common column) number fewer
+than this share of its pairs is cheaper accumulated row by row than made as
+a dense tile (see :mod:`allknn.kernels.sparse_accumulate`). Over the whole
+matrix, with every column counted, the same share decides whether any
+column is split off as dense: splitting makes every tile dense."""
+
+
 def dense_columns(matrix: scipy.sparse.csr_matrix, budget: int) -> np.ndarray:
     """The columns of a CSR matrix worth multiplying as dense.
+
+    None when the matrix as a whole is sparse enough for row-by-row
+    accumulation (fewer than ``SPARSE_PRODUCT_SHARE`` products per pair);
+    the choice depends on the matrix only, never on the block size, so a
+    pair's similarity is summed the same way whatever the blocks.
 
     Parameters
     ----------
@@ -107,6 +120,8 @@ def dense_columns(matrix: scipy.sparse.csr_matrix, budget: int) -> np.ndarray:
         Column numbers, ascending (possibly empty).
     """
     counts = np.bincount(matrix.indices, minlength=matrix.shape[1])
+    if ((counts / matrix.shape[0]) ** 2).sum() < SPARSE_PRODUCT_SHARE:
+        return np.zeros(0, dtype=np.int64)
     dense = np.flatnonzero(counts >= DENSE_COLUMN_DENSITY * matrix.shape[0])
     limit = budget // (4 * matrix.shape[0])
     if dense.size > limit:

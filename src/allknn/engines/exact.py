@@ -23,7 +23,7 @@ import scipy.sparse
 from threadpoolctl import threadpool_limits
 
 from allknn._memory import round_block_rows
-from allknn._sparse import split_columns
+from allknn._sparse import SPARSE_PRODUCT_SHARE, split_columns
 from allknn.engines.schedule import (
     Tile,
     block_bounds,
@@ -144,14 +144,9 @@ class SparseBlocks:
                                        shape=(len(self), m.shape[1]))
 
 
-ACCUMULATE_BELOW = 0.25
-"""A sparse tile without dense columns whose products touch fewer than this
-share of its pairs is accumulated row by row (cost per product) instead of
-made as a dense tile (cost per pair: clearing and scanning it)."""
-
-
 def accumulated_tiles(a, b) -> np.ndarray | None:
-    """Which tiles of ``a`` x ``b`` to accumulate row by row, as a
+    """Which tiles of ``a`` x ``b`` to accumulate row by row (cost per
+    product) rather than make dense (cost per pair: clear and scan), as a
     (blocks of a, blocks of b) bool array; None for dense blocks or blocks
     with dense columns. The products of tile ``(i, j)`` are counted exactly
     as ``sum over columns of count_i * count_j``."""
@@ -160,7 +155,7 @@ def accumulated_tiles(a, b) -> np.ndarray | None:
     products = (a.column_counts() @ b.column_counts().T).toarray()
     sizes_a = np.diff(np.asarray(a.bounds), axis=1)[:, 0]
     sizes_b = np.diff(np.asarray(b.bounds), axis=1)[:, 0]
-    return products < ACCUMULATE_BELOW * np.outer(sizes_a, sizes_b)
+    return products < SPARSE_PRODUCT_SHARE * np.outer(sizes_a, sizes_b)
 
 
 def _accumulate(a: SparseBlocks, i: int, b: SparseBlocks, j: int, row_ids: np.ndarray,
