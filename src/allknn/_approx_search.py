@@ -202,15 +202,16 @@ class _Costs:
         self.first_pass_pairs = n * min(k, max_candidates_for(k)) ** 2
 
     def probe(self, done: int, count: int) -> float:
-        """Cost of probe rounds ``done : count``."""
+        """Cost of probe rounds ``done : count`` (rounds beyond the listed
+        probes are priced like the last listed one)."""
         listed = self.probe_order.shape[1]
-        columns = self.probe_order[:, min(done, listed - 1) : min(count, listed)]
-        rounds = columns.shape[1]
-        pairs = self.cell_sizes[columns].sum() * (count - done) / rounds
-        return PROBE_NS_PER_PAIR_DIM * float(pairs) * self.dim
+        ranks = range(min(done, listed - 1), min(count, listed))
+        pairs = sum(int(np.bincount(self.probe_order[:, p], minlength=self.cell_sizes.size)
+                        @ self.cell_sizes) for p in ranks) * (count - done) / len(ranks)
+        return max(1.0, PROBE_NS_PER_PAIR_DIM * pairs * self.dim)  # 1: all cells probed empty
 
     def refine(self, pairs: int) -> float:
-        return (REFINE_NS_PER_PAIR + REFINE_NS_PER_PAIR_DIM * self.dim) * pairs
+        return max(1.0, (REFINE_NS_PER_PAIR + REFINE_NS_PER_PAIR_DIM * self.dim) * pairs)
 
 
 def _search_to_target(probe_to, refine_once, pilot_recall, costs: _Costs, target: float,

@@ -346,37 +346,44 @@ def refine(
     int
         Pairs scored.
     """
-    n = keys.shape[0]
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        new, old, new_counts, old_counts = _sample_candidates(keys, previous, max_candidates, seed,
-                                                              pool, threads)
+        lists = _sample_candidates(keys, previous, max_candidates, seed, pool, threads)
+        new_counts, old_counts = lists[2], lists[3]
         pairs = new_counts * (new_counts - 1) // 2 + new_counts * old_counts
-        visited_pairs = np.cumsum(pairs[order])
-        ends = np.searchsorted(visited_pairs, np.arange(1, visited_pairs[-1] // CHUNK_PAIRS + 1)
-                               * CHUNK_PAIRS) + 1
-        for v0, v1 in zip(np.r_[0, ends], np.r_[ends, n], strict=True):
-            if v1 <= v0:
-                continue
-            offsets = np.zeros(v1 - v0 + 1, dtype=np.int64)
-            np.cumsum(2 * pairs[order[v0:v1]], out=offsets[1:])
-            total = int(offsets[-1])
-            targets = np.empty(total, dtype=np.uint32)
-            candidates = np.empty(total, dtype=np.uint32)
-            similarities = np.empty(total, dtype=np.float32)
-            used = np.zeros(v1 - v0, dtype=np.int64)
-            step = -(-(v1 - v0) // threads)
-
-            def join(s: int, v1=v1, offsets=offsets, targets=targets, candidates=candidates,
-                     similarities=similarities, used=used, v0=v0, step=step) -> None:
-                join_lists(rows, positions, new, old, new_counts, old_counts, thresholds, order, s,
-                           min(v1, s + step), offsets[s - v0 :], targets, candidates, similarities,
-                           used[s - v0 :])
-
-            def merge(part: int, offsets=offsets, used=used, targets=targets, candidates=candidates,
-                      similarities=similarities) -> None:
-                merge_records(offsets, used, targets, candidates, similarities, keys,
-                                     thresholds, part, threads)
-
-            list(pool.map(join, range(v0, v1, step)))
-            list(pool.map(merge, range(threads)))
+        for v0, v1 in _chunks(pairs[order]):
+            _join_and_merge(rows, positions, order[v0:v1], lists, pairs, keys, thresholds, pool,
+                            threads)
     return int(pairs.sum())
+
+
+def _chunks(visited_pairs: np.ndarray) -> list[tuple[int, int]]:
+    """Consecutive ranges of visited rows with about ``CHUNK_PAIRS`` pairs each."""
+    total = np.cumsum(visited_pairs)
+    ends = np.searchsorted(total, np.arange(1, total[-1] // CHUNK_PAIRS + 1) * CHUNK_PAIRS) + 1
+    bounds = np.unique(np.r_[0, ends, visited_pairs.size])
+    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
+
+
+def _join_and_merge(rows, positions, visit, lists, pairs, keys, thresholds, pool, threads) -> None:
+    """Score the pairs of the rows ``visit`` in parallel slices, then merge
+    the records, each thread owning the state rows ``r % threads``."""
+    new, old, new_counts, old_counts = lists
+    offsets = np.zeros(visit.size + 1, dtype=np.int64)
+    np.cumsum(2 * pairs[visit], out=offsets[1:])
+    targets = np.empty(offsets[-1], dtype=np.uint32)
+    candidates = np.empty(offsets[-1], dtype=np.uint32)
+    similarities = np.empty(offsets[-1], dtype=np.float32)
+    used = np.zeros(visit.size, dtype=np.int64)
+    step = -(-visit.size // threads)
+
+    def join(s: int) -> None:
+        join_lists(rows, positions, new, old, new_counts, old_counts, thresholds, visit, s,
+                   min(visit.size, s + step), offsets[s:], targets, candidates, similarities,
+                   used[s:])
+
+    def merge(part: int) -> None:
+        merge_records(offsets, used, targets, candidates, similarities, keys, thresholds, part,
+                      threads)
+
+    list(pool.map(join, range(0, visit.size, step)))
+    list(pool.map(merge, range(threads)))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from allknn.kernels.sparse_product import clear_spans, fill_spans
 from allknn.kernels.topk import _offer, offer_new
 
 
@@ -57,9 +58,7 @@ def accumulate_and_merge(indptr, indices, data, row0, n_rows, columns, starts, r
     k = keys.shape[1]
     threshold_bits = thresholds.view(np.int32)
     scratch_bits = scratch.view(np.int32)
-    for c in range(columns.shape[0]):
-        spans[columns[c], 0] = starts[c]
-        spans[columns[c], 1] = starts[c + 1]
+    fill_spans(spans, columns, starts)
     for i in range(n_rows):
         count = 0
         for p in range(indptr[row0 + i], indptr[row0 + i + 1]):
@@ -84,9 +83,7 @@ def accumulate_and_merge(indptr, indices, data, row0, n_rows, columns, starts, r
                 _offer(keys, threshold_bits, r, bits, j, k)
             if both_sides and v >= thresholds[j]:
                 _offer(keys, threshold_bits, j, bits, r, k)
-    for c in range(columns.shape[0]):
-        spans[columns[c], 0] = 0
-        spans[columns[c], 1] = 0
+    clear_spans(spans, columns)
 
 
 @njit(nogil=True, cache=True, inline="always")

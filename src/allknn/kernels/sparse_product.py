@@ -53,6 +53,22 @@ def column_index(block: scipy.sparse.csr_matrix) -> ColumnIndex:
 
 
 @njit(nogil=True, cache=True)
+def fill_spans(spans, columns, starts):
+    """Point ``spans[c]`` at column ``c``'s entries, for the indexed columns."""
+    for c in range(columns.shape[0]):
+        spans[columns[c], 0] = starts[c]
+        spans[columns[c], 1] = starts[c + 1]
+
+
+@njit(nogil=True, cache=True)
+def clear_spans(spans, columns):
+    """Zero what :func:`fill_spans` set."""
+    for c in range(columns.shape[0]):
+        spans[columns[c], 0] = 0
+        spans[columns[c], 1] = 0
+
+
+@njit(nogil=True, cache=True)
 def sparse_tile(indptr, indices, data, row0, n_rows, columns, starts, rows, values, out, spans):
     """``out += A[row0 : row0 + n_rows] @ B.T`` for CSR ``A`` and indexed ``B``.
 
@@ -70,9 +86,7 @@ def sparse_tile(indptr, indices, data, row0, n_rows, columns, starts, rows, valu
         Scratch, all zero on entry and on return: while the tile is made,
         row ``c`` holds the range of column ``c``'s entries in ``B``.
     """
-    for c in range(columns.shape[0]):
-        spans[columns[c], 0] = starts[c]
-        spans[columns[c], 1] = starts[c + 1]
+    fill_spans(spans, columns, starts)
     for i in range(n_rows):
         target = out[i]
         for p in range(indptr[row0 + i], indptr[row0 + i + 1]):
@@ -80,6 +94,4 @@ def sparse_tile(indptr, indices, data, row0, n_rows, columns, starts, rows, valu
             a = data[p]
             for q in range(spans[column, 0], spans[column, 1]):
                 target[rows[q]] += a * values[q]
-    for c in range(columns.shape[0]):
-        spans[columns[c], 0] = 0
-        spans[columns[c], 1] = 0
+    clear_spans(spans, columns)
