@@ -294,10 +294,12 @@ def _sort_best_first(sims, ids):
         ids[p + 1] = j
 
 
-@njit(nogil=True, cache=True, inline="always", fastmath={"reassoc", "contract"})
+@njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
 def _dot64(a, b):
     """Float64 dot product of two float32 vectors (vectorised; the summation
-    order is fixed by the code, so results are reproducible)."""
+    order is fixed by the code, so results are reproducible). Not inlined:
+    numba's IR inlining would compile it with the caller's flags, without
+    fastmath, and LLVM would then not vectorise it."""
     acc = 0.0
     for t in range(a.shape[0]):
         acc += np.float64(a[t]) * np.float64(b[t])
