@@ -39,14 +39,20 @@ FIRST_PASS_SHARE = 0.45
 recovers, until one is measured (0.3 to 0.55 measured on the real and
 generated sets)."""
 
-PROBE_NS_PER_PAIR_DIM = 0.025
+PROBE_NS_PER_PAIR_DIM = 0.02
+PROBE_NS_PER_PAIR = 0.5
+PROBE_NS_PER_CELL = 60_000.0
+REFINE_NS_PER_ROW = 600.0
 REFINE_NS_PER_PAIR = 25.0
 REFINE_NS_PER_PAIR_DIM = 0.08
 """Cost model of the two ways to widen the search, in nanoseconds on the
-benchmark machine: probing is a BLAS product; a refinement pass gathers
-scattered rows, so it pays per pair as well as per dimension. Only their
-ratio matters, and only for the choice between the two (never for the
-result's correctness), so the choice is deterministic."""
+benchmark machine: a probing round is a BLAS product per pair and
+dimension, a threshold scan per pair and a task per cell; a refinement pass
+gathers scattered rows, so it pays per pair as well as per dimension, and
+rebuilds every row's candidate lists. Only
+their ratio matters, and only for the choice between the two (never for the
+result's correctness); the model counts work, not time, so the choice is
+deterministic."""
 
 
 def max_candidates_for(k: int) -> int:
@@ -198,20 +204,28 @@ class _Costs:
 
     def __init__(self, probe_order: np.ndarray, cell_sizes: np.ndarray, n: int, k: int, dim: int):
         self.probe_order, self.cell_sizes = probe_order, cell_sizes
-        self.dim = dim
-        self.first_pass_pairs = n * min(k, max_candidates_for(k)) ** 2
+        self.dim, self.rows = dim, n
+        fresh = min(max_candidates_for(k), int(1.4 * k))  # new candidates per row, measured ~1.4 k
+        self.first_pass_pairs = n * fresh * (fresh - 1) // 2
 
     def probe(self, done: int, count: int) -> float:
         """Cost of probe rounds ``done : count`` (rounds beyond the listed
         probes are priced like the last listed one)."""
         listed = self.probe_order.shape[1]
         ranks = range(min(done, listed - 1), min(count, listed))
-        pairs = sum(int(np.bincount(self.probe_order[:, p], minlength=self.cell_sizes.size)
-                        @ self.cell_sizes) for p in ranks) * (count - done) / len(ranks)
-        return max(1.0, PROBE_NS_PER_PAIR_DIM * pairs * self.dim)  # 1: all cells probed empty
+        rounds = (count - done) / len(ranks)
+        pairs = cells = 0
+        for p in ranks:
+            visits = np.bincount(self.probe_order[:, p], minlength=self.cell_sizes.size)
+            pairs += int(visits @ self.cell_sizes)
+            cells += int(np.count_nonzero(visits))
+        return rounds * (pairs * (PROBE_NS_PER_PAIR_DIM * self.dim + PROBE_NS_PER_PAIR)
+                         + cells * PROBE_NS_PER_CELL)
 
     def refine(self, pairs: int) -> float:
-        return max(1.0, (REFINE_NS_PER_PAIR + REFINE_NS_PER_PAIR_DIM * self.dim) * pairs)
+        """Cost of a refinement pass scoring ``pairs`` pairs."""
+        return (REFINE_NS_PER_ROW * self.rows
+                + (REFINE_NS_PER_PAIR + REFINE_NS_PER_PAIR_DIM * self.dim) * pairs)
 
 
 def _search_to_target(probe_to, refine_once, pilot_recall, costs: _Costs, target: float,
