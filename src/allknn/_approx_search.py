@@ -153,7 +153,7 @@ def approx_search(
 
     index = CellIndex(corpus.rows, centroids, labels)  # groups corpus.rows in place
     query_positions = index.positions if self_join else None
-    previous: list[np.ndarray | None] = [None]
+    previous: np.ndarray | None = None  # neighbour ids when the last pass began
 
     def probe_to(count: int) -> None:
         nonlocal probe_order
@@ -167,11 +167,12 @@ def approx_search(
         plan.probes = count
 
     def refine_once() -> int:
+        nonlocal previous
         snapshot = neighbour_ids(keys)
-        pairs = refine(index.rows, index.positions, index.order, keys, thresholds, previous[0],
+        pairs = refine(index.rows, index.positions, index.order, keys, thresholds, previous,
                        max_candidates=max_candidates_for(k), seed=seed + plan.passes,
                        threads=threads)
-        previous[0] = snapshot
+        previous = snapshot
         plan.passes += 1
         return pairs
 

@@ -76,7 +76,7 @@ def exact_search(
         if progress is None:
             progress = Progress(*new_state(plan.n_queries, k), done=set(), order=order)
         _run(plan, progress, threads=threads, checkpoint=checkpoint, on_tile=on_tile)
-        if is_sparse(corpus.rows):  # pairs sharing no column: never in a tile's products
+        if plan.skips_untouched_pairs:
             offer_zero_similarity(queries.rows.indptr, queries.rows.indices, corpus.rows.indptr,
                                   corpus.rows.indices, progress.keys, progress.thresholds,
                                   self_join and exclude_self)

@@ -102,8 +102,8 @@ column is split off as dense: splitting makes every tile dense."""
 def dense_columns(matrix: scipy.sparse.csr_matrix, budget: int) -> np.ndarray:
     """The columns of a CSR matrix worth multiplying as dense.
 
-    None when the matrix as a whole is sparse enough for row-by-row
-    accumulation (fewer than ``SPARSE_PRODUCT_SHARE`` products per pair);
+    None (an empty array) when the matrix as a whole is sparse enough for
+    row-by-row accumulation (fewer than ``SPARSE_PRODUCT_SHARE`` products per pair);
     the choice depends on the matrix only, never on the block size, so a
     pair's similarity is summed the same way whatever the blocks.
 

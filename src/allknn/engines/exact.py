@@ -152,7 +152,9 @@ def accumulated_tiles(a, b) -> np.ndarray | None:
     as ``sum over columns of count_i * count_j``."""
     if not isinstance(a, SparseBlocks) or a.dense is not None:
         return None
-    products = (a.column_counts() @ b.column_counts().T).toarray()
+    counts_a = a.column_counts()
+    counts_b = counts_a if b is a else b.column_counts()
+    products = (counts_a @ counts_b.T).toarray()
     sizes_a = np.diff(np.asarray(a.bounds), axis=1)[:, 0]
     sizes_b = np.diff(np.asarray(b.bounds), axis=1)[:, 0]
     return products < SPARSE_PRODUCT_SHARE * np.outer(sizes_a, sizes_b)
@@ -217,6 +219,15 @@ class TilePlan(ABC):
     tiles: list[Tile]
     block_rows: int
     n_queries: int
+    accumulated: np.ndarray | None = None
+    """Tiles made by row-by-row accumulation (see :func:`accumulated_tiles`)."""
+
+    @property
+    def skips_untouched_pairs(self) -> bool:
+        """Whether some tiles never offer the pairs sharing no column (their
+        similarity is exactly 0): the caller then offers them where they
+        count (:func:`allknn.kernels.sparse_accumulate.offer_zero_similarity`)."""
+        return self.accumulated is not None and bool(self.accumulated.any())
 
     @abstractmethod
     def pairs(self, tile: Tile) -> int:

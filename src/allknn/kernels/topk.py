@@ -123,15 +123,14 @@ def _offer(keys, threshold_bits, r, bits, j, k):
 def offer_new(keys, threshold_bits, r, bits, j, k):
     """:func:`_offer` for a candidate that may already be among the row's
     neighbours (found another way, with a float32 score rounded
-    differently): then it is not offered again. Returns whether it entered."""
+    differently): then it is not offered again."""
     key = _encode(bits, j)
     if key <= keys[r, 0]:
-        return False
+        return
     for m in range(k):
         if _decode_id(keys[r, m]) == j:
-            return False
+            return
     _replace_root(keys, threshold_bits, r, key, k)
-    return True
 
 
 @njit(nogil=True, cache=True, inline="always")
