@@ -103,26 +103,146 @@ def test_sparse_checkpoint_fingerprint_sees_values(interactions, tmp_path):
         allknn.neighbors(changed, 4, checkpoint=path)
 
 
-def test_dense_columns_split_matches_pure_scatter(interactions, monkeypatch):
-    import allknn._sparse
+def _stop_words_and_tail(n: int, d: int, seed: int, signed: bool = False) -> sp.csr_matrix:
+    """TF-IDF-like rows: four frequent low-weight columns (stop words, in
+    50%/30%/20%/12% of rows) and 2-6 words from a Zipf tail. Row 10 holds
+    only stop words, row 11 a single one, rows 20-23 a column nobody else
+    has (every similarity 0), row 31 repeats row 30."""
+    rng = np.random.default_rng(seed)
+    zipf = 1.0 / np.arange(1, d - 4 + 1) ** 1.1
+    rows, cols, values = [], [], []
+    for i in range(n):
+        stops = np.flatnonzero(rng.random(4) < [0.5, 0.3, 0.2, 0.12])
+        words = 4 + rng.choice(d - 8, size=rng.integers(2, 7), p=zipf[:-4] / zipf[:-4].sum())
+        cols += [*stops, *words]
+        values += [*rng.uniform(0.05, 0.3, stops.size), *rng.uniform(0.3, 1.0, words.size)]
+        rows += [i] * (stops.size + words.size)
+    X = sp.csr_matrix((np.array(values, np.float32), (rows, cols)), shape=(n, d)).tolil()
+    X[10], X[11] = 0, 0
+    X[10, 0], X[10, 1], X[11, 2] = 0.2, 0.1, 1.0
+    for row, column in zip(range(20, 24), range(d - 4, d), strict=True):
+        X[row] = 0
+        X[row, column] = 1.0
+    X[31] = X[30]
+    X = X.tocsr()
+    X.sum_duplicates()
+    if signed:
+        X.data[rng.random(X.nnz) < 0.3] *= -1
+    return X
 
-    assert allknn._sparse.dense_columns(interactions, 10**9).size > 0  # the fixture has popular items
-    hybrid = allknn.neighbors(interactions, 6)
-    monkeypatch.setattr(allknn._sparse, "DENSE_COLUMN_DENSITY", 2.0)  # nothing dense
-    assert allknn._sparse.dense_columns(interactions, 10**9).size == 0
-    scatter = allknn.neighbors(interactions, 6)
-    assert_topk_equal(hybrid, scatter.similarities, scatter.indices)
-    assert_same_result(allknn.neighbors(interactions, 6, block_rows=64, threads=3), scatter)
+
+def _forced_layout(monkeypatch, layout):
+    import allknn._search
+
+    monkeypatch.setattr(allknn._search, "sparse_layout", lambda *args, **kwargs: layout)
 
 
-def test_dense_columns_respect_the_budget(interactions):
-    from allknn._sparse import dense_columns
+@pytest.mark.parametrize("signed", [False, True])
+def test_every_layout_equals_the_reference(monkeypatch, signed):
+    """Dense tiles, accumulation without a head and accumulation with a head
+    of the stop-word columns all give the brute-force answer; each is
+    independent of block size and threads bit for bit."""
+    from allknn._sparse_layout import NO_SPLIT, SparseLayout
 
-    everything = dense_columns(interactions, 10**9)
-    capped = dense_columns(interactions, 4 * interactions.shape[0] * 2)  # room for two columns
-    assert capped.size == 2 and np.isin(capped, everything).all()
-    counts = np.bincount(interactions.indices, minlength=interactions.shape[1])
-    assert counts[capped].min() >= np.sort(counts[everything])[-2]
+    X = _stop_words_and_tail(1200, 3000, seed=3, signed=signed)
+    k = 6
+    reference = reference_topk(X.toarray(), k)
+    Q = X[:150]
+    reference_q = reference_topk(X.toarray(), k, queries=Q.toarray())
+    stop_words = np.arange(4)
+    for layout in (NO_SPLIT, SparseLayout(stop_words, accumulate=False),
+                   SparseLayout(stop_words, accumulate=True)):
+        _forced_layout(monkeypatch, layout)
+        result = allknn.neighbors(X, k, block_rows=256)
+        assert_topk_equal(result, reference.similarities, reference.indices, full=reference.full)
+        assert_same_result(allknn.neighbors(X, k, block_rows=64, threads=3), result)
+        assert_same_result(allknn.neighbors(X, k, block_rows=1024, threads=1), result)
+        np.testing.assert_array_equal(result.similarities[20:24], 0)  # nothing shared: zeros,
+        np.testing.assert_array_equal(result.indices[20], [0, 1, 2, 3, 4, 5])  # smallest first
+        queried = allknn.neighbors(X, k, queries=Q, block_rows=128)
+        assert_topk_equal(queried, reference_q.similarities, reference_q.indices, full=reference_q.full)
+        assert_same_result(allknn.neighbors(X, k, queries=Q, block_rows=64, threads=3), queried)
+
+
+def test_layout_follows_the_data():
+    """Stop words over a long tail: accumulated with the stop words as head.
+    Many interactions per user over few items: dense tiles. Short rows over
+    a large vocabulary: accumulated, no head. Dense rows: dense tiles."""
+    from allknn._sparse_layout import sparse_layout
+
+    def layout(X, k=6):
+        rows = allknn._sparse.normalize_sparse_rows(sp.csr_matrix(X), name="X", invalid="raise").rows
+        return sparse_layout(rows, rows, k, skip_self=True, budget=10**9, threads=2)
+
+    words = _stop_words_and_tail(1200, 3000, seed=3)
+    text = layout(words)
+    counts = np.bincount(words.indices, minlength=words.shape[1])
+    assert text.accumulate and np.isin([0, 1, 2], text.columns).all()
+    assert counts[text.columns].min() > np.delete(counts, text.columns).max()  # the densest
+    busy = layout(_user_item(1000, 200, 40, seed=2))
+    assert not busy.accumulate and busy.columns.size > 0
+    short = layout(_very_sparse(1500, 3000, 3, seed=5, signed=False))
+    assert short.accumulate and short.columns.size == 0
+    crowded = layout(sp.random(600, 20, density=0.6, format="csr", random_state=1, dtype=np.float32))
+    assert not crowded.accumulate and crowded.columns.size == 20
+
+
+def test_set_apart_columns_respect_the_budget(interactions):
+    from allknn._sparse_layout import sparse_layout
+
+    rows = allknn._sparse.normalize_sparse_rows(interactions, name="X", invalid="raise").rows
+    everything = sparse_layout(rows, rows, 6, skip_self=True, budget=10**9, threads=1).columns
+    assert everything.size > 2
+    capped = sparse_layout(rows, rows, 6, skip_self=True, budget=4 * rows.shape[0] * 2, threads=1).columns
+    assert capped.size <= 2
+    counts = np.bincount(rows.indices, minlength=rows.shape[1])
+    assert counts[capped].min() >= np.sort(counts)[-2]
+
+
+def test_head_bounds_cover_the_head_dot_product():
+    """fl(b_i * b_j) is at least the float32 head dot product, for signed,
+    tiny and huge values; rows without head entries get 0."""
+    from allknn.kernels.sparse_accumulate import _head_dot, head_bounds
+
+    rng = np.random.default_rng(8)
+    head = rng.standard_normal((300, 40)).astype(np.float32)
+    head[:100] *= np.float32(1e-22)
+    head[100:110] = head[100]  # equal rows: the dot product is the squared norm
+    head[200:] *= np.float32(3e15)
+    head[5] = 0
+    bounds = head_bounds(head)
+    assert bounds[5] == 0 and (np.delete(bounds, 5) > 0).all()
+    for i in range(head.shape[0]):
+        for j in range(head.shape[0]):
+            assert abs(_head_dot(head[i], head[j])) <= bounds[i] * bounds[j]
+
+
+def test_pilot_counts_the_pairs_a_head_reaches():
+    """count_head_reach against numpy: pairs with s + 2 b_i b_j >= t_i,
+    t_i the k-th largest similarity of row i without itself."""
+    from allknn._sparse_layout import _head_norms
+    from allknn.kernels.sparse_pilot import count_head_reach
+
+    X = allknn._sparse.normalize_sparse_rows(_stop_words_and_tail(400, 900, seed=4), name="X",
+                                             invalid="raise").rows
+    heads = [np.array([0, 1]), np.array([0, 1, 2, 3]), np.arange(10)]
+    bounds = _head_norms(X, heads)
+    sample, k, stride = np.array([0, 7, 10, 20, 31, 399]), 5, 3
+    csc = X.tocsc()
+    counts = np.zeros(len(heads), dtype=np.int64)
+    count_head_reach(X.indptr, X.indices, X.data, sample, True, X.shape[0], csc.indptr, csc.indices,
+                     csc.data, k, bounds[:, sample], bounds[:, ::stride], stride, counts)
+    S = (X @ X.T).toarray()
+    expected = np.zeros(len(heads), dtype=np.int64)
+    for h, head in enumerate(heads):
+        norms = np.sqrt((X[:, head].toarray().astype(np.float64) ** 2).sum(axis=1))
+        np.testing.assert_allclose(bounds[h], norms, rtol=1e-6)
+        for r in sample:
+            row = S[r].copy()
+            row[r] = -np.inf
+            t = np.sort(row)[-k]
+            expected[h] += (row[::stride] + 2 * norms[r] * norms[::stride] >= t).sum()
+    np.testing.assert_array_equal(counts, expected)
 
 
 def _very_sparse(n: int, d: int, per_row: int, seed: int, signed: bool) -> sp.csr_matrix:

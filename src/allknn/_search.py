@@ -14,10 +14,10 @@ import numpy as np
 
 from allknn._checkpoint import Checkpoint, Progress
 from allknn._normalize import NormalizedRows
-from allknn._sparse import dense_columns, is_sparse
+from allknn._sparse import is_sparse
+from allknn._sparse_layout import sparse_layout
 from allknn.engines.exact import ProgressCallback, QueryJoinPlan, SelfJoinPlan, TilePlan
 from allknn.engines.ordering import MIN_ROWS, cluster_order
-from allknn.kernels.sparse_accumulate import offer_zero_similarity
 from allknn.kernels.topk import (
     new_state,
     permute_rows,
@@ -63,23 +63,24 @@ def exact_search(
             order = progress.order
         elif corpus.rows.shape[0] >= MIN_ROWS and not is_sparse(corpus.rows):
             order = cluster_order(corpus.rows, budget=budget)
-    columns = dense_columns(corpus.rows, budget) if is_sparse(corpus.rows) else None
+    layout = None
+    if is_sparse(corpus.rows):
+        layout = sparse_layout(queries.rows, corpus.rows, k, skip_self=self_join and exclude_self,
+                               budget=budget, threads=threads)
     plan: TilePlan
     if self_join:
         if order is not None:
             permute_rows(corpus.rows, order)
         plan = SelfJoinPlan(corpus.rows, block_rows=block_rows, exclude_self=exclude_self, ids=order,
-                            dense_columns=columns)
+                            layout=layout)
     else:
-        plan = QueryJoinPlan(queries.rows, corpus.rows, block_rows=block_rows, dense_columns=columns)
+        plan = QueryJoinPlan(queries.rows, corpus.rows, block_rows=block_rows, layout=layout)
     try:
         if progress is None:
             progress = Progress(*new_state(plan.n_queries, k), done=set(), order=order)
         _run(plan, progress, threads=threads, checkpoint=checkpoint, on_tile=on_tile)
         if plan.skips_untouched_pairs:
-            offer_zero_similarity(queries.rows.indptr, queries.rows.indices, corpus.rows.indptr,
-                                  corpus.rows.indices, progress.keys, progress.thresholds,
-                                  self_join and exclude_self)
+            plan.offer_untouched(progress.keys, progress.thresholds, threads=threads)
     finally:
         if order is not None:
             permute_rows(corpus.rows, np.argsort(order))

@@ -17,13 +17,14 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import scipy.sparse
 from threadpoolctl import threadpool_limits
 
 from allknn._memory import round_block_rows
-from allknn._sparse import SPARSE_PRODUCT_SHARE, split_columns
+from allknn._sparse_layout import NO_SPLIT, SPARSE_PRODUCT_SHARE, SparseLayout, split_columns
 from allknn.engines.schedule import (
     Tile,
     block_bounds,
@@ -31,7 +32,7 @@ from allknn.engines.schedule import (
     run_tiles,
     symmetric_tiles,
 )
-from allknn.kernels.sparse_accumulate import accumulate_and_merge
+from allknn.kernels.sparse_accumulate import accumulate_and_merge, head_bounds, offer_untouched_pairs
 from allknn.kernels.sparse_product import column_index, sparse_tile
 from allknn.kernels.topk import compact_rows, merge_rows, merge_rows_and_columns, new_state
 
@@ -81,32 +82,37 @@ class Blocks:
 
 
 class SparseBlocks:
-    """A CSR matrix cut into row blocks, its dense columns split off.
+    """A CSR matrix cut into row blocks, some columns set apart.
 
-    The columns held by many rows (``dense_columns``) form a dense matrix
-    multiplied with BLAS like :class:`Blocks`; the other entries stay
-    sparse, and each block of them is indexed by column so a tile is made
-    by scattering into the dense tile (see
-    :mod:`allknn.kernels.sparse_product`). A pair's similarity is the dense
-    part plus the sparse terms added in column order, the same in every
-    tile.
+    With a dense layout (``layout.accumulate`` false) the set-apart columns
+    form a dense matrix multiplied with BLAS like :class:`Blocks`; with an
+    accumulated layout they form each row's head (see
+    :mod:`allknn.kernels.sparse_accumulate`). The other entries (the tail)
+    stay sparse, and each block of them is indexed by column so a tile is
+    made by scattering (see :mod:`allknn.kernels.sparse_product`) or by
+    accumulating row by row. A pair's similarity is summed the same way in
+    every tile.
 
     Parameters
     ----------
     matrix : csr_matrix of shape (n, d), float32, sorted indices
     block_rows : int
         Rows per block, rounded up to a multiple of ``BLOCK_MULTIPLE``.
-    dense_columns : ndarray of int64
-        Columns to multiply densely (may be empty).
+    layout : allknn._sparse.SparseLayout
     """
 
-    def __init__(self, matrix: scipy.sparse.csr_matrix, block_rows: int, dense_columns: np.ndarray):
+    def __init__(self, matrix: scipy.sparse.csr_matrix, block_rows: int, layout: SparseLayout):
         self.block_rows = round_block_rows(block_rows)
         self.bounds = block_bounds(matrix.shape[0], self.block_rows)
+        self.layout = layout
         self.dense = None
-        if dense_columns.size:
-            head, matrix = split_columns(matrix, dense_columns)
-            self.dense = Blocks(head, self.block_rows)
+        head = np.zeros((matrix.shape[0], 0), dtype=np.float32)
+        if layout.columns.size:
+            head, matrix = split_columns(matrix, layout.columns)
+            if not layout.accumulate:
+                self.dense = Blocks(head, self.block_rows)
+                head = head[:, :0]
+        self.head, self.head_bounds = head, head_bounds(head)
         self.matrix = matrix
         self.by_column = [column_index(matrix[a:b]) for a, b in self.bounds]
         self._scratch = threading.local()
@@ -137,7 +143,7 @@ class SparseBlocks:
         return scratch
 
     def column_counts(self) -> scipy.sparse.csr_matrix:
-        """Entries of each column in each block (sparse part), shape (blocks, d)."""
+        """Entries of each column in each block (tail), shape (blocks, d)."""
         m = self.matrix
         block_of_entry = np.repeat(np.arange(m.shape[0]) // self.block_rows, np.diff(m.indptr))
         return scipy.sparse.csr_matrix((np.ones(m.nnz), (block_of_entry, m.indices)),
@@ -147,11 +153,14 @@ class SparseBlocks:
 def accumulated_tiles(a, b) -> np.ndarray | None:
     """Which tiles of ``a`` x ``b`` to accumulate row by row (cost per
     product) rather than make dense (cost per pair: clear and scan), as a
-    (blocks of a, blocks of b) bool array; None for dense blocks or blocks
-    with dense columns. The products of tile ``(i, j)`` are counted exactly
-    as ``sum over columns of count_i * count_j``."""
-    if not isinstance(a, SparseBlocks) or a.dense is not None:
+    (blocks of a, blocks of b) bool array; None for dense blocks or a
+    dense-tile layout. With heads every tile is accumulated; without, the
+    products of tile ``(i, j)`` are counted exactly as ``sum over columns of
+    count_i * count_j`` and compared with its pairs."""
+    if not isinstance(a, SparseBlocks) or not a.layout.accumulate:
         return None
+    if a.head.shape[1]:
+        return np.ones((len(a), len(b)), dtype=bool)
     counts_a = a.column_counts()
     counts_b = counts_a if b is a else b.column_counts()
     products = (counts_a @ counts_b.T).toarray()
@@ -168,7 +177,28 @@ def _accumulate(a: SparseBlocks, i: int, b: SparseBlocks, j: int, row_ids: np.nd
     scratch, touched, seen = b.row_scratch()
     accumulate_and_merge(m.indptr, m.indices, m.data, a.bounds[i][0], a.rows(i), index.columns,
                          index.starts, index.rows, index.values, b.spans(), row_ids, b.bounds[j][0],
-                         col_ids, keys, thresholds, skip_self, both_sides, scratch, touched, seen)
+                         col_ids, keys, thresholds, skip_self, both_sides, scratch, touched, seen,
+                         a.head, a.head_bounds, b.head, b.head_bounds)
+
+
+def offer_untouched(queries: SparseBlocks, corpus: SparseBlocks, keys: np.ndarray,
+                    thresholds: np.ndarray, *, skip_self: bool, threads: int) -> None:
+    """Finish accumulated joins: :func:`offer_untouched_pairs` for every
+    query row, in row chunks on ``threads`` threads (rows are independent)."""
+    q, c = queries.matrix, corpus.matrix
+    with_head = np.flatnonzero(corpus.head_bounds > 0)
+    by_bound = with_head[np.argsort(-corpus.head_bounds[with_head], kind="stable")].astype(np.int64)
+
+    def finish(r0: int) -> None:
+        offer_untouched_pairs(r0, min(r0 + _UNTOUCHED_ROWS, q.shape[0]), q.indptr, q.indices,
+                              queries.head, queries.head_bounds, c.indptr, c.indices, corpus.head,
+                              corpus.head_bounds, by_bound, keys, thresholds, skip_self)
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(finish, range(0, q.shape[0], _UNTOUCHED_ROWS)))
+
+
+_UNTOUCHED_ROWS = 4096
 
 
 def _product(a, i: int, b, j: int, buffer: np.ndarray) -> np.ndarray:
@@ -206,10 +236,9 @@ def _sparse_product(a: SparseBlocks, i: int, b: SparseBlocks, j: int, buffer: np
     return out
 
 
-def _blocks(matrix, block_rows: int, dense_columns: np.ndarray | None):
+def _blocks(matrix, block_rows: int, layout: SparseLayout | None):
     if scipy.sparse.issparse(matrix):
-        columns = np.zeros(0, np.int64) if dense_columns is None else dense_columns
-        return SparseBlocks(matrix, block_rows, columns)
+        return SparseBlocks(matrix, block_rows, NO_SPLIT if layout is None else layout)
     return Blocks(matrix, block_rows)
 
 
@@ -228,6 +257,11 @@ class TilePlan(ABC):
         similarity is exactly 0): the caller then offers them where they
         count (:func:`allknn.kernels.sparse_accumulate.offer_zero_similarity`)."""
         return self.accumulated is not None and bool(self.accumulated.any())
+
+    @abstractmethod
+    def offer_untouched(self, keys: np.ndarray, thresholds: np.ndarray, *, threads: int) -> None:
+        """After all tiles, when :attr:`skips_untouched_pairs`: offer the
+        pairs no tile touched (see :func:`offer_untouched`)."""
 
     @abstractmethod
     def pairs(self, tile: Tile) -> int:
@@ -291,9 +325,9 @@ class SelfJoinPlan(TilePlan):
     ids : ndarray of shape (n,), int64, optional
         Id of the row at each position of ``normed`` (its state row and its
         index in results); default ``range(n)``.
-    dense_columns : ndarray of int64, optional
-        For a sparse ``normed``: columns multiplied densely (see
-        :class:`SparseBlocks`).
+    layout : allknn._sparse.SparseLayout, optional
+        For a sparse ``normed``: how its columns are split (default none
+        set apart, each tile choosing; see :class:`SparseBlocks`).
     """
 
     def __init__(
@@ -303,15 +337,19 @@ class SelfJoinPlan(TilePlan):
         block_rows: int,
         exclude_self: bool = True,
         ids: np.ndarray | None = None,
-        dense_columns: np.ndarray | None = None,
+        layout: SparseLayout | None = None,
     ):
         self.exclude_self = exclude_self
         self.ids = np.arange(normed.shape[0], dtype=np.int64) if ids is None else ids
         self.n_queries = normed.shape[0]
-        self.blocks = _blocks(normed, block_rows, dense_columns)
+        self.blocks = _blocks(normed, block_rows, layout)
         self.block_rows = self.blocks.block_rows
         self.tiles = symmetric_tiles(len(self.blocks))
         self.accumulated = accumulated_tiles(self.blocks, self.blocks)
+
+    def offer_untouched(self, keys: np.ndarray, thresholds: np.ndarray, *, threads: int) -> None:
+        offer_untouched(self.blocks, self.blocks, keys, thresholds, skip_self=self.exclude_self,
+                        threads=threads)
 
     def pairs(self, tile: Tile) -> int:
         rows, cols = self.blocks.rows(tile[0]), self.blocks.rows(tile[1])
@@ -348,9 +386,9 @@ class QueryJoinPlan(TilePlan):
     exclude_diagonal : bool
         Never pair query ``i`` with corpus row ``i`` (for ``Q`` equal to
         ``X``).
-    dense_columns : ndarray of int64, optional
-        For sparse rows: columns multiplied densely (see
-        :class:`SparseBlocks`).
+    layout : allknn._sparse.SparseLayout, optional
+        For sparse rows: how the columns are split (default none set
+        apart, each tile choosing; see :class:`SparseBlocks`).
     """
 
     def __init__(
@@ -360,17 +398,21 @@ class QueryJoinPlan(TilePlan):
         *,
         block_rows: int,
         exclude_diagonal: bool = False,
-        dense_columns: np.ndarray | None = None,
+        layout: SparseLayout | None = None,
     ):
         self.exclude_diagonal = exclude_diagonal
         self.query_ids = np.arange(queries_normed.shape[0], dtype=np.int64)
         self.corpus_ids = np.arange(normed.shape[0], dtype=np.int64)
         self.n_queries = queries_normed.shape[0]
-        self.query_blocks = _blocks(queries_normed, block_rows, dense_columns)
+        self.query_blocks = _blocks(queries_normed, block_rows, layout)
         self.block_rows = self.query_blocks.block_rows
-        self.corpus_blocks = _blocks(normed, block_rows, dense_columns)
+        self.corpus_blocks = _blocks(normed, block_rows, layout)
         self.tiles = query_tiles(len(self.query_blocks), len(self.corpus_blocks))
         self.accumulated = accumulated_tiles(self.query_blocks, self.corpus_blocks)
+
+    def offer_untouched(self, keys: np.ndarray, thresholds: np.ndarray, *, threads: int) -> None:
+        offer_untouched(self.query_blocks, self.corpus_blocks, keys, thresholds,
+                        skip_self=self.exclude_diagonal, threads=threads)
 
     def pairs(self, tile: Tile) -> int:
         return self.query_blocks.rows(tile[0]) * self.corpus_blocks.rows(tile[1])

@@ -7,10 +7,16 @@ candidates it touched are offered to the top-k state and cleared. Sums are
 made in the same order as :func:`allknn.kernels.sparse_product.sparse_tile`,
 so a pair gets the same float32 value on either path.
 
-Pairs that share no column are never touched; their similarity is exactly
-0. :func:`offer_zero_similarity` offers them where they matter (rows whose
-k-th best is not positive), smallest index first, so the result equals
-that of the dense path.
+A few frequent columns (stop words) would touch most pairs. They can be
+set apart as a small dense *head* per row: a pair's similarity is then its
+*tail* sum (the other columns, accumulated) plus the dot product of the two
+heads, computed only when the Cauchy-Schwarz bound ``tail + |head_i|
+|head_j|`` can reach a threshold. Pairs sharing no tail column are never
+touched; their similarity is the head dot alone (exactly 0 without heads).
+:func:`offer_untouched_pairs` offers them where they matter once all tiles
+are merged: rows whose k-th best is below their head bound, then rows whose
+k-th best is not positive (zeros, smallest index first). The result equals
+that of making every pair.
 """
 
 from __future__ import annotations
@@ -21,21 +27,59 @@ from numba import njit
 from allknn.kernels.sparse_product import clear_spans, fill_spans
 from allknn.kernels.topk import _offer, offer_new
 
+HEAD_BOUND_SLACK = 2.0**-12
+"""Relative margin on head norms: covers the rounding of a float32 head dot
+product of up to a few thousand terms, so the bound never cuts a pair the
+dot product would keep."""
+
+HEAD_BOUND_FLOOR = 2.0**-60
+"""Absolute margin on non-zero head norms, for subnormal products."""
+
+
+def head_bounds(head: np.ndarray) -> np.ndarray:
+    """Upper bounds of the row norms of ``head``, 0 for rows without a head.
+
+    ``fl(b_i * b_j)`` is at least the float32 head dot product of rows
+    ``i`` and ``j`` whatever its rounding.
+
+    Parameters
+    ----------
+    head : ndarray of shape (n, h), float32
+
+    Returns
+    -------
+    ndarray of shape (n,), float32
+    """
+    norms = np.sqrt(np.einsum("ij,ij->i", head, head, dtype=np.float64))
+    bounds = np.where(norms > 0, norms * (1 + HEAD_BOUND_SLACK) + HEAD_BOUND_FLOOR, 0.0)
+    rounded = bounds.astype(np.float32)
+    return np.where(rounded < bounds, np.nextafter(rounded, np.float32(np.inf)), rounded)
+
+
+@njit(nogil=True, cache=True)
+def _head_dot(a, b):
+    """Float32 dot product of two head rows, in column order (no
+    reassociation: the same value wherever it is computed)."""
+    s = np.float32(0.0)
+    for c in range(a.shape[0]):
+        s += a[c] * b[c]
+    return s
+
 
 @njit(nogil=True, cache=True)
 def accumulate_and_merge(indptr, indices, data, row0, n_rows, columns, starts, rows, values, spans,
                          row_ids, col0, col_ids, keys, thresholds, skip_self, both_sides, scratch,
-                         touched, seen):
+                         touched, seen, q_head, q_bounds, head, bounds):
     """Make tile rows ``row0 : row0 + n_rows`` of CSR ``A`` against an
     indexed block ``B`` one at a time, and merge each into the state.
 
     Parameters
     ----------
     indptr, indices, data : ndarray
-        CSR arrays of ``A`` (sorted column indices, float32 data).
+        CSR arrays of ``A``'s tail (sorted column indices, float32 data).
     row0, n_rows : int
     columns, starts, rows, values : ndarray
-        :class:`allknn.kernels.sparse_product.ColumnIndex` of ``B``.
+        :class:`allknn.kernels.sparse_product.ColumnIndex` of ``B``'s tail.
     spans : ndarray of shape (d, 2), int32
         Zeroed scratch (see :func:`allknn.kernels.sparse_product.sparse_tile`).
     row_ids : ndarray of int64
@@ -54,8 +98,13 @@ def accumulate_and_merge(indptr, indices, data, row0, n_rows, columns, starts, r
     scratch : ndarray of float32, touched : ndarray of int32, seen : ndarray of bool
         Row-sized scratch (at least ``B``'s rows), zero/False on entry and
         on return.
+    q_head, head : ndarray of shape (positions, h), float32
+        Heads of ``A`` and ``B`` by position (``h`` may be 0).
+    q_bounds, bounds : ndarray of shape (positions,), float32
+        Their :func:`head_bounds`.
     """
     k = keys.shape[1]
+    with_heads = head.shape[1] > 0
     threshold_bits = thresholds.view(np.int32)
     scratch_bits = scratch.view(np.int32)
     fill_spans(spans, columns, starts)
@@ -72,13 +121,20 @@ def accumulate_and_merge(indptr, indices, data, row0, n_rows, columns, starts, r
                     count += 1
                 scratch[t] += a * values[q]
         r = row_ids[row0 + i]
+        reach = q_bounds[row0 + i]
         for m in range(count):
             t = touched[m]
+            seen[t] = False
+            j = col_ids[col0 + t]
+            if with_heads:
+                ceiling = scratch[t] + reach * bounds[col0 + t]
+                if ceiling < thresholds[r] and not (both_sides and ceiling >= thresholds[j]):
+                    scratch[t] = 0.0
+                    continue
+                scratch[t] += _head_dot(q_head[row0 + i], head[col0 + t])
             v = scratch[t]
             bits = scratch_bits[t]
             scratch[t] = 0.0
-            seen[t] = False
-            j = col_ids[col0 + t]
             if v >= thresholds[r] and not (skip_self and j == r):
                 _offer(keys, threshold_bits, r, bits, j, k)
             if both_sides and v >= thresholds[j]:
@@ -86,7 +142,7 @@ def accumulate_and_merge(indptr, indices, data, row0, n_rows, columns, starts, r
     clear_spans(spans, columns)
 
 
-@njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, cache=True)
 def _share_a_column(a_indices, b_indices):
     """Whether two sorted index lists have a common element."""
     p = 0
@@ -102,38 +158,70 @@ def _share_a_column(a_indices, b_indices):
 
 
 @njit(nogil=True, cache=True)
-def offer_zero_similarity(q_indptr, q_indices, indptr, indices, keys, thresholds, skip_self):
-    """Offer the pairs no tile touched (similarity exactly 0) where they count.
+def offer_untouched_pairs(r0, r1, q_indptr, q_indices, q_head, q_bounds, indptr, indices, head, bounds,
+                          by_bound, keys, thresholds, skip_self):
+    """Offer the pairs no tile touched (no common tail column) where they count.
 
-    A row whose k-th best similarity is not positive (or that has fewer
-    than k neighbours) is offered, in increasing index order, the corpus
-    rows sharing no column with it, until k were offered: by the index
-    tie-break no later one could enter. A candidate already held (a dense
-    tile offered it) is not added twice, so this is safe after either path.
+    Their similarity is the head dot product. For each query row ``r`` in
+    ``r0 : r1``:
+
+    1. Corpus rows are visited by decreasing head bound while ``fl(q_bounds[r]
+       * bounds[j])`` can reach the row's threshold; an untouched one is
+       offered its head dot product.
+    2. If the row's k-th best is then still not positive (or it has fewer
+       than k neighbours), the untouched rows that pass 1 did not see (one
+       side without a head: similarity exactly 0) are offered in increasing
+       index order until k were: by the index tie-break no later one could
+       enter.
+
+    A candidate already held is not added twice.
 
     Parameters
     ----------
+    r0, r1 : int
+        Query rows (state rows) to finish.
     q_indptr, q_indices : ndarray
-        CSR structure of the query rows (state row ``i`` is query ``i``).
+        CSR structure of the query rows' tails.
+    q_head, q_bounds : ndarray
+        Query heads and their :func:`head_bounds`.
     indptr, indices : ndarray
-        CSR structure of the corpus rows.
+        CSR structure of the corpus rows' tails.
+    head, bounds : ndarray
+        Corpus heads and their :func:`head_bounds`.
+    by_bound : ndarray of int64
+        Corpus rows with a head, by decreasing bound.
     keys, thresholds : ndarray
         Top-k state, updated in place.
     skip_self : bool
-        Never offer query ``i`` corpus row ``i``.
+        Never offer query ``r`` corpus row ``r``.
     """
     k = keys.shape[1]
     threshold_bits = thresholds.view(np.int32)
     n = indptr.shape[0] - 1
-    for r in range(keys.shape[0]):
+    scratch = np.zeros(1, dtype=np.float32)
+    scratch_bits = scratch.view(np.int32)
+    for r in range(r0, r1):
+        mine = q_indices[q_indptr[r] : q_indptr[r + 1]]
+        reach = q_bounds[r]
+        if reach > 0:
+            for m in range(by_bound.shape[0]):
+                j = by_bound[m]
+                if reach * bounds[j] < thresholds[r]:
+                    break
+                if skip_self and j == r:
+                    continue
+                scratch[0] = np.float32(0.0) + _head_dot(q_head[r], head[j])
+                if scratch[0] < thresholds[r]:
+                    continue
+                if not _share_a_column(mine, indices[indptr[j] : indptr[j + 1]]):
+                    offer_new(keys, threshold_bits, r, scratch_bits[0], j, k)
         if thresholds[r] > 0:
             continue
-        mine = q_indices[q_indptr[r] : q_indptr[r + 1]]
         offered = 0
         for j in range(n):
             if offered == k:
                 break
-            if skip_self and j == r:
+            if (skip_self and j == r) or (reach > 0 and bounds[j] > 0):
                 continue
             if _share_a_column(mine, indices[indptr[j] : indptr[j + 1]]):
                 continue
