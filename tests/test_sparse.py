@@ -297,3 +297,28 @@ def test_very_sparse_tiles_are_accumulated():
     assert plan.accumulated is not None and plan.accumulated.all()
     crowded = sp.random(600, 20, density=0.5, format="csr", random_state=1, dtype=np.float32)
     assert not SelfJoinPlan(crowded, block_rows=256).accumulated.any()
+
+
+def test_interrupted_run_with_a_head_resumes_identically(tmp_path):
+    """The layout is chosen again on resume (from the data and k only), so
+    the saved tiles and the remaining ones sum pairs the same way."""
+    from allknn._sparse_layout import sparse_layout
+
+    X = _stop_words_and_tail(1200, 3000, seed=3)
+    rows = allknn._sparse.normalize_sparse_rows(X, name="X", invalid="raise").rows
+    assert sparse_layout(rows, rows, 6, skip_self=True, budget=10**9, threads=2).columns.size > 0
+    seen = []
+
+    class Interrupt(Exception):
+        """Stands in for a killed process."""
+
+    def interrupt(tile, pairs):
+        seen.append(tile)
+        if len(seen) == 9:
+            raise Interrupt
+
+    options = {"block_rows": 128, "checkpoint": tmp_path / "s.ckpt", "checkpoint_every": 0.0}
+    with pytest.raises(Interrupt):
+        allknn.neighbors(X, 6, on_tile=interrupt, **options)
+    assert (tmp_path / "s.ckpt").exists()
+    assert_same_result(allknn.neighbors(X, 6, threads=1, **options), allknn.neighbors(X, 6, block_rows=128))
