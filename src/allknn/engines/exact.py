@@ -39,6 +39,9 @@ from allknn.kernels.topk import compact_rows, merge_rows, merge_rows_and_columns
 ProgressCallback = Callable[[Tile, int], None]
 """Called after each tile with the tile and the number of pairs it scored."""
 
+_UNTOUCHED_ROWS = 4096
+"""Query rows per task when offering untouched pairs."""
+
 
 class Blocks:
     """A matrix cut into row blocks of a fixed size, the last one padded.
@@ -98,7 +101,7 @@ class SparseBlocks:
     matrix : csr_matrix of shape (n, d), float32, sorted indices
     block_rows : int
         Rows per block, rounded up to a multiple of ``BLOCK_MULTIPLE``.
-    layout : allknn._sparse.SparseLayout
+    layout : allknn._sparse_layout.SparseLayout
     """
 
     def __init__(self, matrix: scipy.sparse.csr_matrix, block_rows: int, layout: SparseLayout):
@@ -196,9 +199,6 @@ def offer_untouched(queries: SparseBlocks, corpus: SparseBlocks, keys: np.ndarra
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         list(pool.map(finish, range(0, q.shape[0], _UNTOUCHED_ROWS)))
-
-
-_UNTOUCHED_ROWS = 4096
 
 
 def _product(a, i: int, b, j: int, buffer: np.ndarray) -> np.ndarray:
@@ -325,7 +325,7 @@ class SelfJoinPlan(TilePlan):
     ids : ndarray of shape (n,), int64, optional
         Id of the row at each position of ``normed`` (its state row and its
         index in results); default ``range(n)``.
-    layout : allknn._sparse.SparseLayout, optional
+    layout : allknn._sparse_layout.SparseLayout, optional
         For a sparse ``normed``: how its columns are split (default none
         set apart, each tile choosing; see :class:`SparseBlocks`).
     """
@@ -386,7 +386,7 @@ class QueryJoinPlan(TilePlan):
     exclude_diagonal : bool
         Never pair query ``i`` with corpus row ``i`` (for ``Q`` equal to
         ``X``).
-    layout : allknn._sparse.SparseLayout, optional
+    layout : allknn._sparse_layout.SparseLayout, optional
         For sparse rows: how the columns are split (default none set
         apart, each tile choosing; see :class:`SparseBlocks`).
     """
