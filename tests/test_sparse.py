@@ -142,14 +142,14 @@ def test_every_layout_equals_the_reference(monkeypatch, signed, k):
     """Dense tiles, accumulation without a head and accumulation with a head
     of the stop-word columns all give the brute-force answer; each is
     independent of block size and threads bit for bit."""
-    from allknn._sparse_layout import NO_SPLIT, SparseLayout
+    from allknn._sparse_layout import PER_TILE, SparseLayout
 
     X = _stop_words_and_tail(1200, 3000, seed=3, signed=signed)
     reference = reference_topk(X.toarray(), k)
     Q = X[:150]
     reference_q = reference_topk(X.toarray(), k, queries=Q.toarray())
     stop_words = np.arange(4)
-    for layout in (NO_SPLIT, SparseLayout(stop_words, accumulate=False),
+    for layout in (PER_TILE, SparseLayout(stop_words, accumulate=False),
                    SparseLayout(stop_words, accumulate=True)):
         _forced_layout(monkeypatch, layout)
         result = allknn.neighbors(X, k, block_rows=256)
@@ -201,7 +201,8 @@ def test_set_apart_columns_respect_the_budget(interactions):
 
 def test_head_bounds_cover_the_head_dot_product():
     """fl(b_i * b_j) is at least the float32 head dot product, for signed,
-    tiny and huge values; rows without head entries get 0."""
+    tiny and huge values and for long heads whose every partial sum rounds
+    up; rows without head entries get 0."""
     from allknn.kernels.sparse_accumulate import _head_dot, head_bounds
 
     rng = np.random.default_rng(8)
@@ -215,6 +216,12 @@ def test_head_bounds_cover_the_head_dot_product():
     for i in range(head.shape[0]):
         for j in range(head.shape[0]):
             assert abs(_head_dot(head[i], head[j])) <= bounds[i] * bounds[j]
+    for h in (4096, 65536):
+        for _ in range(20):
+            row = np.full(h, rng.uniform(0.3, 1.0) / np.sqrt(h), dtype=np.float32)
+            row[rng.random(h) < 0.2] *= np.float32(1 + rng.uniform(0, 1e-3))
+            bound = head_bounds(row[None])[0]
+            assert _head_dot(row, row) <= bound * bound
 
 
 def test_pilot_counts_the_pairs_a_head_reaches():
@@ -322,3 +329,51 @@ def test_interrupted_run_with_a_head_resumes_identically(tmp_path):
         allknn.neighbors(X, 6, on_tile=interrupt, **options)
     assert (tmp_path / "s.ckpt").exists()
     assert_same_result(allknn.neighbors(X, 6, threads=1, **options), allknn.neighbors(X, 6, block_rows=128))
+
+
+def test_resume_keeps_the_layout_of_the_saved_tiles(tmp_path, monkeypatch):
+    """The layout depends on max_memory (the head is capped by it), so a
+    resumed run may be offered another one; it finishes with the layout the
+    saved tiles were made with (here: a head, then dense tiles offered)."""
+    from allknn._sparse_layout import SparseLayout, sparse_layout
+
+    X = _stop_words_and_tail(3000, 3000, seed=3)
+    rows = allknn._sparse.normalize_sparse_rows(X, name="X", invalid="raise").rows
+    capped = sparse_layout(rows, rows, 6, skip_self=True, budget=41_000, threads=1)  # three columns
+    assert capped.columns.size == 3
+    assert sparse_layout(rows, rows, 6, skip_self=True, budget=10**9, threads=1).columns.size > 3
+    head, dense = SparseLayout(np.arange(4), accumulate=True), SparseLayout(np.arange(4), accumulate=False)
+    seen = []
+
+    class Interrupt(Exception):
+        """Stands in for a killed process."""
+
+    def interrupt(tile, pairs):
+        seen.append(tile)
+        if len(seen) == 150:
+            raise Interrupt
+
+    options = {"block_rows": 64, "threads": 1, "checkpoint": tmp_path / "s.ckpt", "checkpoint_every": 0.0}
+    _forced_layout(monkeypatch, head)
+    with pytest.raises(Interrupt):
+        allknn.neighbors(X, 6, on_tile=interrupt, **options)
+    uninterrupted = allknn.neighbors(X, 6, block_rows=64, threads=1)
+    _forced_layout(monkeypatch, dense)
+    resumed = allknn.neighbors(X, 6, **options)
+    assert_same_result(resumed, uninterrupted)
+    reference = reference_topk(X.toarray(), 6)
+    assert_topk_equal(resumed, reference.similarities, reference.indices, full=reference.full)
+
+
+def test_checkpoint_without_a_layout_is_refused(tmp_path):
+    """A sparse checkpoint from before layouts were saved cannot be resumed
+    safely: the error says to delete it."""
+    path = tmp_path / "s.ckpt"
+    X = _stop_words_and_tail(600, 2000, seed=1)
+    allknn.neighbors(X, 4, block_rows=64, checkpoint=path, checkpoint_every=0.0)
+    with np.load(path) as saved:
+        kept = {name: saved[name] for name in saved.files if not name.startswith("layout_")}
+    with open(path, "wb") as handle:
+        np.savez(handle, **kept)
+    with pytest.raises(ValueError, match=r"written by an older allknn .* delete it to start over"):
+        allknn.neighbors(X, 4, block_rows=64, checkpoint=path)

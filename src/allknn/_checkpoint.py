@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse
 
+from allknn._sparse_layout import SparseLayout
 from allknn.engines.schedule import Tile
 from allknn.kernels.topk import thresholds_of
 
@@ -53,12 +54,16 @@ class Progress:
     order : ndarray of int64 or None
         The row order the tiles refer to (see
         :mod:`allknn.engines.ordering`); ``None`` for the natural order.
+    layout : SparseLayout or None
+        For sparse input, the column layout the tiles were made with (it
+        depends on the memory budget, so a resume must not choose again).
     """
 
     keys: np.ndarray
     thresholds: np.ndarray
     done: set[Tile]
     order: np.ndarray | None
+    layout: SparseLayout | None = None
 
 
 class Checkpoint:
@@ -98,6 +103,9 @@ class Checkpoint:
             with np.load(self.path, allow_pickle=False) as saved:
                 stored = json.loads(str(saved["fingerprint"]))
                 keys, tiles, order = saved["keys"], saved["done"], saved["order"]
+                layout = None
+                if "layout_columns" in saved.files:
+                    layout = SparseLayout(saved["layout_columns"], bool(saved["layout_accumulate"]))
         except (OSError, ValueError, KeyError) as exc:
             raise ValueError(
                 f"checkpoint {self.path} cannot be read ({exc}); delete it to start over"
@@ -118,6 +126,7 @@ class Checkpoint:
             thresholds=thresholds_of(keys),
             done={(int(i), int(j)) for i, j in tiles},
             order=order if order.size else None,
+            layout=layout,
         )
 
     def due(self) -> bool:
@@ -128,6 +137,10 @@ class Checkpoint:
         """Write the progress atomically."""
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         done = np.array(sorted(progress.done), dtype=np.int64).reshape(-1, 2)
+        layout = {} if progress.layout is None else {
+            "layout_columns": progress.layout.columns,
+            "layout_accumulate": np.array(progress.layout.accumulate),
+        }
         try:
             with open(tmp, "wb") as handle:
                 np.savez(
@@ -136,6 +149,7 @@ class Checkpoint:
                     order=np.zeros(0, np.int64) if progress.order is None else progress.order,
                     done=done,
                     fingerprint=np.array(json.dumps(self.fingerprint, sort_keys=True)),
+                    **layout,
                 )
                 handle.flush()
                 os.fsync(handle.fileno())

@@ -65,8 +65,14 @@ def exact_search(
             order = cluster_order(corpus.rows, budget=budget)
     layout = None
     if is_sparse(corpus.rows):
-        layout = sparse_layout(queries.rows, corpus.rows, k, skip_self=self_join and exclude_self,
-                               budget=budget, threads=threads)
+        if progress is None:
+            layout = sparse_layout(queries.rows, corpus.rows, k, skip_self=self_join and exclude_self,
+                                   budget=budget, threads=threads)
+        elif progress.layout is None:
+            raise ValueError(f"checkpoint {checkpoint.path} was written by an older allknn that did not "
+                             "save the sparse layout; delete it to start over")
+        else:
+            layout = progress.layout
     plan: TilePlan
     if self_join:
         if order is not None:
@@ -77,7 +83,7 @@ def exact_search(
         plan = QueryJoinPlan(queries.rows, corpus.rows, block_rows=block_rows, layout=layout)
     try:
         if progress is None:
-            progress = Progress(*new_state(plan.n_queries, k), done=set(), order=order)
+            progress = Progress(*new_state(plan.n_queries, k), done=set(), order=order, layout=layout)
         _run(plan, progress, threads=threads, checkpoint=checkpoint, on_tile=on_tile)
         if plan.skips_untouched_pairs:
             plan.offer_untouched(progress.keys, progress.thresholds, threads=threads)

@@ -74,7 +74,8 @@ class SparseLayout:
     accumulate: bool
 
 
-NO_SPLIT = SparseLayout(np.zeros(0, dtype=np.int64), accumulate=True)
+PER_TILE = SparseLayout(np.zeros(0, dtype=np.int64), accumulate=True)
+"""No column set apart; each tile chooses between a dense tile and accumulation."""
 
 
 def _densest(counts: np.ndarray, threshold: float, limit: int) -> np.ndarray:
@@ -89,7 +90,8 @@ def sparse_layout(queries: scipy.sparse.csr_matrix, corpus: scipy.sparse.csr_mat
                   skip_self: bool, budget: int, threads: int) -> SparseLayout:
     """Choose the layout of a sparse join (see the module docstring).
 
-    Depends on the matrices and ``k`` only, never on blocks or threads.
+    Depends on the matrices, ``k`` and ``budget``, never on blocks or
+    threads; a checkpoint keeps the layout its tiles were made with.
 
     Parameters
     ----------
@@ -99,7 +101,8 @@ def sparse_layout(queries: scipy.sparse.csr_matrix, corpus: scipy.sparse.csr_mat
     skip_self : bool
         Self-join excluding each row from its own neighbours.
     budget : int
-        Bytes the dense copy of the set-apart columns (n x h float32) may take.
+        Bytes the dense copies of the set-apart columns (float32, of the
+        corpus and, in a query join, of the queries) may take.
     threads : int
         Threads for the pilot rows.
     """
@@ -107,9 +110,9 @@ def sparse_layout(queries: scipy.sparse.csr_matrix, corpus: scipy.sparse.csr_mat
     counts = np.bincount(corpus.indices, minlength=corpus.shape[1])
     shares = counts / n * (counts if queries is corpus else
                            np.bincount(queries.indices, minlength=corpus.shape[1])) / nq
-    limit = budget // (4 * max(n, nq))
+    limit = budget // (4 * (n if queries is corpus else n + nq))
     dense = _densest(counts, DENSE_COLUMN_DENSITY * n, limit)
-    options = [(shares.sum(), NO_SPLIT),
+    options = [(shares.sum(), PER_TILE),
                (shares.sum() - shares[dense].sum() + SPARSE_PRODUCT_SHARE,
                 SparseLayout(dense, accumulate=False))]
     heads = []

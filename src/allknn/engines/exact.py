@@ -24,7 +24,7 @@ import scipy.sparse
 from threadpoolctl import threadpool_limits
 
 from allknn._memory import round_block_rows
-from allknn._sparse_layout import NO_SPLIT, SPARSE_PRODUCT_SHARE, SparseLayout, split_columns
+from allknn._sparse_layout import PER_TILE, SPARSE_PRODUCT_SHARE, SparseLayout, split_columns
 from allknn.engines.schedule import (
     Tile,
     block_bounds,
@@ -238,7 +238,7 @@ def _sparse_product(a: SparseBlocks, i: int, b: SparseBlocks, j: int, buffer: np
 
 def _blocks(matrix, block_rows: int, layout: SparseLayout | None):
     if scipy.sparse.issparse(matrix):
-        return SparseBlocks(matrix, block_rows, NO_SPLIT if layout is None else layout)
+        return SparseBlocks(matrix, block_rows, PER_TILE if layout is None else layout)
     return Blocks(matrix, block_rows)
 
 
@@ -253,9 +253,9 @@ class TilePlan(ABC):
 
     @property
     def skips_untouched_pairs(self) -> bool:
-        """Whether some tiles never offer the pairs sharing no column (their
-        similarity is exactly 0): the caller then offers them where they
-        count (:func:`allknn.kernels.sparse_accumulate.offer_zero_similarity`)."""
+        """Whether some tiles never offer the pairs sharing no tail column
+        (their similarity is the head dot product, or exactly 0 without
+        heads): the caller then runs :meth:`offer_untouched`."""
         return self.accumulated is not None and bool(self.accumulated.any())
 
     @abstractmethod
@@ -339,6 +339,8 @@ class SelfJoinPlan(TilePlan):
         ids: np.ndarray | None = None,
         layout: SparseLayout | None = None,
     ):
+        if ids is not None and scipy.sparse.issparse(normed):
+            raise ValueError("sparse rows are joined in their own order; ids must be None")
         self.exclude_self = exclude_self
         self.ids = np.arange(normed.shape[0], dtype=np.int64) if ids is None else ids
         self.n_queries = normed.shape[0]

@@ -27,11 +27,6 @@ from numba import njit
 from allknn.kernels.sparse_product import clear_spans, fill_spans
 from allknn.kernels.topk import _offer, offer_new
 
-HEAD_BOUND_SLACK = 2.0**-12
-"""Relative margin on head norms: covers the rounding of a float32 head dot
-product of up to a few thousand terms, so the bound never cuts a pair the
-dot product would keep."""
-
 HEAD_BOUND_FLOOR = 2.0**-60
 """Absolute margin on non-zero head norms, for subnormal products."""
 
@@ -40,7 +35,10 @@ def head_bounds(head: np.ndarray) -> np.ndarray:
     """Upper bounds of the row norms of ``head``, 0 for rows without a head.
 
     ``fl(b_i * b_j)`` is at least the float32 head dot product of rows
-    ``i`` and ``j`` whatever its rounding.
+    ``i`` and ``j`` whatever its rounding: a float32 sum of ``h`` products
+    is within ``h u / (1 - h u)`` (``u = 2**-24``) of the exact dot product
+    relative to ``|a| |b|``, so each norm gets a relative margin of ``(h +
+    4) u``, and :data:`HEAD_BOUND_FLOOR` for subnormal products.
 
     Parameters
     ----------
@@ -51,7 +49,8 @@ def head_bounds(head: np.ndarray) -> np.ndarray:
     ndarray of shape (n,), float32
     """
     norms = np.sqrt(np.einsum("ij,ij->i", head, head, dtype=np.float64))
-    bounds = np.where(norms > 0, norms * (1 + HEAD_BOUND_SLACK) + HEAD_BOUND_FLOOR, 0.0)
+    slack = (head.shape[1] + 4) * 2.0**-24
+    bounds = np.where(norms > 0, norms * (1 + slack) + HEAD_BOUND_FLOOR, 0.0)
     rounded = bounds.astype(np.float32)
     return np.where(rounded < bounds, np.nextafter(rounded, np.float32(np.inf)), rounded)
 
@@ -142,7 +141,7 @@ def accumulate_and_merge(indptr, indices, data, row0, n_rows, columns, starts, r
     clear_spans(spans, columns)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline="always")
 def _share_a_column(a_indices, b_indices):
     """Whether two sorted index lists have a common element."""
     p = 0
@@ -198,8 +197,8 @@ def offer_untouched_pairs(r0, r1, q_indptr, q_indices, q_head, q_bounds, indptr,
     k = keys.shape[1]
     threshold_bits = thresholds.view(np.int32)
     n = indptr.shape[0] - 1
-    scratch = np.zeros(1, dtype=np.float32)
-    scratch_bits = scratch.view(np.int32)
+    similarity = np.zeros(1, dtype=np.float32)  # read back as int32 bits for the key
+    similarity_bits = similarity.view(np.int32)
     for r in range(r0, r1):
         mine = q_indices[q_indptr[r] : q_indptr[r + 1]]
         reach = q_bounds[r]
@@ -210,11 +209,11 @@ def offer_untouched_pairs(r0, r1, q_indptr, q_indices, q_head, q_bounds, indptr,
                     break
                 if skip_self and j == r:
                     continue
-                scratch[0] = np.float32(0.0) + _head_dot(q_head[r], head[j])
-                if scratch[0] < thresholds[r]:
+                similarity[0] = _head_dot(q_head[r], head[j])
+                if similarity[0] < thresholds[r]:
                     continue
                 if not _share_a_column(mine, indices[indptr[j] : indptr[j + 1]]):
-                    offer_new(keys, threshold_bits, r, scratch_bits[0], j, k)
+                    offer_new(keys, threshold_bits, r, similarity_bits[0], j, k)
         if thresholds[r] > 0:
             continue
         offered = 0
