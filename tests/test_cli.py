@@ -6,6 +6,7 @@ import fcntl
 import os
 import pty
 import random
+import re
 import select
 import signal
 import struct
@@ -257,5 +258,23 @@ def test_sparse_npz_from_scipy_save_npz(tmp_path, capsys):
     out = tmp_path / "o.npz"
     assert main(["run", str(source), "-k", "5", "-o", str(out), "-q"]) == 0
     np.testing.assert_array_equal(load_result(out).indices, allknn.neighbors(X, 5).indices)
+    capsys.readouterr()
     assert main(["info", str(source)]) == 0
-    assert f"{X.shape[0]} x 3000, float32, sparse, {X.nnz} stored values" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert f"{X.shape[0]} x 3000, float32, sparse, {X.nnz} stored values" in shown
+    assert re.search(r"estimate: +[0-9.]+ s for the exact self-join with k=10 .*sample of its tiles", shown)
+    assert "memory:      about" in shown and "block_rows=" in shown
+
+
+def test_info_on_sparse_rows_with_empty_ones(tmp_path, capsys):
+    """Empty rows are reported, and the estimate is made without them."""
+    import scipy.sparse
+
+    X = scipy.sparse.random(300, 500, density=0.02, format="lil", random_state=3, dtype=np.float32)
+    X[[4, 7]] = 0
+    source = tmp_path / "users.npz"
+    scipy.sparse.save_npz(source, X.tocsr())
+    assert main(["info", str(source), "-k", "5"]) == 0
+    shown = capsys.readouterr().out
+    assert "zero rows:   " in shown and "4, 7" in shown
+    assert "estimate:" in shown

@@ -8,6 +8,7 @@ re-scored neighbours of the normalised rows, by kept-row number.
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -94,6 +95,32 @@ def exact_search(
     rows = np.arange(plan.n_queries, dtype=np.int64) if order is None else order
     finish(progress.keys, similarities, queries, corpus, rows, threads=threads)
     return progress.keys, similarities
+
+
+def estimate_self_join_seconds(corpus: NormalizedRows, k: int, *, block_rows: int, threads: int,
+                               budget: int, share: float = 0.02) -> float:
+    """Seconds the exact self-join of sparse rows would take, measured here.
+
+    The plan is built as a run builds it (layout choice included); an evenly
+    spread ``share`` of its tiles (at least eight per thread) warms the
+    top-k state up, and a second such share is timed and scaled to all
+    tiles (all are timed when there are fewer than sixteen per thread). The
+    state is still colder than in a real run (more candidates pass the
+    thresholds), so the estimate errs high, by up to about 2x.
+    """
+    started = time.perf_counter()
+    layout = sparse_layout(corpus.rows, corpus.rows, k, skip_self=True, budget=budget, threads=threads)
+    plan = SelfJoinPlan(corpus.rows, block_rows=block_rows, layout=layout)
+    setup = time.perf_counter() - started
+    keys, thresholds = new_state(plan.n_queries, k)
+    timed = plan.tiles
+    if len(plan.tiles) >= 16 * threads:
+        stride = max(2, min(round(1 / share), len(plan.tiles) // (8 * threads)))
+        plan.run(keys, thresholds, threads=threads, tiles=plan.tiles[::stride])
+        timed = plan.tiles[stride // 2 :: stride]
+    started = time.perf_counter()
+    plan.run(keys, thresholds, threads=threads, tiles=timed)
+    return setup + (time.perf_counter() - started) * len(plan.tiles) / len(timed)
 
 
 def _run(

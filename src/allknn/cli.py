@@ -176,6 +176,23 @@ def _estimate_pairs_per_second(d: int, threads: int) -> float:
     return _self_join_pairs(sample.shape[0]) / (time.perf_counter() - started)
 
 
+def _estimate_sparse_seconds(matrix, k: int, threads: int, budget: int, block_rows: int) -> float | None:
+    """Seconds for the exact self-join of a sparse matrix, from a timed
+    sample of its tiles; None when fewer than two rows are usable."""
+    from allknn._search import estimate_self_join_seconds
+    from allknn._sparse import normalize_sparse_rows
+
+    normed = normalize_sparse_rows(matrix, name="X", invalid="drop")
+    if normed.rows.shape[0] < 2:
+        return None
+    sample = normalize_sparse_rows(matrix[:256], name="X", invalid="drop")
+    if sample.rows.shape[0] >= 2:  # compile kernels first
+        estimate_self_join_seconds(sample, min(k, sample.rows.shape[0] - 1), block_rows=64, threads=1,
+                                   budget=budget)
+    return estimate_self_join_seconds(normed, min(k, normed.rows.shape[0] - 1), block_rows=block_rows,
+                                      threads=threads, budget=budget)
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from allknn._normalize import row_norms
     from allknn._sparse import is_sparse, sparse_row_norms
@@ -184,13 +201,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     n, d = data.matrix.shape
     threads = check_threads(args.threads)
     budget = parse_memory(args.max_memory)
-    block_rows = choose_block_rows(budget, d, threads)
     sparse = is_sparse(data.matrix)
+    block_rows = choose_block_rows(budget, d, threads, sparse=sparse)
     norms = sparse_row_norms(data.matrix) if sparse else row_norms(data.matrix, block_rows)
     nonfinite = np.flatnonzero(~np.isfinite(norms))
     zero = np.flatnonzero(norms == 0)
-    rate = _estimate_pairs_per_second(d, threads)
-    memory = n * d * 4 + n * args.k * 12 + working_bytes(block_rows, d, threads)
     print(f"file:        {args.input}")
     kind = f"sparse, {data.matrix.nnz} stored values" if sparse else "dense"
     print(f"shape:       {n} x {d}, {data.matrix.dtype}, {kind}")
@@ -198,9 +213,21 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"zero rows:   {zero.size}" + (f" (first: {', '.join(map(str, zero[:5]))})" if zero.size else ""))
     print(f"NaN/Inf rows: {nonfinite.size}"
           + (f" (first: {', '.join(map(str, nonfinite[:5]))})" if nonfinite.size else ""))
+    state = n * args.k * 12
+    if sparse:
+        seconds = _estimate_sparse_seconds(data.matrix, args.k, threads, budget, block_rows)
+        if seconds is not None:
+            print(f"estimate:    {seconds:.1f} s for the exact self-join with k={args.k} on {threads} "
+                  "thread(s) (timed here on a sample of its tiles; usually high, by up to 2x)")
+        # the normalised copy and the per-block column index, each about the input's size
+        memory = 2 * data.matrix.nnz * 8 + state + working_bytes(block_rows, d, threads, sparse=True)
+        print(f"memory:      about {memory / 1e6:.0f} MB beyond the input (block_rows={block_rows}), "
+              "plus copies of frequent columns within max_memory")
+        return 0
+    rate = _estimate_pairs_per_second(d, threads)
+    memory = n * d * 4 + state + working_bytes(block_rows, d, threads)
     print(f"estimate:    {_self_join_pairs(n) / rate:.1f} s for the exact self-join with k={args.k} "
-          f"on {threads} thread(s) ({rate:.3g} pairs/s measured here on dense rows"
-          + ("; sparse rows are usually slower per pair)" if sparse else ")"))
+          f"on {threads} thread(s) ({rate:.3g} pairs/s measured here)")
     print(f"memory:      about {memory / 1e6:.0f} MB beyond the input (block_rows={block_rows})")
     return 0
 
