@@ -3,7 +3,8 @@
 The breadth of the search is chosen by a pilot sample of rows whose exact
 neighbours are known: probing rounds (each row against one more of its
 nearest cells) and, in the self-join, neighbour-of-neighbour refinement
-passes run until the pilot reaches the recall target. The recall reported
+passes run until the pilot's recall, less one standard error, reaches the
+recall target (so the whole set usually reaches it too). The recall reported
 to the user is measured afterwards on a second, independent sample (the
 stopping rule would bias the pilot's own estimate).
 """
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from allknn._normalize import NormalizedRows
-from allknn._recall import RecallEstimate, estimate, exact_kth, row_recall
+from allknn._recall import RecallEstimate, cautious_recall, estimate, exact_kth, row_recall
 from allknn._search import finish
 from allknn._sparse import is_sparse
 from allknn.engines.approx import MAX_PROBES, CellIndex, cell_centroids, n_cells_for, probe_rounds
@@ -177,9 +178,9 @@ def approx_search(
         return pairs
 
     def pilot_recall() -> float:
-        reached = float(row_recall(key_similarities(keys[pilot]), pilot_kth).mean())
-        logger.info("approx: %d probe(s), %d pass(es): pilot recall %.4f", plan.probes, plan.passes,
-                    reached)
+        reached = cautious_recall(row_recall(key_similarities(keys[pilot]), pilot_kth))
+        logger.info("approx: %d probe(s), %d pass(es): pilot recall %.4f (less one standard error)",
+                    plan.probes, plan.passes, reached)
         return reached
 
     try:

@@ -89,8 +89,10 @@ def neighbors(
         random sample of rows against exact answers. ``"auto"``: exact when
         its estimated time is under a minute, else approximate.
     recall_target : float
-        Approximate runs widen the search until a pilot sample reaches this
-        recall@k (ignored with ``probes``).
+        Approximate runs widen the search until a pilot sample of rows
+        reaches this recall@k less one standard error, so the whole set
+        usually reaches it too (ignored with ``probes``); ``result.recall``
+        reports the recall measured afterwards on another sample.
     probes, cells : int, optional
         Experts: cells searched per row, and number of cells (default about
         ``2 sqrt(n)``).
