@@ -219,6 +219,21 @@ def test_auto_picks_approx_when_exact_would_be_slow(monkeypatch):
     assert result.params["method"] == "approx" and result.recall is not None
 
 
+def test_auto_keeps_sparse_rows_exact(monkeypatch):
+    """The approximate engine takes dense rows only: auto never sends it
+    sparse ones, however long the exact join would take."""
+    import scipy.sparse as sp
+
+    import allknn.api
+
+    monkeypatch.setattr(allknn.api, "AUTO_EXACT_SECONDS", 0.0)
+    X = sp.random(2000, 5000, density=0.003, format="csr", random_state=4, dtype=np.float32)
+    X = X[np.diff(X.indptr) > 0]
+    result = allknn.neighbors(X, 5, method="auto")
+    assert result.params["method"] == "exact" and result.recall is None
+    assert_same_result(result, allknn.neighbors(X, 5))
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

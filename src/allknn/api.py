@@ -86,8 +86,9 @@ def neighbors(
         search each row in its nearest cells only and, in the self-join,
         refine the graph with neighbours of neighbours, for inputs too
         large for the exact join; the result's ``recall`` is measured on a
-        random sample of rows against exact answers. ``"auto"``: exact when
-        its estimated time is under a minute, else approximate.
+        random sample of rows against exact answers (dense rows only).
+        ``"auto"``: exact when its estimated time is under a minute or the
+        rows are sparse, else approximate.
     recall_target : float
         Approximate runs widen the search until a pilot sample of rows
         reaches this recall@k less one standard error, so the whole set
@@ -175,7 +176,7 @@ def neighbors(
                                       invalid=invalid, on_disk=_spill(query_matrix, budget))
 
     chosen = _choose_method(method, n_pairs=_pair_count(self_join, query_normed, normed),
-                            dim=corpus.shape[1], threads=n_threads)
+                            dim=corpus.shape[1], threads=n_threads, sparse=sparse)
     logger.debug(
         "%s %s: %d x %d against %d rows, k=%d, block_rows=%d, threads=%d", chosen,
         "self-join" if self_join else "query join", query_normed.rows.shape[0],
@@ -239,10 +240,14 @@ def _pair_count(self_join: bool, queries: NormalizedRows, corpus: NormalizedRows
     return n * (n - 1) // 2 if self_join else queries.rows.shape[0] * n
 
 
-def _choose_method(method: str, *, n_pairs: int, dim: int, threads: int) -> str:
-    """``"exact"`` or ``"approx"``; for ``"auto"``, from the estimated exact time."""
+def _choose_method(method: str, *, n_pairs: int, dim: int, threads: int, sparse: bool) -> str:
+    """``"exact"`` or ``"approx"``; for ``"auto"``, from the estimated exact
+    time (always exact for sparse rows, which the approximate engine does
+    not take)."""
     if method != "auto":
         return method
+    if sparse:
+        return "exact"
     seconds = n_pairs * dim / (EXACT_PAIR_DIMS_PER_SECOND * threads)
     logger.info("auto: the exact join would take about %.0f s", seconds)
     return "exact" if seconds < AUTO_EXACT_SECONDS else "approx"
