@@ -178,3 +178,19 @@ def clustered() -> np.ndarray:
 def clustered_dups() -> np.ndarray:
     """Clustered rows with exact duplicate rows inserted."""
     return clustered_with_duplicates(900, 48, seed=11)
+
+
+class Interrupt(Exception):
+    """Stands in for a killed process."""
+
+
+def interrupt_after(tiles: int):
+    """An ``on_tile`` callback raising :class:`Interrupt` after ``tiles`` tiles."""
+    seen = []
+
+    def on_tile(tile, pairs):
+        seen.append(tile)
+        if len(seen) == tiles:
+            raise Interrupt
+
+    return on_tile

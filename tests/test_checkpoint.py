@@ -7,22 +7,7 @@ import pytest
 
 import allknn
 import allknn._search
-from conftest import assert_same_result, clustered_with_duplicates
-
-
-class Interrupt(Exception):
-    """Stands in for a killed process."""
-
-
-def _interrupt_after(tiles: int):
-    seen = []
-
-    def on_tile(tile, pairs):
-        seen.append(tile)
-        if len(seen) == tiles:
-            raise Interrupt
-
-    return on_tile
+from conftest import Interrupt, assert_same_result, clustered_with_duplicates, interrupt_after
 
 
 @pytest.mark.parametrize("ordered", [False, True])
@@ -33,7 +18,7 @@ def test_interrupted_self_join_resumes_identically(tmp_path, monkeypatch, ordere
     path = tmp_path / "run.ckpt"
     options = {"block_rows": 128, "checkpoint": path, "checkpoint_every": 0.0}
     with pytest.raises(Interrupt):
-        allknn.neighbors(X, 8, threads=threads, on_tile=_interrupt_after(stop_after), **options)
+        allknn.neighbors(X, 8, threads=threads, on_tile=interrupt_after(stop_after), **options)
     assert path.exists() == (stop_after > 8)  # saved after each finished batch of 4 x threads tiles
     restored = []
     resumed = allknn.neighbors(X, 8, threads=2, on_tile=lambda t, p: restored.append(t), **options)
@@ -46,7 +31,7 @@ def test_interrupted_query_join_resumes_identically(tmp_path):
     Q = clustered_with_duplicates(400, 10, seed=2)
     options = {"queries": Q, "block_rows": 100, "checkpoint": tmp_path / "q.ckpt", "checkpoint_every": 0.0}
     with pytest.raises(Interrupt):
-        allknn.neighbors(X, 6, on_tile=_interrupt_after(9), **options)
+        allknn.neighbors(X, 6, on_tile=interrupt_after(9), **options)
     assert_same_result(allknn.neighbors(X, 6, **options), allknn.neighbors(X, 6, queries=Q))
 
 

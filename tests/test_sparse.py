@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 
 import allknn
-from conftest import assert_same_result, assert_topk_equal, reference_topk
+from conftest import Interrupt, assert_same_result, assert_topk_equal, interrupt_after, reference_topk
 
 
 def _user_item(n_users: int, n_items: int, per_user: int, seed: int) -> sp.csr_matrix:
@@ -307,26 +307,16 @@ def test_very_sparse_tiles_are_accumulated():
 
 
 def test_interrupted_run_with_a_head_resumes_identically(tmp_path):
-    """The layout is chosen again on resume (from the data and k only), so
-    the saved tiles and the remaining ones sum pairs the same way."""
+    """The saved tiles and the remaining ones sum pairs the same way: the
+    layout is saved with the state and restored on resume."""
     from allknn._sparse_layout import sparse_layout
 
     X = _stop_words_and_tail(1200, 3000, seed=3)
     rows = allknn._sparse.normalize_sparse_rows(X, name="X", invalid="raise").rows
     assert sparse_layout(rows, rows, 6, skip_self=True, budget=10**9, threads=2).columns.size > 0
-    seen = []
-
-    class Interrupt(Exception):
-        """Stands in for a killed process."""
-
-    def interrupt(tile, pairs):
-        seen.append(tile)
-        if len(seen) == 9:
-            raise Interrupt
-
     options = {"block_rows": 128, "checkpoint": tmp_path / "s.ckpt", "checkpoint_every": 0.0}
     with pytest.raises(Interrupt):
-        allknn.neighbors(X, 6, on_tile=interrupt, **options)
+        allknn.neighbors(X, 6, on_tile=interrupt_after(9), **options)
     assert (tmp_path / "s.ckpt").exists()
     assert_same_result(allknn.neighbors(X, 6, threads=1, **options), allknn.neighbors(X, 6, block_rows=128))
 
@@ -343,20 +333,10 @@ def test_resume_keeps_the_layout_of_the_saved_tiles(tmp_path, monkeypatch):
     assert capped.columns.size == 3
     assert sparse_layout(rows, rows, 6, skip_self=True, budget=10**9, threads=1).columns.size > 3
     head, dense = SparseLayout(np.arange(4), accumulate=True), SparseLayout(np.arange(4), accumulate=False)
-    seen = []
-
-    class Interrupt(Exception):
-        """Stands in for a killed process."""
-
-    def interrupt(tile, pairs):
-        seen.append(tile)
-        if len(seen) == 150:
-            raise Interrupt
-
     options = {"block_rows": 64, "threads": 1, "checkpoint": tmp_path / "s.ckpt", "checkpoint_every": 0.0}
     _forced_layout(monkeypatch, head)
     with pytest.raises(Interrupt):
-        allknn.neighbors(X, 6, on_tile=interrupt, **options)
+        allknn.neighbors(X, 6, on_tile=interrupt_after(150), **options)
     uninterrupted = allknn.neighbors(X, 6, block_rows=64, threads=1)
     _forced_layout(monkeypatch, dense)
     resumed = allknn.neighbors(X, 6, **options)
