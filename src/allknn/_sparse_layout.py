@@ -43,16 +43,20 @@ SPARSE_PRODUCT_SHARE = 0.25
 pair (clearing, scanning and merging it): a tile with fewer products per
 pair is cheaper accumulated."""
 
-HEAD_DENSITIES = (0.2, 0.1, 0.05, 0.02, 0.01)
-"""Candidate heads: the columns held by at least this share of the rows."""
+HEAD_DENSITIES = (0.2, 0.14, 0.1, 0.07, 0.05, 0.035, 0.025, 0.018, 0.013, 0.01)
+"""Candidate heads: the columns held by at least this share of the rows
+(steps of about 1.4x)."""
 
-HEAD_TERM_COST = 0.022
-"""Cost of one head column in a head dot product, in accumulated products."""
+HEAD_TERM_COST = 0.015
+"""Cost of one head column in a head dot product, in accumulated products
+(fitted on the TF-IDF matrices with and without stop words: 0.008-0.015;
+the upper end, since the pilot counts at final thresholds and a run meets
+lower ones first)."""
 
 PILOT_ROWS = 64
 """Query rows whose exact k-th similarity measures the heads' reach."""
 
-PILOT_CANDIDATES = 16384
+PILOT_CANDIDATES = 8192
 """Corpus rows (evenly spaced) counted for each pilot row."""
 
 
