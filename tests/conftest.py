@@ -68,6 +68,69 @@ def reference_topk(
     return Reference(indices=idx, similarities=sims, full=full)
 
 
+LANES = 8
+
+
+def _lane_sums(products: np.ndarray) -> np.ndarray:
+    """The reference's fixed-order sum over the last axis of float64 products:
+    column ``t`` in lane ``t % 8``, lanes in column order, then
+    ``((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))``."""
+    d = products.shape[-1]
+    padded = np.zeros((*products.shape[:-1], -(-d // LANES) * LANES), dtype=np.float64)
+    padded[..., :d] = products
+    lanes = np.zeros((*products.shape[:-1], LANES), dtype=np.float64)
+    for t in range(0, padded.shape[-1], LANES):  # one vector add per column group: sequential per lane
+        lanes += padded[..., t : t + LANES]
+    s = [lanes[..., i] for i in range(LANES)]
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))
+
+
+def reference_unit_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The reference's float32 unit rows and their float64 norms, in plain numpy."""
+    rows = np.asarray(rows, dtype=np.float64)
+    unit = (rows / np.sqrt(_lane_sums(rows * rows))[:, None]).astype(np.float32)
+    wide = unit.astype(np.float64)
+    return unit, np.sqrt(_lane_sums(wide * wide))
+
+
+def reference_similarities(Q: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """The reference similarity of every (query, corpus) pair, float32, in plain numpy.
+
+    ``fl32(clip(dot(q, x) / (|q| |x|)))`` of the float32 unit rows, every sum
+    in the lane order of :func:`_lane_sums` (dense rows; no zero rows).
+    """
+    q, q_norms = reference_unit_rows(Q)
+    x, x_norms = reference_unit_rows(X)
+    out = np.empty((q.shape[0], x.shape[0]), dtype=np.float32)
+    x64 = x.astype(np.float64)
+    for start in range(0, q.shape[0], 64):
+        block = q[start : start + 64].astype(np.float64)
+        dots = _lane_sums(block[:, None, :] * x64[None, :, :])
+        cos = dots / (q_norms[start : start + 64, None] * x_norms[None, :])
+        out[start : start + 64] = np.clip(cos, -1.0, 1.0).astype(np.float32)
+    return out
+
+
+def exact_reference_topk(X: np.ndarray, k: int, *, queries: np.ndarray | None = None,
+                         exclude_self: bool = True) -> Reference:
+    """The result the contract defines, bit for bit: top-k by the reference
+    similarity, ties by smaller index (dense rows, no zero rows)."""
+    self_join = queries is None
+    full = reference_similarities(X if self_join else queries, X).astype(np.float64)
+    if self_join and exclude_self:
+        np.fill_diagonal(full, -np.inf)
+    order = np.lexsort((np.broadcast_to(np.arange(full.shape[1]), full.shape), -full), axis=1)[:, :k]
+    sims = np.take_along_axis(full, order, axis=1)
+    return Reference(indices=order.astype(np.int64), similarities=sims.astype(np.float32), full=full)
+
+
+def assert_exact(result, ref: Reference) -> None:
+    """Bit-identical to the contract's reference (indices and similarity bits)."""
+    np.testing.assert_array_equal(result.indices, ref.indices)
+    np.testing.assert_array_equal(result.similarities.view(np.int32),
+                                  ref.similarities.astype(np.float32).view(np.int32))
+
+
 def assert_well_formed(result, *, n_queries: int, k: int, self_join: bool = False) -> None:
     """Dtypes, shapes, ranges, order and per-row uniqueness of a TopK."""
     idx, sims = result.indices, result.similarities

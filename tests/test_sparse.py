@@ -300,10 +300,10 @@ def test_very_sparse_tiles_are_accumulated():
     from allknn.engines.exact import SelfJoinPlan
 
     X = _very_sparse(1500, 3000, 3, seed=5, signed=False)
-    plan = SelfJoinPlan(X, block_rows=256)
+    plan = SelfJoinPlan(X, np.ones(X.shape[0]), block_rows=256)
     assert plan.accumulated is not None and plan.accumulated.all()
     crowded = sp.random(600, 20, density=0.5, format="csr", random_state=1, dtype=np.float32)
-    assert not SelfJoinPlan(crowded, block_rows=256).accumulated.any()
+    assert not SelfJoinPlan(crowded, np.ones(600), block_rows=256).accumulated.any()
 
 
 def test_interrupted_run_with_a_head_resumes_identically(tmp_path):

@@ -18,12 +18,12 @@ import numpy as np
 
 from allknn._normalize import NormalizedRows
 from allknn._recall import RecallEstimate, cautious_recall, estimate, exact_kth, row_recall
-from allknn._search import finish
 from allknn._sparse import is_sparse
 from allknn.engines.approx import MAX_PROBES, CellIndex, cell_centroids, n_cells_for, probe_rounds
 from allknn.engines.ordering import NEAREST_ROWS, nearest_centroids
 from allknn.kernels.local_join import neighbour_ids, refine, refine_bytes
 from allknn.kernels.topk import key_similarities, new_state
+from allknn.topk.finish import sorted_neighbours
 
 logger = logging.getLogger("allknn")
 
@@ -162,7 +162,7 @@ def approx_search(
             probe_order = nearest_centroids(queries.rows, centroids, most, threads=threads)
             if query_positions is not None:
                 probe_order = probe_order[query_positions]
-        probe_rounds(queries.rows, query_positions, index, keys, thresholds,
+        probe_rounds(queries.rows, query_positions, queries.norms, index, corpus.norms, keys, thresholds,
                      range(plan.probes, count), probe_order, block_rows=block_rows,
                      threads=threads, skip_self=skip_self, unique=plan.passes > 0)
         plan.probes = count
@@ -170,7 +170,7 @@ def approx_search(
     def refine_once() -> int:
         nonlocal previous
         snapshot = neighbour_ids(keys)
-        pairs = refine(index.rows, index.positions, index.order, keys, thresholds, previous,
+        pairs = refine(index.rows, index.positions, index.order, keys, thresholds, previous, corpus.norms,
                        max_candidates=max_candidates_for(k), seed=seed + plan.passes,
                        threads=threads)
         previous = snapshot
@@ -194,11 +194,10 @@ def approx_search(
                               recall_target, most)
     finally:
         index.restore()
-    similarities = np.empty(keys.shape, dtype=np.float32)
-    finish(keys, similarities, queries, corpus, np.arange(n_queries, dtype=np.int64), threads=threads)
+    indices, similarities = sorted_neighbours(keys, threads=threads)
     audit_kth = exact_kth(queries.rows, corpus.rows, audit, k, skip_self=skip_self,
                           block_rows=block_rows, threads=threads)
-    return keys, similarities, estimate(row_recall(similarities[audit], audit_kth)), plan
+    return indices, similarities, estimate(row_recall(similarities[audit], audit_kth)), plan
 
 
 class _Costs:

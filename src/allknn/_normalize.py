@@ -9,6 +9,7 @@ import numpy as np
 
 from allknn._sparse import is_sparse, normalize_sparse_rows
 from allknn._validate import rows_to_keep
+from allknn.kernels.reference import dense_row_norms
 
 
 @dataclass(frozen=True)
@@ -20,8 +21,8 @@ class NormalizedRows:
     rows : ndarray of shape (m, d), float32, C-contiguous, or csr_matrix
         Kept rows divided by their norm (sparse input stays sparse).
     norms : ndarray of shape (m,), float64
-        Norms of ``rows`` themselves (1 up to float32 rounding), used to
-        re-score final candidates exactly.
+        Reference norms of ``rows`` themselves (1 up to float32 rounding),
+        the denominators of the reference similarity.
     kept : ndarray of shape (m,), int64, or None
         Original row number of each kept row; ``None`` when all rows were
         kept (then row ``i`` is original row ``i``).
@@ -36,7 +37,8 @@ class NormalizedRows:
 
 
 def row_norms(data: np.ndarray, block_rows: int) -> np.ndarray:
-    """Float64 norms of the rows of ``data``, read ``block_rows`` at a time.
+    """Reference norms (:func:`allknn.kernels.reference.dense_row_norms`) of
+    the rows of ``data``, read ``block_rows`` at a time as float64.
 
     Returns
     -------
@@ -45,8 +47,8 @@ def row_norms(data: np.ndarray, block_rows: int) -> np.ndarray:
     """
     norms = np.empty(data.shape[0], dtype=np.float64)
     for start in range(0, data.shape[0], block_rows):
-        block = np.asarray(data[start : start + block_rows], dtype=np.float64)
-        norms[start : start + block.shape[0]] = np.sqrt(np.einsum("ij,ij->i", block, block))
+        block = np.ascontiguousarray(data[start : start + block_rows], dtype=np.float64)
+        dense_row_norms(block, norms[start : start + block.shape[0]])
     return norms
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -19,16 +18,11 @@ from allknn._sparse import is_sparse
 from allknn._sparse_layout import sparse_layout
 from allknn.engines.exact import ProgressCallback, QueryJoinPlan, SelfJoinPlan, TilePlan
 from allknn.engines.ordering import MIN_ROWS, cluster_order
-from allknn.kernels.topk import (
-    new_state,
-    permute_rows,
-    rescore_and_sort,
-    rescore_and_sort_sparse,
-)
+from allknn.kernels.topk import new_state, permute_rows
+from allknn.topk.finish import sorted_neighbours
 
 logger = logging.getLogger("allknn")
 
-_RESCORE_ROWS = 8192
 
 def exact_search(
     queries: NormalizedRows,
@@ -78,10 +72,11 @@ def exact_search(
     if self_join:
         if order is not None:
             permute_rows(corpus.rows, order)
-        plan = SelfJoinPlan(corpus.rows, block_rows=block_rows, exclude_self=exclude_self, ids=order,
-                            layout=layout)
+        plan = SelfJoinPlan(corpus.rows, corpus.norms, block_rows=block_rows, exclude_self=exclude_self,
+                            ids=order, layout=layout)
     else:
-        plan = QueryJoinPlan(queries.rows, corpus.rows, block_rows=block_rows, layout=layout)
+        plan = QueryJoinPlan(queries.rows, corpus.rows, queries.norms, corpus.norms, block_rows=block_rows,
+                             layout=layout)
     try:
         if progress is None:
             progress = Progress(*new_state(plan.n_queries, k), done=set(), order=order, layout=layout)
@@ -91,10 +86,7 @@ def exact_search(
     finally:
         if order is not None:
             permute_rows(corpus.rows, np.argsort(order))
-    similarities = np.empty(progress.keys.shape, dtype=np.float32)
-    rows = np.arange(plan.n_queries, dtype=np.int64) if order is None else order
-    finish(progress.keys, similarities, queries, corpus, rows, threads=threads)
-    return progress.keys, similarities
+    return sorted_neighbours(progress.keys, threads=threads)
 
 
 def estimate_self_join_seconds(corpus: NormalizedRows, k: int, *, block_rows: int, threads: int,
@@ -110,7 +102,7 @@ def estimate_self_join_seconds(corpus: NormalizedRows, k: int, *, block_rows: in
     """
     started = time.perf_counter()
     layout = sparse_layout(corpus.rows, corpus.rows, k, skip_self=True, budget=budget, threads=threads)
-    plan = SelfJoinPlan(corpus.rows, block_rows=block_rows, layout=layout)
+    plan = SelfJoinPlan(corpus.rows, corpus.norms, block_rows=block_rows, layout=layout)
     setup = time.perf_counter() - started
     keys, thresholds = new_state(plan.n_queries, k)
     timed = plan.tiles
@@ -154,29 +146,3 @@ def _run(
         if checkpoint.due():
             checkpoint.save(progress)
     checkpoint.save(progress)
-
-
-def finish(
-    keys: np.ndarray,
-    similarities: np.ndarray,
-    queries: NormalizedRows,
-    corpus: NormalizedRows,
-    rows: np.ndarray,
-    *,
-    threads: int,
-) -> None:
-    """Decode the state into sorted indices (in ``keys``) and similarities,
-    processing state rows in the order ``rows`` (clustered rows together)."""
-
-    def rescore(start: int) -> None:
-        chunk = rows[start : start + _RESCORE_ROWS]
-        if is_sparse(corpus.rows):
-            x, q = corpus.rows, queries.rows
-            rescore_and_sort_sparse(x.indptr, x.indices, x.data, corpus.norms, q.indptr, q.indices,
-                                    q.data, queries.norms, chunk, keys, similarities)
-        else:
-            rescore_and_sort(corpus.rows, corpus.norms, queries.rows, queries.norms, chunk, keys,
-                             similarities)
-
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        list(pool.map(rescore, range(0, rows.shape[0], _RESCORE_ROWS)))

@@ -11,6 +11,7 @@ import numpy as np
 import scipy.sparse
 
 from allknn._validate import rows_to_keep
+from allknn.kernels.reference import sparse_row_norms as reference_norms
 
 
 def is_sparse(data: object) -> bool:
@@ -47,14 +48,16 @@ def _row_of_entries(matrix: scipy.sparse.csr_matrix) -> np.ndarray:
 
 
 def sparse_row_norms(matrix: scipy.sparse.csr_matrix) -> np.ndarray:
-    """Float64 norms of the rows of a CSR matrix (NaN/Inf for bad rows).
+    """Reference norms of the rows of a CSR matrix with sorted indices
+    (those of its dense copy; NaN/Inf for bad rows).
 
     Returns
     -------
     ndarray of shape (n,), float64
     """
-    values = matrix.data.astype(np.float64)
-    return np.sqrt(np.bincount(_row_of_entries(matrix), weights=values * values, minlength=matrix.shape[0]))
+    norms = np.empty(matrix.shape[0], dtype=np.float64)
+    reference_norms(matrix.indptr, matrix.indices, matrix.data.astype(np.float64, copy=False), norms)
+    return norms
 
 
 def normalize_sparse_rows(matrix: scipy.sparse.csr_matrix, *, name: str, invalid: str):

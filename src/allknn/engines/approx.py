@@ -15,9 +15,12 @@ from __future__ import annotations
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from allknn.engines.exact import dense_product
 from allknn.engines.ordering import fit_centroids
 from allknn.engines.schedule import run_tiles
 from allknn.kernels.topk import merge_rows, permute_rows
+from allknn.topk.bounds import nomination_margin
+from allknn.topk.scoring import scoring_rows
 
 MAX_PROBES = 64
 
@@ -94,7 +97,9 @@ class CellIndex:
 def probe_rounds(
     queries: np.ndarray,
     query_positions: np.ndarray | None,
+    query_norms: np.ndarray,
     index: CellIndex,
+    corpus_norms: np.ndarray,
     keys: np.ndarray,
     thresholds: np.ndarray,
     rounds: range,
@@ -114,7 +119,11 @@ def probe_rounds(
     query_positions : ndarray of shape (nq,), int64, or None
         Where query ``i`` is in ``queries`` (the self-join's queries are
         the index's grouped rows); None: at ``i``.
+    query_norms : ndarray of shape (nq,), float64
+        Reference norms of the queries, by id.
     index : CellIndex
+    corpus_norms : ndarray of shape (n,), float64
+        Reference norms of the corpus rows, by id.
     keys, thresholds : ndarray
         Top-k state of the queries, updated in place (ids are corpus rows).
     rounds : range
@@ -131,6 +140,8 @@ def probe_rounds(
         refinement pass); do not add them twice.
     """
     buffers = [np.empty(block_rows * block_rows, dtype=np.float32) for _ in range(threads)]
+    corpus = scoring_rows(index.rows, corpus_norms)
+    margin = nomination_margin(queries.shape[1])
     for probe in rounds:
         cells = probe_order[:, probe]
         by_cell = np.argsort(cells, kind="stable")
@@ -147,8 +158,9 @@ def probe_rounds(
                 for s in range(c0, c1, block_rows):
                     members = index.rows[s : min(s + block_rows, c1)]
                     out = buffers[worker][: chunk.size * members.shape[0]].reshape(chunk.size, -1)
-                    np.matmul(block, members.T, out=out)
-                    merge_rows(out, 0, s, chunk, index.order, keys, thresholds, skip_self, unique)
+                    dense_product(block, members, out)
+                    merge_rows(out, 0, s, chunk, index.order, keys, thresholds, skip_self, unique,
+                               scoring_rows(block, query_norms), corpus, margin)
 
         with threadpool_limits(limits=1, user_api="blas"):
             run_tiles(tasks, work, threads=threads, blocks_of=lambda t: {t[0]})

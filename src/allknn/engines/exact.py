@@ -32,9 +32,12 @@ from allknn.engines.schedule import (
     run_tiles,
     symmetric_tiles,
 )
+from allknn.kernels.reference import dense_row_norms
 from allknn.kernels.sparse_accumulate import accumulate_and_merge, head_bounds, offer_untouched_pairs
 from allknn.kernels.sparse_product import column_index, sparse_tile
 from allknn.kernels.topk import compact_rows, merge_rows, merge_rows_and_columns, new_state
+from allknn.topk.bounds import nomination_margin
+from allknn.topk.scoring import scoring_rows
 
 ProgressCallback = Callable[[Tile, int], None]
 """Called after each tile with the tile and the number of pairs it scored."""
@@ -108,6 +111,7 @@ class SparseBlocks:
         self.block_rows = round_block_rows(block_rows)
         self.bounds = block_bounds(matrix.shape[0], self.block_rows)
         self.layout = layout
+        self.full = matrix
         self.dense = None
         head = np.zeros((matrix.shape[0], 0), dtype=np.float32)
         if layout.columns.size:
@@ -173,19 +177,20 @@ def accumulated_tiles(a, b) -> np.ndarray | None:
 
 
 def _accumulate(a: SparseBlocks, i: int, b: SparseBlocks, j: int, row_ids: np.ndarray,
-                col_ids: np.ndarray, keys: np.ndarray, thresholds: np.ndarray, *, skip_self: bool,
-                both_sides: bool) -> None:
+                col_ids: np.ndarray, keys: np.ndarray, thresholds: np.ndarray, scoring: tuple, *,
+                skip_self: bool, both_sides: bool, margin: np.float32) -> None:
     """Tile ``(i, j)`` through :func:`accumulate_and_merge`."""
     m, index = a.matrix, b.by_column[j]
     scratch, touched, seen = b.row_scratch()
     accumulate_and_merge(m.indptr, m.indices, m.data, a.bounds[i][0], a.rows(i), index.columns,
                          index.starts, index.rows, index.values, b.spans(), row_ids, b.bounds[j][0],
                          col_ids, keys, thresholds, skip_self, both_sides, scratch, touched, seen,
-                         a.head, a.head_bounds, b.head, b.head_bounds)
+                         a.head, a.head_bounds, b.head, b.head_bounds, scoring[0], scoring[1], margin)
 
 
 def offer_untouched(queries: SparseBlocks, corpus: SparseBlocks, keys: np.ndarray,
-                    thresholds: np.ndarray, *, skip_self: bool, threads: int) -> None:
+                    thresholds: np.ndarray, scoring: tuple, *, skip_self: bool, margin: np.float32,
+                    threads: int) -> None:
     """Finish accumulated joins: :func:`offer_untouched_pairs` for every
     query row, in row chunks on ``threads`` threads (rows are independent)."""
     q, c = queries.matrix, corpus.matrix
@@ -195,10 +200,18 @@ def offer_untouched(queries: SparseBlocks, corpus: SparseBlocks, keys: np.ndarra
     def finish(r0: int) -> None:
         offer_untouched_pairs(r0, min(r0 + _UNTOUCHED_ROWS, q.shape[0]), q.indptr, q.indices,
                               queries.head, queries.head_bounds, c.indptr, c.indices, corpus.head,
-                              corpus.head_bounds, by_bound, keys, thresholds, skip_self)
+                              corpus.head_bounds, by_bound, keys, thresholds, skip_self, scoring[0],
+                              scoring[1], margin)
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         list(pool.map(finish, range(0, q.shape[0], _UNTOUCHED_ROWS)))
+
+
+def dense_product(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    """``out = a @ b.T`` in float32 (BLAS): the products that nominate
+    candidates, within :func:`allknn.topk.bounds.product_error` of the
+    reference."""
+    np.matmul(a, b.T, out=out)
 
 
 def _product(a, i: int, b, j: int, buffer: np.ndarray) -> np.ndarray:
@@ -215,7 +228,7 @@ def _product(a, i: int, b, j: int, buffer: np.ndarray) -> np.ndarray:
         return _sparse_product(a, i, b, j, buffer)
     size = a.block_rows
     full = buffer.reshape(size, size)
-    np.matmul(a.block(i), b.block(j).T, out=full)
+    dense_product(a.block(i), b.block(j), full)
     rows, cols = a.rows(i), b.rows(j)
     if rows == size and cols == size:
         return full
@@ -234,6 +247,22 @@ def _sparse_product(a: SparseBlocks, i: int, b: SparseBlocks, j: int, buffer: np
     sparse_tile(m.indptr, m.indices, m.data, a.bounds[i][0], rows, index.columns, index.starts,
                 index.rows, index.values, out, b.spans())
     return out
+
+
+def _scoring(matrix, blocks, norms: np.ndarray) -> tuple:
+    """Scoring rows of a matrix cut into ``blocks`` (the un-split rows of sparse blocks)."""
+    return scoring_rows(blocks.full if isinstance(blocks, SparseBlocks) else matrix, norms)
+
+
+def _margin(*matrices) -> np.float32:
+    """The nomination margin of products of these unit-normalised matrices:
+    a sparse similarity has at most as many non-zero terms as the shorter
+    row of the pair."""
+    if scipy.sparse.issparse(matrices[0]):
+        terms = min(int(np.diff(m.indptr).max(initial=0)) for m in matrices)
+    else:
+        terms = matrices[0].shape[1]
+    return nomination_margin(terms)
 
 
 def _blocks(matrix, block_rows: int, layout: SparseLayout | None):
@@ -315,8 +344,10 @@ class SelfJoinPlan(TilePlan):
 
     Parameters
     ----------
-    normed : ndarray of shape (n, d), float32, C-contiguous
+    normed : ndarray of shape (n, d), float32, C-contiguous, or csr_matrix
         Unit-normalised rows, in any order.
+    norms : ndarray of shape (n,), float64
+        Reference norms of the rows, by id.
     block_rows : int
         Rows per block, rounded up to a multiple of ``BLOCK_MULTIPLE``; a
         tile is ``block_rows`` squared.
@@ -333,6 +364,7 @@ class SelfJoinPlan(TilePlan):
     def __init__(
         self,
         normed: np.ndarray,
+        norms: np.ndarray,
         *,
         block_rows: int,
         exclude_self: bool = True,
@@ -348,10 +380,12 @@ class SelfJoinPlan(TilePlan):
         self.block_rows = self.blocks.block_rows
         self.tiles = symmetric_tiles(len(self.blocks))
         self.accumulated = accumulated_tiles(self.blocks, self.blocks)
+        self.scoring = _scoring(normed, self.blocks, norms)
+        self.margin = _margin(normed)
 
     def offer_untouched(self, keys: np.ndarray, thresholds: np.ndarray, *, threads: int) -> None:
-        offer_untouched(self.blocks, self.blocks, keys, thresholds, skip_self=self.exclude_self,
-                        threads=threads)
+        offer_untouched(self.blocks, self.blocks, keys, thresholds, (self.scoring, self.scoring),
+                        skip_self=self.exclude_self, margin=self.margin, threads=threads)
 
     def pairs(self, tile: Tile) -> int:
         rows, cols = self.blocks.rows(tile[0]), self.blocks.rows(tile[1])
@@ -360,14 +394,16 @@ class SelfJoinPlan(TilePlan):
     def _work(self, tile: Tile, buffer: np.ndarray, keys: np.ndarray, thresholds: np.ndarray) -> None:
         if self.accumulated is not None and self.accumulated[tile]:
             _accumulate(self.blocks, tile[0], self.blocks, tile[1], self.ids, self.ids, keys,
-                        thresholds, skip_self=self.exclude_self, both_sides=tile[0] != tile[1])
+                        thresholds, (self.scoring, self.scoring), skip_self=self.exclude_self,
+                        both_sides=tile[0] != tile[1], margin=self.margin)
             return
         (i0, _), (j0, _) = self.blocks.bounds[tile[0]], self.blocks.bounds[tile[1]]
         product = _product(self.blocks, tile[0], self.blocks, tile[1], buffer)
         if tile[0] == tile[1]:
-            merge_rows(product, i0, j0, self.ids, self.ids, keys, thresholds, self.exclude_self)
+            merge_rows(product, i0, j0, self.ids, self.ids, keys, thresholds, self.exclude_self, False,
+                       self.scoring, self.scoring, self.margin)
         else:
-            merge_rows_and_columns(product, i0, j0, self.ids, keys, thresholds)
+            merge_rows_and_columns(product, i0, j0, self.ids, keys, thresholds, self.scoring, self.margin)
 
     def _blocks_of(self, tile: Tile) -> set[tuple[str, int]]:
         return {("block", tile[0]), ("block", tile[1])}
@@ -378,10 +414,12 @@ class QueryJoinPlan(TilePlan):
 
     Parameters
     ----------
-    queries_normed : ndarray of shape (nq, d), float32, C-contiguous
+    queries_normed : ndarray of shape (nq, d), float32, C-contiguous, or csr_matrix
         Unit-normalised query rows.
-    normed : ndarray of shape (n, d), float32, C-contiguous
+    normed : ndarray of shape (n, d), float32, C-contiguous, or csr_matrix
         Unit-normalised corpus rows.
+    query_norms, norms : ndarray of shape (nq,) and (n,), float64
+        Reference norms of the query and corpus rows.
     block_rows : int
         Rows per query block and per corpus block, rounded up to a
         multiple of ``BLOCK_MULTIPLE``.
@@ -397,6 +435,8 @@ class QueryJoinPlan(TilePlan):
         self,
         queries_normed: np.ndarray,
         normed: np.ndarray,
+        query_norms: np.ndarray,
+        norms: np.ndarray,
         *,
         block_rows: int,
         exclude_diagonal: bool = False,
@@ -411,10 +451,13 @@ class QueryJoinPlan(TilePlan):
         self.corpus_blocks = _blocks(normed, block_rows, layout)
         self.tiles = query_tiles(len(self.query_blocks), len(self.corpus_blocks))
         self.accumulated = accumulated_tiles(self.query_blocks, self.corpus_blocks)
+        self.scoring = (_scoring(queries_normed, self.query_blocks, query_norms),
+                        _scoring(normed, self.corpus_blocks, norms))
+        self.margin = _margin(queries_normed, normed)
 
     def offer_untouched(self, keys: np.ndarray, thresholds: np.ndarray, *, threads: int) -> None:
-        offer_untouched(self.query_blocks, self.corpus_blocks, keys, thresholds,
-                        skip_self=self.exclude_diagonal, threads=threads)
+        offer_untouched(self.query_blocks, self.corpus_blocks, keys, thresholds, self.scoring,
+                        skip_self=self.exclude_diagonal, margin=self.margin, threads=threads)
 
     def pairs(self, tile: Tile) -> int:
         return self.query_blocks.rows(tile[0]) * self.corpus_blocks.rows(tile[1])
@@ -422,13 +465,13 @@ class QueryJoinPlan(TilePlan):
     def _work(self, tile: Tile, buffer: np.ndarray, keys: np.ndarray, thresholds: np.ndarray) -> None:
         if self.accumulated is not None and self.accumulated[tile]:
             _accumulate(self.query_blocks, tile[0], self.corpus_blocks, tile[1], self.query_ids,
-                        self.corpus_ids, keys, thresholds, skip_self=self.exclude_diagonal,
-                        both_sides=False)
+                        self.corpus_ids, keys, thresholds, self.scoring, skip_self=self.exclude_diagonal,
+                        both_sides=False, margin=self.margin)
             return
         i0, j0 = self.query_blocks.bounds[tile[0]][0], self.corpus_blocks.bounds[tile[1]][0]
         product = _product(self.query_blocks, tile[0], self.corpus_blocks, tile[1], buffer)
         merge_rows(product, i0, j0, self.query_ids, self.corpus_ids, keys, thresholds,
-                   self.exclude_diagonal)
+                   self.exclude_diagonal, False, self.scoring[0], self.scoring[1], self.margin)
 
     def _blocks_of(self, tile: Tile) -> set[tuple[str, int]]:
         return {("query", tile[0])}
@@ -456,7 +499,14 @@ def exact_top_keys(queries: np.ndarray, corpus: np.ndarray, k: int, *, block_row
     """
     keys, thresholds = new_state(queries.shape[0], k)
     block_rows = min(block_rows, round_block_rows(max(queries.shape[0], corpus.shape[0])))
-    QueryJoinPlan(np.ascontiguousarray(queries), np.ascontiguousarray(corpus),
+    queries, corpus = np.ascontiguousarray(queries), np.ascontiguousarray(corpus)
+    QueryJoinPlan(queries, corpus, _norms(queries), _norms(corpus),
                   block_rows=block_rows).run(keys, thresholds, threads=threads)
     keys.sort(axis=1)
     return keys[:, ::-1]
+
+
+def _norms(rows: np.ndarray) -> np.ndarray:
+    norms = np.empty(rows.shape[0], dtype=np.float64)
+    dense_row_norms(rows, norms)
+    return norms

@@ -10,12 +10,10 @@ never touch a heap. The clustering costs a few percent of the join.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from allknn.engines.exact import exact_top_keys
+from allknn.kernels.reference import dense_row_norms
 from allknn.kernels.topk import key_ids
 
 MIN_ROWS = 8192
@@ -23,9 +21,9 @@ MIN_ROWS = 8192
 
 _SAMPLE_ROWS = 16384
 _ITERATIONS = 3
-_ASSIGN_ROWS = 4096
 NEAREST_ROWS = 16384
-"""Rows per batch when listing several nearest centroids."""
+"""Rows per batch when listing the nearest centroids."""
+_TILE_ROWS = 1024
 
 
 def n_clusters_for(n: int) -> int:
@@ -34,10 +32,13 @@ def n_clusters_for(n: int) -> int:
 
 
 def _scratch_bytes(sample_rows: int, n_clusters: int, dim: int) -> int:
-    """Peak scratch of :func:`cluster_order` (sample, products, centroids)."""
-    per_sample_row = 4 * dim + 4 * n_clusters + 8
-    per_assigned_row = 4 * n_clusters + 8
-    return sample_rows * per_sample_row + _ASSIGN_ROWS * per_assigned_row + 3 * 4 * n_clusters * dim
+    """Peak scratch of :func:`cluster_order`: the sample with its labels,
+    float64 and float32 centroids, and a batch of nearest-centroid search
+    (its tile, padded blocks and state)."""
+    tile = min(_TILE_ROWS, -(-max(sample_rows, n_clusters) // 64) * 64)
+    per_sample_row = 4 * dim + 8
+    assign = 4 * tile * tile + 2 * 4 * tile * dim + min(sample_rows, NEAREST_ROWS) * (8 + 4 + 4)
+    return sample_rows * per_sample_row + assign + 4 * 8 * n_clusters * dim
 
 
 def fit_centroids(rows: np.ndarray, n_clusters: int, *, budget: int, seed: int = 0) -> np.ndarray | None:
@@ -73,13 +74,15 @@ def fit_centroids(rows: np.ndarray, n_clusters: int, *, budget: int, seed: int =
     sample = np.asarray(rows[np.sort(rng.choice(n, size=sample_rows, replace=False))], dtype=np.float32)
     centroids = sample[rng.choice(sample.shape[0], size=n_clusters, replace=False)].copy()
     for _ in range(_ITERATIONS):
-        labels = np.argmax(sample @ centroids.T, axis=1)
-        sums = np.zeros_like(centroids)
+        labels = nearest_centroids(sample, centroids)[:, 0]
+        sums = np.zeros(centroids.shape, dtype=np.float64)
         np.add.at(sums, labels, sample)
-        norms = np.linalg.norm(sums, axis=1, keepdims=True)
-        empty = norms[:, 0] == 0
-        centroids = np.where(empty[:, None], centroids, sums / np.where(norms == 0, 1, norms))
-    return centroids.astype(np.float32)
+        norms = np.empty(n_clusters, dtype=np.float64)
+        dense_row_norms(sums, norms)
+        empty = norms == 0
+        centroids = np.where(empty[:, None], centroids,
+                             sums / np.where(empty, 1, norms)[:, None]).astype(np.float32)
+    return centroids
 
 
 def nearest_centroids(
@@ -87,29 +90,20 @@ def nearest_centroids(
 ) -> np.ndarray:
     """The ``count`` most similar centroids of each row, best first.
 
-    Ties go to the smaller centroid number. ``count > 1`` runs the exact
-    engine's query join against the centroids, ``NEAREST_ROWS`` rows at a
-    time (its int64 state is four times the int32 answer).
+    By the reference similarity, ties to the smaller centroid number, so
+    the cells are the same on every machine: the exact engine's query join
+    against the centroids, ``NEAREST_ROWS`` rows at a time (its int64
+    state is four times the int32 answer).
 
     Returns
     -------
     ndarray of shape (n, count), int32
     """
     out = np.empty((rows.shape[0], count), dtype=np.int32)
-    if count > 1:
-        for start in range(0, rows.shape[0], NEAREST_ROWS):
-            keys = exact_top_keys(rows[start : start + NEAREST_ROWS], centroids, count,
-                                  block_rows=1024, threads=threads)
-            out[start : start + keys.shape[0]] = key_ids(keys)
-        return out
-
-    def assign(start: int) -> None:
-        scores = rows[start : start + _ASSIGN_ROWS] @ centroids.T
-        out[start : start + scores.shape[0], 0] = np.argmax(scores, axis=1)
-
-    starts = range(0, rows.shape[0], _ASSIGN_ROWS)
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=threads) as pool:
-        list(pool.map(assign, starts))
+    for start in range(0, rows.shape[0], NEAREST_ROWS):
+        keys = exact_top_keys(rows[start : start + NEAREST_ROWS], centroids, count,
+                              block_rows=_TILE_ROWS, threads=threads)
+        out[start : start + keys.shape[0]] = key_ids(keys)
     return out
 
 

@@ -25,7 +25,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numba import njit
 
+from allknn.kernels.reference import similarity
 from allknn.kernels.topk import EMPTY_ID, key_ids, offer_new
+from allknn.topk.bounds import nomination_margin
+from allknn.topk.scoring import scoring_rows
 
 CHUNK_PAIRS = 2**19
 """Pairs scored before their offers are merged (at most two 12-byte records
@@ -177,12 +180,13 @@ def _dot(a, b):
 
 @njit(nogil=True, cache=True)
 def join_lists(rows, positions, new, old, new_counts, old_counts, thresholds, visit, v0, v1,
-               offsets, targets, candidates, similarities, used):
+               offsets, targets, candidates, similarities, used, scoring, margin):
     """Score the pairs of the candidate lists of rows ``visit[v0 : v1]``.
 
-    A pair ``(a, b)`` with similarity ``s`` is recorded once for each side
-    whose threshold ``s`` reaches: target ``a``, candidate ``b`` and the
-    other way round. The records of row ``visit[i]`` go to
+    A pair ``(a, b)`` whose float32 dot product reaches a side's threshold
+    less ``margin`` is scored by the reference, and recorded with that
+    similarity ``s`` once for each side whose threshold ``s`` reaches:
+    target ``a``, candidate ``b`` and the other way round. The records of row ``visit[i]`` go to
     ``offsets[i - v0]`` onwards and their number to ``used[i - v0]``.
 
     Parameters
@@ -204,6 +208,11 @@ def join_lists(rows, positions, new, old, new_counts, old_counts, thresholds, vi
     similarities : ndarray of float32
         Records: state row, candidate id, similarity.
     used : ndarray of int64
+    scoring : tuple
+        ``rows`` as scoring rows, norms by id
+        (:func:`allknn.topk.scoring.scoring_rows`).
+    margin : float32
+        Nomination margin of the float32 dot product.
     """
     d = rows.shape[1]
     size = new.shape[1] + old.shape[1]
@@ -229,7 +238,10 @@ def join_lists(rows, positions, new, old, new_counts, old_counts, thresholds, vi
             x = members[p]
             for q in range(p + 1, m):
                 y = members[q]
-                s = _dot(gathered[p], gathered[q])
+                v = _dot(gathered[p], gathered[q])
+                if v < limits[p] - margin and v < limits[q] - margin:
+                    continue
+                s = similarity(scoring, scoring, positions[x], positions[y], x, y)
                 if s >= limits[p]:
                     targets[out] = x
                     candidates[out] = y
@@ -317,6 +329,7 @@ def refine(
     keys: np.ndarray,
     thresholds: np.ndarray,
     previous: np.ndarray | None,
+    norms: np.ndarray,
     *,
     max_candidates: int,
     seed: int,
@@ -336,6 +349,8 @@ def refine(
         Top-k state, updated in place.
     previous : ndarray of shape (n, k), uint32, or None
         :func:`neighbour_ids` when the previous pass began (None: all new).
+    norms : ndarray of shape (n,), float64
+        Reference norms of the rows, by id.
     max_candidates : int
         Most new and most old candidates per row.
     seed : int
@@ -352,7 +367,7 @@ def refine(
         pairs = new_counts * (new_counts - 1) // 2 + new_counts * old_counts
         for v0, v1 in _chunks(pairs[order]):
             _join_and_merge(rows, positions, order[v0:v1], lists, pairs, keys, thresholds, pool,
-                            threads)
+                            threads, scoring_rows(rows, norms))
     return int(pairs.sum())
 
 
@@ -364,7 +379,8 @@ def _chunks(visited_pairs: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
 
 
-def _join_and_merge(rows, positions, visit, lists, pairs, keys, thresholds, pool, threads) -> None:
+def _join_and_merge(rows, positions, visit, lists, pairs, keys, thresholds, pool, threads,
+                    scoring) -> None:
     """Score the pairs of the rows ``visit`` in parallel slices, then merge
     the records, each thread owning the state rows ``r % threads``."""
     new, old, new_counts, old_counts = lists
@@ -379,7 +395,7 @@ def _join_and_merge(rows, positions, visit, lists, pairs, keys, thresholds, pool
     def join(s: int) -> None:
         join_lists(rows, positions, new, old, new_counts, old_counts, thresholds, visit, s,
                    min(visit.size, s + step), offsets[s:], targets, candidates, similarities,
-                   used[s:])
+                   used[s:], scoring, nomination_margin(rows.shape[1]))
 
     def merge(part: int) -> None:
         merge_records(offsets, used, targets, candidates, similarities, keys, thresholds, part,

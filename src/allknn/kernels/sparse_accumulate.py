@@ -24,8 +24,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from allknn.kernels.reference import similarity
 from allknn.kernels.sparse_product import clear_spans, fill_spans
-from allknn.kernels.topk import _offer, offer_new
+from allknn.kernels.topk import offer_exact
 
 HEAD_BOUND_FLOOR = 2.0**-60
 """Absolute margin on non-zero head norms, for subnormal products."""
@@ -68,7 +69,7 @@ def _head_dot(a, b):
 @njit(nogil=True, cache=True)
 def accumulate_and_merge(indptr, indices, data, row0, n_rows, columns, starts, rows, values, spans,
                          row_ids, col0, col_ids, keys, thresholds, skip_self, both_sides, scratch,
-                         touched, seen, q_head, q_bounds, head, bounds):
+                         touched, seen, q_head, q_bounds, head, bounds, queries, corpus, margin):
     """Make tile rows ``row0 : row0 + n_rows`` of CSR ``A`` against an
     indexed block ``B`` one at a time, and merge each into the state.
 
@@ -101,11 +102,15 @@ def accumulate_and_merge(indptr, indices, data, row0, n_rows, columns, starts, r
         Heads of ``A`` and ``B`` by position (``h`` may be 0).
     q_bounds, bounds : ndarray of shape (positions,), float32
         Their :func:`head_bounds`.
+    queries, corpus : tuple
+        Scoring rows of ``A`` and ``B`` (the un-split CSR rows, by
+        position; see :func:`allknn.topk.scoring.scoring_rows`).
+    margin : float32
+        Nomination margin (see :func:`allknn.kernels.topk.merge_rows`).
     """
     k = keys.shape[1]
     with_heads = head.shape[1] > 0
     threshold_bits = thresholds.view(np.int32)
-    scratch_bits = scratch.view(np.int32)
     fill_spans(spans, columns, starts)
     for i in range(n_rows):
         count = 0
@@ -127,17 +132,22 @@ def accumulate_and_merge(indptr, indices, data, row0, n_rows, columns, starts, r
             j = col_ids[col0 + t]
             if with_heads:
                 ceiling = scratch[t] + reach * bounds[col0 + t]
-                if ceiling < thresholds[r] and not (both_sides and ceiling >= thresholds[j]):
+                reaches_j = both_sides and ceiling >= thresholds[j] - margin
+                if ceiling < thresholds[r] - margin and not reaches_j:
                     scratch[t] = 0.0
                     continue
                 scratch[t] += _head_dot(q_head[row0 + i], head[col0 + t])
             v = scratch[t]
-            bits = scratch_bits[t]
             scratch[t] = 0.0
-            if v >= thresholds[r] and not (skip_self and j == r):
-                _offer(keys, threshold_bits, r, bits, j, k)
-            if both_sides and v >= thresholds[j]:
-                _offer(keys, threshold_bits, j, bits, r, k)
+            mine = v >= thresholds[r] - margin and not (skip_self and j == r)
+            theirs = both_sides and v >= thresholds[j] - margin
+            if not (mine or theirs):
+                continue
+            s = similarity(queries, corpus, row0 + i, col0 + t, r, j)
+            if mine and s >= thresholds[r]:
+                offer_exact(keys, threshold_bits, r, s, j, k, False)
+            if theirs and s >= thresholds[j]:
+                offer_exact(keys, threshold_bits, j, s, r, k, False)
     clear_spans(spans, columns)
 
 
@@ -158,7 +168,7 @@ def _share_a_column(a_indices, b_indices):
 
 @njit(nogil=True, cache=True)
 def offer_untouched_pairs(r0, r1, q_indptr, q_indices, q_head, q_bounds, indptr, indices, head, bounds,
-                          by_bound, keys, thresholds, skip_self):
+                          by_bound, keys, thresholds, skip_self, queries, corpus, margin):
     """Offer the pairs no tile touched (no common tail column) where they count.
 
     Their similarity is the head dot product. For each query row ``r`` in
@@ -193,27 +203,31 @@ def offer_untouched_pairs(r0, r1, q_indptr, q_indices, q_head, q_bounds, indptr,
         Top-k state, updated in place.
     skip_self : bool
         Never offer query ``r`` corpus row ``r``.
+    queries, corpus : tuple
+        Scoring rows (the un-split CSR rows; see
+        :func:`allknn.topk.scoring.scoring_rows`).
+    margin : float32
+        Nomination margin (see :func:`allknn.kernels.topk.merge_rows`).
     """
     k = keys.shape[1]
     threshold_bits = thresholds.view(np.int32)
     n = indptr.shape[0] - 1
-    similarity = np.zeros(1, dtype=np.float32)  # read back as int32 bits for the key
-    similarity_bits = similarity.view(np.int32)
     for r in range(r0, r1):
         mine = q_indices[q_indptr[r] : q_indptr[r + 1]]
         reach = q_bounds[r]
         if reach > 0:
             for m in range(by_bound.shape[0]):
                 j = by_bound[m]
-                if reach * bounds[j] < thresholds[r]:
+                if reach * bounds[j] < thresholds[r] - margin:
                     break
                 if skip_self and j == r:
                     continue
-                similarity[0] = _head_dot(q_head[r], head[j])
-                if similarity[0] < thresholds[r]:
+                if _head_dot(q_head[r], head[j]) < thresholds[r] - margin:
                     continue
                 if not _share_a_column(mine, indices[indptr[j] : indptr[j + 1]]):
-                    offer_new(keys, threshold_bits, r, similarity_bits[0], j, k)
+                    s = similarity(queries, corpus, r, j, r, j)
+                    if s >= thresholds[r]:
+                        offer_exact(keys, threshold_bits, r, s, j, k, True)
         if thresholds[r] > 0:
             continue
         offered = 0
@@ -224,5 +238,5 @@ def offer_untouched_pairs(r0, r1, q_indptr, q_indices, q_head, q_bounds, indptr,
                 continue
             if _share_a_column(mine, indices[indptr[j] : indptr[j + 1]]):
                 continue
-            offer_new(keys, threshold_bits, r, np.int32(0), j, k)
+            offer_exact(keys, threshold_bits, r, np.float32(0.0), j, k, True)
             offered += 1

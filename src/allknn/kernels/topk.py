@@ -23,6 +23,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from allknn.kernels.reference import similarity
+
 MAX_ROWS = 2**32 - 1
 """Row ids are packed in 32 bits; id ``2**32 - 1`` marks an empty slot."""
 
@@ -143,47 +145,61 @@ def _any_at_least(row, c0, t):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _any_at_least_either(row, c0, t, column_thresholds):
-    """Whether any ``row[c] >= min(t, column_thresholds[c])`` in the chunk."""
+def _any_at_least_either(row, c0, t, column_floors):
+    """Whether any ``row[c] >= min(t, column_floors[c])`` in the chunk."""
     hit = np.int32(0)
     for c in range(c0, c0 + CHUNK):
-        u = column_thresholds[c]
+        u = column_floors[c]
         u = t if t < u else u
         hit |= np.int32(row[c] >= u)
     return hit != 0
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _walk_row(row, row_bits, c0, c1, r, col0, col_ids, keys, thresholds, threshold_bits, k, skip_self,
-              unique):
+def offer_exact(keys, threshold_bits, r, s, j, k, unique):
+    """Offer candidate ``j`` with reference similarity ``s`` (float32) to row ``r``."""
+    bits = np.float32(s).view(np.int32)
+    if unique:
+        offer_new(keys, threshold_bits, r, bits, j, k)
+    else:
+        _offer(keys, threshold_bits, r, bits, j, k)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _walk_row(row, c0, c1, r, i, row0, col0, col_ids, keys, thresholds, threshold_bits, k, skip_self,
+              unique, queries, corpus, margin):
     for c in range(c0, c1):
-        if row[c] >= thresholds[r]:
+        if row[c] >= thresholds[r] - margin:
             j = col_ids[col0 + c]
             if skip_self and j == r:
                 continue
-            if unique:
-                offer_new(keys, threshold_bits, r, row_bits[c], j, k)
-            else:
-                _offer(keys, threshold_bits, r, row_bits[c], j, k)
+            s = similarity(queries, corpus, row0 + i, col0 + c, r, j)
+            if s >= thresholds[r]:
+                offer_exact(keys, threshold_bits, r, s, j, k, unique)
 
 
 @njit(nogil=True, cache=True)
-def merge_rows(tile, row0, col0, row_ids, col_ids, keys, thresholds, skip_self, unique=False):
+def merge_rows(tile, row0, col0, row_ids, col_ids, keys, thresholds, skip_self, unique, queries, corpus,
+               margin):
     """Merge a tile into the top-k state of its rows only.
 
-    Each chunk of ``CHUNK`` values is first compared with the row threshold
-    in one vectorised pass; only a chunk holding a survivor is walked
-    element by element.
+    Each chunk of ``CHUNK`` values is first compared with the row's floor
+    (its threshold less ``margin``) in one vectorised pass; only a chunk
+    holding a survivor is walked element by element, and each survivor is
+    scored by the reference (:func:`allknn.kernels.reference.similarity`)
+    before it is offered. So the state holds reference similarities only,
+    whatever rounding made the tile.
 
     Parameters
     ----------
     tile : ndarray of shape (bi, bj), float32, C-contiguous
-        Similarities of rows ``row0 : row0 + bi`` to candidates
-        ``col0 : col0 + bj`` (positions in the matrices multiplied).
+        Products of rows ``row0 : row0 + bi`` with candidates ``col0 : col0
+        + bj`` (positions in the matrices multiplied), each within
+        ``margin`` less 2**-23 of the reference similarity.
     row0, col0 : int
         Position of the tile's first row and first candidate.
     row_ids : ndarray of int64
-        State row of each query position.
+        State row (id) of each query position.
     col_ids : ndarray of int64
         Id of each candidate position.
     keys : ndarray of shape (n, k), int64
@@ -194,52 +210,62 @@ def merge_rows(tile, row0, col0, row_ids, col_ids, keys, thresholds, skip_self, 
     unique : bool
         Candidates may already be in the state (offered by another route
         than this tile); do not add them twice.
+    queries, corpus : tuple
+        Scoring rows of the two sides, by position (see
+        :func:`allknn.topk.scoring.scoring_rows`).
+    margin : float32
+        How far below its threshold a tile value may still be a candidate
+        (:func:`allknn.topk.bounds.nomination_margin`).
     """
     bi, bj = tile.shape
     k = keys.shape[1]
     full = bj - bj % CHUNK
     threshold_bits = thresholds.view(np.int32)
-    tile_bits = tile.view(np.int32)
     for i in range(bi):
         r = row_ids[row0 + i]
         row = tile[i]
-        row_bits = tile_bits[i]
         for c0 in range(0, full, CHUNK):
-            if _any_at_least(row, c0, thresholds[r]):
-                _walk_row(row, row_bits, c0, c0 + CHUNK, r, col0, col_ids, keys, thresholds,
-                          threshold_bits, k, skip_self, unique)
-        _walk_row(row, row_bits, full, bj, r, col0, col_ids, keys, thresholds, threshold_bits, k,
-                  skip_self, unique)
+            if _any_at_least(row, c0, thresholds[r] - margin):
+                _walk_row(row, c0, c0 + CHUNK, r, i, row0, col0, col_ids, keys, thresholds, threshold_bits,
+                          k, skip_self, unique, queries, corpus, margin)
+        _walk_row(row, full, bj, r, i, row0, col0, col_ids, keys, thresholds, threshold_bits, k, skip_self,
+                  unique, queries, corpus, margin)
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _walk_both(row, row_bits, c0, c1, r, col0, ids, keys, thresholds, threshold_bits, k,
-               column_thresholds):
+def _walk_both(row, c0, c1, r, i, row0, col0, ids, keys, thresholds, threshold_bits, k, column_floors,
+               rows, margin):
     for c in range(c0, c1):
         v = row[c]
-        if v >= thresholds[r]:
-            _offer(keys, threshold_bits, r, row_bits[c], ids[col0 + c], k)
-        if v >= column_thresholds[c]:
-            j = ids[col0 + c]
-            _offer(keys, threshold_bits, j, row_bits[c], r, k)
-            column_thresholds[c] = thresholds[j]
+        mine = v >= thresholds[r] - margin
+        theirs = v >= column_floors[c]
+        if not (mine or theirs):
+            continue
+        j = ids[col0 + c]
+        s = similarity(rows, rows, row0 + i, col0 + c, r, j)
+        if mine and s >= thresholds[r]:
+            offer_exact(keys, threshold_bits, r, s, j, k, False)
+        if theirs and s >= thresholds[j]:
+            offer_exact(keys, threshold_bits, j, s, r, k, False)
+            column_floors[c] = thresholds[j] - margin
 
 
 @njit(nogil=True, cache=True)
-def merge_rows_and_columns(tile, row0, col0, ids, keys, thresholds):
+def merge_rows_and_columns(tile, row0, col0, ids, keys, thresholds, rows, margin):
     """Merge an off-diagonal tile of a symmetric product into both sides.
 
     Row ``ids[row0 + i]`` is offered candidate ``ids[col0 + c]`` and, by
-    symmetry, the other way round, in one pass over the tile. Row
-    thresholds are scalars; column thresholds are gathered into a
-    contiguous vector, so the common no-survivor case is one vectorised
-    ``v >= min(row threshold, column threshold)`` per chunk.
+    symmetry, the other way round, in one pass over the tile. Row floors
+    are scalars; column floors are gathered into a contiguous vector, so the
+    common no-survivor case is one vectorised ``v >= min(row floor, column
+    floor)`` per chunk. A survivor is scored once by the reference (which
+    is symmetric) and offered to the sides it can enter.
 
     Parameters
     ----------
     tile : ndarray of shape (bi, bj), float32, C-contiguous
-        Similarities of positions ``row0 : row0 + bi`` to positions
-        ``col0 : col0 + bj``; the two ranges must not overlap.
+        Products of positions ``row0 : row0 + bi`` with positions ``col0 :
+        col0 + bj``; the two ranges must not overlap.
     row0, col0 : int
         Position of the tile's first row and first column.
     ids : ndarray of int64
@@ -247,177 +273,63 @@ def merge_rows_and_columns(tile, row0, col0, ids, keys, thresholds):
     keys : ndarray of shape (n, k), int64
     thresholds : ndarray of shape (n,), float32
         Top-k state, updated in place.
+    rows : tuple
+        Scoring rows by position (:func:`allknn.topk.scoring.scoring_rows`).
+    margin : float32
+        As in :func:`merge_rows`.
     """
     bi, bj = tile.shape
     k = keys.shape[1]
     full = bj - bj % CHUNK
     threshold_bits = thresholds.view(np.int32)
-    tile_bits = tile.view(np.int32)
-    column_thresholds = np.empty(bj, dtype=np.float32)
+    column_floors = np.empty(bj, dtype=np.float32)
     for c in range(bj):
-        column_thresholds[c] = thresholds[ids[col0 + c]]
+        column_floors[c] = thresholds[ids[col0 + c]] - margin
     for i in range(bi):
         r = ids[row0 + i]
         row = tile[i]
-        row_bits = tile_bits[i]
         for c0 in range(0, full, CHUNK):
-            if _any_at_least_either(row, c0, thresholds[r], column_thresholds):
-                _walk_both(row, row_bits, c0, c0 + CHUNK, r, col0, ids, keys, thresholds,
-                           threshold_bits, k, column_thresholds)
-        _walk_both(row, row_bits, full, bj, r, col0, ids, keys, thresholds, threshold_bits, k,
-                   column_thresholds)
-
-
-_INSERTION_SORT_MAX = 32
+            if _any_at_least_either(row, c0, thresholds[r] - margin, column_floors):
+                _walk_both(row, c0, c0 + CHUNK, r, i, row0, col0, ids, keys, thresholds, threshold_bits, k,
+                           column_floors, rows, margin)
+        _walk_both(row, full, bj, r, i, row0, col0, ids, keys, thresholds, threshold_bits, k, column_floors,
+                   rows, margin)
 
 
 @njit(nogil=True, cache=True)
-def _sort_best_first(sims, ids):
-    """Sort ``sims`` descending with ties by smaller id, ``ids`` alongside."""
-    k = sims.shape[0]
-    if k > _INSERTION_SORT_MAX:
-        by_id = np.argsort(ids, kind="mergesort")
-        order = by_id[np.argsort(-sims[by_id], kind="mergesort")]
-        sims[:] = sims[order]
-        ids[:] = ids[order]
-        return
-    for m in range(1, k):
-        s = sims[m]
-        j = ids[m]
-        p = m - 1
-        while p >= 0 and (sims[p] < s or (sims[p] == s and ids[p] > j)):
-            sims[p + 1] = sims[p]
-            ids[p + 1] = ids[p]
-            p -= 1
-        sims[p + 1] = s
-        ids[p + 1] = j
+def decode_rows(keys, similarities, r0, r1):
+    """Turn state rows ``r0 : r1`` into the result, in place.
 
-
-@njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
-def _dot64(a, b):
-    """Float64 dot product of two float32 vectors (vectorised; the summation
-    order is fixed by the code, so results are reproducible). Not inlined:
-    numba's IR inlining would compile it with the caller's flags, without
-    fastmath, and LLVM would then not vectorise it."""
-    acc = 0.0
-    for t in range(a.shape[0]):
-        acc += np.float64(a[t]) * np.float64(b[t])
-    return acc
-
-
-@njit(nogil=True, cache=True)
-def rescore_and_sort(normed, norms, queries_normed, query_norms, rows, keys, similarities):
-    """Decode state rows into the sorted result, re-scored in float64.
-
-    The similarity of each kept pair is recomputed as
-    ``dot(q, x) / (|q| |x|)`` in float64 from the float32 normalised rows,
-    so exact duplicates score exactly 1.0 and the final order depends only
-    on the candidate set, not on the float32 rounding of the tile that found
-    it. Rows are sorted by similarity descending, ties by smaller index;
-    empty slots go last as ``(-1, NaN)``.
+    Each row's keys are sorted best first (higher similarity, then smaller
+    id: larger key) and replaced by the neighbour ids (-1 for empty slots,
+    which come last); ``similarities`` gets their reference similarities
+    (NaN for empty slots).
 
     Parameters
     ----------
-    normed : ndarray of shape (m, d), float32
-        Normalised corpus rows, indexed by id.
-    norms : ndarray of shape (m,), float64
-        Norms of ``normed`` rows (close to 1).
-    queries_normed : ndarray of shape (n, d), float32
-        Normalised query rows (``normed`` itself for the self-join).
-    query_norms : ndarray of shape (n,), float64
-    rows : ndarray of int64
-        State rows to process, in this order (rows whose neighbours overlap
-        should come together: the candidates' vectors then stay in cache).
     keys : ndarray of shape (n, k), int64
-        State; the processed rows are rewritten in place as neighbour
-        indices.
+        State; rows ``r0 : r1`` become neighbour indices.
     similarities : ndarray of shape (n, k), float32
-        Output similarities of the processed rows.
+        Output.
+    r0, r1 : int
     """
     k = keys.shape[1]
-    sims = np.empty(k, dtype=np.float64)
-    ids = np.empty(k, dtype=np.int64)
-    for r in rows:
-        q = queries_normed[r]
-        qn = query_norms[r]
+    for r in range(r0, r1):
+        row = np.sort(keys[r])
         for m in range(k):
-            j = _decode_id(keys[r, m])
-            ids[m] = j
-            if j != EMPTY_ID:
-                sims[m] = _clip(_dot64(q, normed[j]) / (qn * norms[j]))
+            key = row[k - 1 - m]
+            j = _decode_id(key)
+            if j == EMPTY_ID:
+                keys[r, m] = -1
+                similarities[r, m] = np.nan
             else:
-                sims[m] = -np.inf
-        _sort_best_first(sims, ids)
-        _store_row(keys, similarities, r, sims, ids)
+                keys[r, m] = j
+                similarities[r, m] = _key_similarity(key)
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _clip(s):
-    return min(1.0, max(-1.0, s))
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _store_row(keys, similarities, r, sims, ids):
-    """Write a sorted row: ids into ``keys`` (-1 when empty), float32 sims."""
-    for m in range(keys.shape[1]):
-        if ids[m] == EMPTY_ID:
-            keys[r, m] = -1
-            similarities[r, m] = np.nan
-        else:
-            keys[r, m] = ids[m]
-            similarities[r, m] = np.float32(sims[m])
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _sparse_dot64(a_indices, a_data, b_indices, b_data):
-    """Float64 dot product of two sparse rows with sorted column indices."""
-    acc = 0.0
-    p = 0
-    q = 0
-    while p < a_indices.shape[0] and q < b_indices.shape[0]:
-        if a_indices[p] == b_indices[q]:
-            acc += np.float64(a_data[p]) * np.float64(b_data[q])
-            p += 1
-            q += 1
-        elif a_indices[p] < b_indices[q]:
-            p += 1
-        else:
-            q += 1
-    return acc
-
-
-@njit(nogil=True, cache=True)
-def rescore_and_sort_sparse(indptr, indices, data, norms, q_indptr, q_indices, q_data, query_norms,
-                            rows, keys, similarities):
-    """:func:`rescore_and_sort` for CSR rows (sorted column indices).
-
-    Parameters
-    ----------
-    indptr, indices, data : ndarray
-        CSR arrays of the normalised corpus (float32 data).
-    norms : ndarray of shape (m,), float64
-    q_indptr, q_indices, q_data : ndarray
-        CSR arrays of the normalised queries.
-    query_norms : ndarray of shape (n,), float64
-    rows, keys, similarities
-        As in :func:`rescore_and_sort`.
-    """
-    k = keys.shape[1]
-    sims = np.empty(k, dtype=np.float64)
-    ids = np.empty(k, dtype=np.int64)
-    for r in rows:
-        q0, q1 = q_indptr[r], q_indptr[r + 1]
-        for m in range(k):
-            j = _decode_id(keys[r, m])
-            ids[m] = j
-            if j != EMPTY_ID:
-                x0, x1 = indptr[j], indptr[j + 1]
-                dot = _sparse_dot64(q_indices[q0:q1], q_data[q0:q1], indices[x0:x1], data[x0:x1])
-                sims[m] = _clip(dot / (query_norms[r] * norms[j]))
-            else:
-                sims[m] = -np.inf
-        _sort_best_first(sims, ids)
-        _store_row(keys, similarities, r, sims, ids)
+def _key_similarity(key):
+    return np.int32(_similarity_bits(key)).view(np.float32)
 
 
 @njit(nogil=True, cache=True)
