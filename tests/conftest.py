@@ -72,7 +72,7 @@ LANES = 8
 
 
 def _lane_sums(products: np.ndarray) -> np.ndarray:
-    """The reference's fixed-order sum over the last axis of float64 products:
+    """The input norms' fixed-order sum over the last axis of float64 products:
     column ``t`` in lane ``t % 8``, lanes in column order, then
     ``((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))``."""
     d = products.shape[-1]
@@ -85,30 +85,36 @@ def _lane_sums(products: np.ndarray) -> np.ndarray:
     return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))
 
 
+GRID = 2.0**50
+
+
+def _grid_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``2**-50 sum_t round(a_t b_t 2**50)`` for every row pair, the sum exact in int64."""
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    total = np.zeros((a.shape[0], b.shape[0]), dtype=np.int64)
+    for t in range(a.shape[1]):
+        total += np.rint(np.multiply.outer(a64[:, t], b64[:, t]) * GRID).astype(np.int64)
+    return total / GRID
+
+
 def reference_unit_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The reference's float32 unit rows and their float64 norms, in plain numpy."""
+    """The reference's float32 unit rows and their norms, in plain numpy."""
     rows = np.asarray(rows, dtype=np.float64)
     unit = (rows / np.sqrt(_lane_sums(rows * rows))[:, None]).astype(np.float32)
-    wide = unit.astype(np.float64)
-    return unit, np.sqrt(_lane_sums(wide * wide))
+    return unit, np.sqrt(np.array([_grid_dots(u[None], u[None])[0, 0] for u in unit]))
 
 
 def reference_similarities(Q: np.ndarray, X: np.ndarray) -> np.ndarray:
     """The reference similarity of every (query, corpus) pair, float32, in plain numpy.
 
-    ``fl32(clip(dot(q, x) / (|q| |x|)))`` of the float32 unit rows, every sum
-    in the lane order of :func:`_lane_sums` (dense rows; no zero rows).
+    ``fl32(clip(dot(q, x) / (|q| |x|)))`` of the float32 unit rows with the
+    grid dot product of :mod:`allknn.kernels.reference` (dense rows; no
+    zero rows).
     """
     q, q_norms = reference_unit_rows(Q)
     x, x_norms = reference_unit_rows(X)
-    out = np.empty((q.shape[0], x.shape[0]), dtype=np.float32)
-    x64 = x.astype(np.float64)
-    for start in range(0, q.shape[0], 64):
-        block = q[start : start + 64].astype(np.float64)
-        dots = _lane_sums(block[:, None, :] * x64[None, :, :])
-        cos = dots / (q_norms[start : start + 64, None] * x_norms[None, :])
-        out[start : start + 64] = np.clip(cos, -1.0, 1.0).astype(np.float32)
-    return out
+    cos = _grid_dots(q, x) / (q_norms[:, None] * x_norms[None, :])
+    return np.clip(cos, -1.0, 1.0).astype(np.float32)
 
 
 def exact_reference_topk(X: np.ndarray, k: int, *, queries: np.ndarray | None = None,

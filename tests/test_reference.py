@@ -20,8 +20,9 @@ import scipy.sparse as sp
 import allknn
 import allknn.engines.approx
 import allknn.engines.exact
+from allknn._normalize import normalize_rows
 from allknn._sparse_layout import SparseLayout
-from allknn.kernels.reference import dense_dot, dense_row_norms, sparse_dot
+from allknn.kernels.reference import dense_dot, sparse_dot, unit_row_norms
 from allknn.topk.bounds import nomination_margin, product_error
 from conftest import (
     assert_exact,
@@ -41,17 +42,29 @@ GOLDEN = DATA / "golden_debian4000_k10.npz"
 
 
 def test_kernel_reference_equals_the_numpy_reference(rng):
-    """The compiled reference (lanes, fixed order) equals a plain numpy
-    implementation of the written definition, for every dimension's remainder."""
+    """The compiled reference equals a plain numpy implementation of the
+    written definition, for every dimension's lane remainder."""
     for d in (1, 7, 8, 9, 33, 384):
-        X = rng.standard_normal((40, d)).astype(np.float32)
+        X = rng.standard_normal((40, d)).astype(np.float32) * np.float32(10.0) ** rng.integers(-3, 3, (40, 1))
+        normed = normalize_rows(X, name="X", block_rows=16, invalid="raise")
         unit, norms = reference_unit_rows(X)
+        np.testing.assert_array_equal(normed.rows, unit)
+        np.testing.assert_array_equal(normed.norms, norms)
         kernel_norms = np.empty(40)
-        dense_row_norms(unit, kernel_norms)
+        unit_row_norms(unit, kernel_norms)
         np.testing.assert_array_equal(kernel_norms, norms)
         dots = np.array([[dense_dot(a, b) for b in unit] for a in unit])
         cos = np.clip(dots / np.outer(norms, norms), -1, 1).astype(np.float32)
         np.testing.assert_array_equal(cos.view(np.int32), reference_similarities(X, X).view(np.int32))
+
+
+def test_reference_dot_does_not_depend_on_the_order_of_summation(rng):
+    """The grid sum is exact: any order of the columns gives the same bits."""
+    a, b = (rng.standard_normal(384).astype(np.float32) / np.float32(20) for _ in range(2))
+    base = dense_dot(a, b)
+    for _ in range(5):
+        order = rng.permutation(384)
+        assert dense_dot(a[order], b[order]) == base
 
 
 def test_sparse_reference_equals_dense_reference(rng):

@@ -9,7 +9,7 @@ import numpy as np
 
 from allknn._sparse import is_sparse, normalize_sparse_rows
 from allknn._validate import rows_to_keep
-from allknn.kernels.reference import dense_row_norms
+from allknn.kernels.reference import dense_row_norms, unit_row_norms
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,8 @@ class NormalizedRows:
 
 
 def row_norms(data: np.ndarray, block_rows: int) -> np.ndarray:
-    """Reference norms (:func:`allknn.kernels.reference.dense_row_norms`) of
-    the rows of ``data``, read ``block_rows`` at a time as float64.
+    """Input norms (:func:`allknn.kernels.reference.dense_row_norms`) of the
+    rows of ``data``, read ``block_rows`` at a time as float64.
 
     Returns
     -------
@@ -110,5 +110,7 @@ def normalize_rows(
             block = np.asarray(data[kept[start:stop]], dtype=np.float64)
             block_norms = norms[kept[start:stop]]
         rows[start:stop] = block / block_norms[:, None]
-    own_norms = row_norms(rows, block_rows)
+    own_norms = np.empty(n_kept, dtype=np.float64)
+    for start in range(0, n_kept, block_rows):
+        unit_row_norms(rows[start : start + block_rows], own_norms[start : start + block_rows])
     return NormalizedRows(rows=rows, norms=own_norms, kept=kept, n_original=data.shape[0])

@@ -11,7 +11,8 @@ import numpy as np
 import scipy.sparse
 
 from allknn._validate import rows_to_keep
-from allknn.kernels.reference import sparse_row_norms as reference_norms
+from allknn.kernels.reference import sparse_row_norms as input_norms
+from allknn.kernels.reference import sparse_unit_row_norms
 
 
 def is_sparse(data: object) -> bool:
@@ -48,15 +49,15 @@ def _row_of_entries(matrix: scipy.sparse.csr_matrix) -> np.ndarray:
 
 
 def sparse_row_norms(matrix: scipy.sparse.csr_matrix) -> np.ndarray:
-    """Reference norms of the rows of a CSR matrix with sorted indices
-    (those of its dense copy; NaN/Inf for bad rows).
+    """Input norms of the rows of a CSR matrix with sorted indices (those of
+    its dense copy; NaN/Inf for bad rows).
 
     Returns
     -------
     ndarray of shape (n,), float64
     """
     norms = np.empty(matrix.shape[0], dtype=np.float64)
-    reference_norms(matrix.indptr, matrix.indices, matrix.data.astype(np.float64, copy=False), norms)
+    input_norms(matrix.indptr, matrix.indices, matrix.data.astype(np.float64, copy=False), norms)
     return norms
 
 
@@ -83,4 +84,6 @@ def normalize_sparse_rows(matrix: scipy.sparse.csr_matrix, *, name: str, invalid
     rows = scipy.sparse.csr_matrix(
         (scaled.astype(np.float32), matrix.indices.copy(), matrix.indptr.copy()), shape=matrix.shape
     )
-    return NormalizedRows(rows=rows, norms=sparse_row_norms(rows), kept=kept, n_original=n_original)
+    own_norms = np.empty(rows.shape[0], dtype=np.float64)
+    sparse_unit_row_norms(rows.indptr, rows.indices, rows.data, own_norms)
+    return NormalizedRows(rows=rows, norms=own_norms, kept=kept, n_original=n_original)

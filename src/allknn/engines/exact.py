@@ -32,10 +32,10 @@ from allknn.engines.schedule import (
     run_tiles,
     symmetric_tiles,
 )
-from allknn.kernels.reference import dense_row_norms
+from allknn.kernels.reference import unit_row_norms
 from allknn.kernels.sparse_accumulate import accumulate_and_merge, head_bounds, offer_untouched_pairs
 from allknn.kernels.sparse_product import column_index, sparse_tile
-from allknn.kernels.topk import compact_rows, merge_rows, merge_rows_and_columns, new_state
+from allknn.kernels.topk import merge_rows, merge_rows_and_columns, new_state
 from allknn.topk.bounds import nomination_margin
 from allknn.topk.scoring import scoring_rows
 
@@ -47,16 +47,7 @@ _UNTOUCHED_ROWS = 4096
 
 
 class Blocks:
-    """A matrix cut into row blocks of a fixed size, the last one padded.
-
-    Blocks are a multiple of ``BLOCK_MULTIPLE`` rows and every product is
-    made at the full block shape (a short last block is zero-padded). BLAS
-    then computes each pair's float32 similarity with the same kernel
-    whatever the tile, block size or operand order, so near-equal
-    candidates are cut the same way and the result is independent of
-    ``block_rows`` bit for bit. (Measured on OpenBLAS: tiles of 64 to 1024
-    rows give identical products; tiles under 64 rows or of ragged shapes
-    do not.)
+    """A matrix cut into row blocks of ``block_rows`` rows (the last may be short).
 
     Parameters
     ----------
@@ -69,20 +60,17 @@ class Blocks:
         self.matrix = matrix
         self.block_rows = block_rows = round_block_rows(block_rows)
         self.bounds = block_bounds(matrix.shape[0], block_rows)
-        start, stop = self.bounds[-1]
-        self._tail = np.zeros((block_rows, matrix.shape[1]), dtype=np.float32)
-        self._tail[: stop - start] = matrix[start:stop]
 
     def __len__(self) -> int:
         return len(self.bounds)
 
     def block(self, i: int) -> np.ndarray:
-        """Rows of block ``i`` as a (block_rows, d) array (padded if short)."""
+        """Rows of block ``i``, shape (rows, d)."""
         start, stop = self.bounds[i]
-        return self.matrix[start:stop] if stop - start == self.block_rows else self._tail
+        return self.matrix[start:stop]
 
     def rows(self, i: int) -> int:
-        """Number of real rows in block ``i``."""
+        """Number of rows in block ``i``."""
         start, stop = self.bounds[i]
         return stop - start
 
@@ -215,25 +203,18 @@ def dense_product(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
 
 
 def _product(a, i: int, b, j: int, buffer: np.ndarray) -> np.ndarray:
-    """Block ``i`` of ``a`` times block ``j`` of ``b`` transposed.
+    """Block ``i`` of ``a`` times block ``j`` of ``b`` transposed, in ``buffer``.
 
-    Dense (:class:`Blocks`): the product is made at the full block shape
-    into ``buffer``, then the real ``rows x cols`` part is compacted to a
-    C-contiguous array at its front (only for tiles touching a padded
-    block). Sparse (:class:`SparseBlocks` on both sides): the dense columns'
-    product as above, then the sparse entries of block ``i`` scattered onto
-    it through block ``j``'s column index.
+    Dense (:class:`Blocks`): one BLAS product. Sparse
+    (:class:`SparseBlocks` on both sides): the dense columns' product, then
+    the sparse entries of block ``i`` scattered onto it through block
+    ``j``'s column index.
     """
     if isinstance(a, SparseBlocks):
         return _sparse_product(a, i, b, j, buffer)
-    size = a.block_rows
-    full = buffer.reshape(size, size)
-    dense_product(a.block(i), b.block(j), full)
-    rows, cols = a.rows(i), b.rows(j)
-    if rows == size and cols == size:
-        return full
-    compact_rows(buffer, size, rows, cols)
-    return buffer[: rows * cols].reshape(rows, cols)
+    out = buffer[: a.rows(i) * b.rows(j)].reshape(a.rows(i), b.rows(j))
+    dense_product(a.block(i), b.block(j), out)
+    return out
 
 
 def _sparse_product(a: SparseBlocks, i: int, b: SparseBlocks, j: int, buffer: np.ndarray) -> np.ndarray:
@@ -508,5 +489,5 @@ def exact_top_keys(queries: np.ndarray, corpus: np.ndarray, k: int, *, block_row
 
 def _norms(rows: np.ndarray) -> np.ndarray:
     norms = np.empty(rows.shape[0], dtype=np.float64)
-    dense_row_norms(rows, norms)
+    unit_row_norms(rows, norms)
     return norms

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from allknn.engines.exact import exact_top_keys
+from allknn.kernels.kmeans import sum_by_label
 from allknn.kernels.reference import dense_row_norms
 from allknn.kernels.topk import key_ids
 
@@ -76,7 +77,7 @@ def fit_centroids(rows: np.ndarray, n_clusters: int, *, budget: int, seed: int =
     for _ in range(_ITERATIONS):
         labels = nearest_centroids(sample, centroids)[:, 0]
         sums = np.zeros(centroids.shape, dtype=np.float64)
-        np.add.at(sums, labels, sample)
+        sum_by_label(sample, labels, sums)
         norms = np.empty(n_clusters, dtype=np.float64)
         dense_row_norms(sums, norms)
         empty = norms == 0

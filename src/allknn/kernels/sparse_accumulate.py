@@ -3,16 +3,16 @@
 When few pairs of a tile share a column (short rows, large vocabularies), a
 dense tile is mostly zeros that must still be cleared and scanned. Here
 each query row's products go into one row-sized accumulator, and only the
-candidates it touched are offered to the top-k state and cleared. Sums are
-made in the same order as :func:`allknn.kernels.sparse_product.sparse_tile`,
-so a pair gets the same float32 value on either path.
+candidates it touched are nominated to the top-k state (scored by the
+reference, see :func:`allknn.kernels.topk.merge_rows`) and cleared.
 
 A few frequent columns (stop words) would touch most pairs. They can be
 set apart as a small dense *head* per row: a pair's similarity is then its
 *tail* sum (the other columns, accumulated) plus the dot product of the two
 heads, computed only when the Cauchy-Schwarz bound ``tail + |head_i|
 |head_j|`` can reach a threshold. Pairs sharing no tail column are never
-touched; their similarity is the head dot alone (exactly 0 without heads).
+touched; their similarity is the head dot alone (exactly 0 without heads:
+the reference of rows sharing no column is exactly 0).
 :func:`offer_untouched_pairs` offers them where they matter once all tiles
 are merged: rows whose k-th best is below their head bound, then rows whose
 k-th best is not positive (zeros, smallest index first). The result equals

@@ -9,13 +9,17 @@ The running top-k state of ``n`` rows is two arrays:
   order. Larger key = better candidate: higher similarity, then smaller id.
   One integer compare decides, ties included.
 - ``thresholds`` (n,) float32: the similarity of each row's root, the value
-  a candidate must reach; the fast path compares tile values against it.
+  a candidate must reach.
 
-Because the order is total, the final state does not depend on the order in
-which tiles arrive: that is what makes results independent of block size,
-thread count and row ordering. State rows and candidates are addressed by
-row *id* (the row's number in the searched matrix), so the tiles may be made
-from reordered rows. Ids must be below ``MAX_ROWS``.
+Every key holds a *reference* similarity (:mod:`allknn.kernels.reference`),
+never a tile value: a tile value only nominates a candidate when it reaches
+the row's threshold less a margin that bounds the tile's rounding, and the
+nominee is scored by the reference before it is offered. So the state is a
+function of the candidates offered alone: the same whatever the BLAS
+kernel, tile shape, thread count, row order or order of the tiles, and two
+states merge exactly. State rows and candidates are addressed by row *id*
+(the row's number in the searched matrix), so the tiles may be made from
+reordered rows. Ids must be below ``MAX_ROWS``.
 """
 
 from __future__ import annotations
@@ -224,12 +228,15 @@ def merge_rows(tile, row0, col0, row_ids, col_ids, keys, thresholds, skip_self, 
     for i in range(bi):
         r = row_ids[row0 + i]
         row = tile[i]
+        floor = thresholds[r] - margin
         for c0 in range(0, full, CHUNK):
-            if _any_at_least(row, c0, thresholds[r] - margin):
+            if _any_at_least(row, c0, floor):
                 _walk_row(row, c0, c0 + CHUNK, r, i, row0, col0, col_ids, keys, thresholds, threshold_bits,
                           k, skip_self, unique, queries, corpus, margin)
-        _walk_row(row, full, bj, r, i, row0, col0, col_ids, keys, thresholds, threshold_bits, k, skip_self,
-                  unique, queries, corpus, margin)
+                floor = thresholds[r] - margin
+        if full < bj:
+            _walk_row(row, full, bj, r, i, row0, col0, col_ids, keys, thresholds, threshold_bits, k,
+                      skip_self, unique, queries, corpus, margin)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -288,12 +295,15 @@ def merge_rows_and_columns(tile, row0, col0, ids, keys, thresholds, rows, margin
     for i in range(bi):
         r = ids[row0 + i]
         row = tile[i]
+        floor = thresholds[r] - margin
         for c0 in range(0, full, CHUNK):
-            if _any_at_least_either(row, c0, thresholds[r] - margin, column_floors):
+            if _any_at_least_either(row, c0, floor, column_floors):
                 _walk_both(row, c0, c0 + CHUNK, r, i, row0, col0, ids, keys, thresholds, threshold_bits, k,
                            column_floors, rows, margin)
-        _walk_both(row, full, bj, r, i, row0, col0, ids, keys, thresholds, threshold_bits, k, column_floors,
-                   rows, margin)
+                floor = thresholds[r] - margin
+        if full < bj:
+            _walk_both(row, full, bj, r, i, row0, col0, ids, keys, thresholds, threshold_bits, k,
+                       column_floors, rows, margin)
 
 
 @njit(nogil=True, cache=True)
@@ -330,20 +340,6 @@ def decode_rows(keys, similarities, r0, r1):
 @njit(nogil=True, cache=True, inline="always")
 def _key_similarity(key):
     return np.int32(_similarity_bits(key)).view(np.float32)
-
-
-@njit(nogil=True, cache=True)
-def compact_rows(flat, row_length, rows, cols):
-    """Move the ``rows x cols`` top-left part of a ``(?, row_length)``
-    C-ordered matrix stored in ``flat`` to the front of ``flat``, C-ordered.
-
-    Rows move forward only, so each row is read before it is overwritten.
-    """
-    for r in range(rows):
-        src = r * row_length
-        dst = r * cols
-        for c in range(cols):
-            flat[dst + c] = flat[src + c]
 
 
 @njit(nogil=True, cache=True)
