@@ -163,7 +163,7 @@ class _Simulated:
     ],
 )
 def test_widening_policy_takes_the_cheaper_gain(refine_share, refine_cost, expected):
-    from allknn._approx_search import _search_to_target
+    from allknn.engines.approx.search import _search_to_target
 
     run = _Simulated(probe_share=0.25, refine_share=refine_share, refine_cost=refine_cost)
     _search_to_target(run.probe_to, run.refine_once, run.pilot_recall, run, 0.95, 64)
@@ -172,7 +172,7 @@ def test_widening_policy_takes_the_cheaper_gain(refine_share, refine_cost, expec
 
 
 def test_widening_policy_stops_when_nothing_is_left():
-    from allknn._approx_search import _search_to_target
+    from allknn.engines.approx.search import _search_to_target
 
     run = _Simulated(probe_share=0.1, refine_share=0.0, refine_cost=1.0)
     _search_to_target(run.probe_to, None, run.pilot_recall, run, 0.99, 3)
@@ -212,9 +212,9 @@ def test_auto_picks_exact_for_small_inputs():
 
 
 def test_auto_picks_approx_when_exact_would_be_slow(monkeypatch):
-    import allknn.api
+    import allknn.engines
 
-    monkeypatch.setattr(allknn.api, "AUTO_EXACT_SECONDS", 0.0)
+    monkeypatch.setattr(allknn.engines, "AUTO_EXACT_SECONDS", 0.0)
     result = allknn.neighbors(make_clustered(2000, 16, seed=1), 5, method="auto")
     assert result.params["method"] == "approx" and result.recall is not None
 
@@ -224,9 +224,9 @@ def test_auto_keeps_sparse_rows_exact(monkeypatch):
     sparse ones, however long the exact join would take."""
     import scipy.sparse as sp
 
-    import allknn.api
+    import allknn.engines
 
-    monkeypatch.setattr(allknn.api, "AUTO_EXACT_SECONDS", 0.0)
+    monkeypatch.setattr(allknn.engines, "AUTO_EXACT_SECONDS", 0.0)
     X = sp.random(2000, 5000, density=0.003, format="csr", random_state=4, dtype=np.float32)
     X = X[np.diff(X.indptr) > 0]
     result = allknn.neighbors(X, 5, method="auto")
@@ -288,7 +288,7 @@ def test_options_are_checked_before_any_work():
 
 
 def test_cautious_recall_is_the_mean_less_one_standard_error():
-    from allknn._recall import cautious_recall
+    from allknn.engines.approx.recall import cautious_recall
 
     recalls = np.array([1.0] * 90 + [0.5] * 10)
     assert cautious_recall(recalls) == pytest.approx(0.95 - recalls.std(ddof=1) / 10)

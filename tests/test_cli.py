@@ -22,7 +22,7 @@ import pytest
 import allknn
 from allknn.cli import checkpoint_path, main
 from allknn.datasets import make_clustered
-from allknn.io import load_result
+from allknn.writers import load_result
 
 CLI = [sys.executable, "-m", "allknn.cli"]
 

@@ -10,11 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import allknn
-from allknn._normalize import normalize_rows
 from allknn.datasets import make_clustered
-from allknn.engines.exact import QueryJoinPlan
-from allknn.engines.ordering import MIN_ROWS
+from allknn.engines.exact.plans import QueryJoinPlan
+from allknn.engines.kmeans import MIN_ROWS
 from allknn.kernels.topk import merge_rows, merge_rows_and_columns, new_state
+from allknn.rows import normalize_rows
 from allknn.topk.bounds import nomination_margin, product_error
 from allknn.topk.finish import sorted_neighbours
 from allknn.topk.scoring import scoring_rows

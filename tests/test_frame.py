@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import allknn
-from allknn.io import neighbors_frame
+from allknn.frame import neighbors_frame
 
 pd = pytest.importorskip("pandas")
 

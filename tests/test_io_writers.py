@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from allknn import TopK
-from allknn.io import ParquetNeighborWriter, load_result, neighbor_table, save_result
+from allknn.writers import ParquetNeighborWriter, load_result, neighbor_table, save_result
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")

@@ -18,11 +18,11 @@ import pytest
 import scipy.sparse as sp
 
 import allknn
-import allknn.engines.approx
-import allknn.engines.exact
-from allknn._normalize import normalize_rows
-from allknn._sparse_layout import SparseLayout
+import allknn.engines.approx.cells
+import allknn.engines.exact.plans
+from allknn.engines.exact.sparse_layout import SparseLayout
 from allknn.kernels.reference import dense_dot, sparse_dot, unit_row_norms
+from allknn.rows import normalize_rows
 from allknn.topk.bounds import nomination_margin, product_error
 from conftest import (
     assert_exact,
@@ -120,8 +120,8 @@ def perturbed(monkeypatch):
 
     def patch(seed: int) -> None:
         product = _perturbed_product(seed)
-        monkeypatch.setattr(allknn.engines.exact, "dense_product", product)
-        monkeypatch.setattr(allknn.engines.approx, "dense_product", product)
+        monkeypatch.setattr(allknn.engines.exact.plans, "dense_product", product)
+        monkeypatch.setattr(allknn.engines.approx.cells, "dense_product", product)
 
     return patch
 
@@ -145,7 +145,7 @@ def test_perturbed_products_give_the_identical_sparse_result(perturbed, monkeypa
     X.data = np.round(X.data * 3) + 1
     base = allknn.neighbors(X, 6, block_rows=128)
     everything = SparseLayout(np.arange(X.shape[1], dtype=np.int64), accumulate=False)
-    monkeypatch.setattr(allknn._search, "sparse_layout", lambda *args, **kwargs: everything)
+    monkeypatch.setattr(allknn.engines.exact.search, "sparse_layout", lambda *args, **kwargs: everything)
     perturbed(7)
     assert_same_result(allknn.neighbors(X, 6, block_rows=64), base)
     assert_same_result(base, allknn.neighbors(X.toarray(), 6))

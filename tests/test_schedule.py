@@ -9,7 +9,7 @@ from itertools import combinations_with_replacement, pairwise
 import numpy as np
 import pytest
 
-from allknn.engines.exact import QueryJoinPlan, SelfJoinPlan
+from allknn.engines.exact.plans import QueryJoinPlan, SelfJoinPlan
 from allknn.engines.schedule import block_bounds, query_tiles, run_tiles, symmetric_tiles
 
 

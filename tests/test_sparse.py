@@ -132,9 +132,9 @@ def _stop_words_and_tail(n: int, d: int, seed: int, signed: bool = False) -> sp.
 
 
 def _forced_layout(monkeypatch, layout):
-    import allknn._search
+    import allknn.engines.exact.search
 
-    monkeypatch.setattr(allknn._search, "sparse_layout", lambda *args, **kwargs: layout)
+    monkeypatch.setattr(allknn.engines.exact.search, "sparse_layout", lambda *args, **kwargs: layout)
 
 
 @pytest.mark.parametrize(("signed", "k"), [(False, 6), (True, 6), (False, 40)])
@@ -142,7 +142,7 @@ def test_every_layout_equals_the_reference(monkeypatch, signed, k):
     """Dense tiles, accumulation without a head and accumulation with a head
     of the stop-word columns all give the brute-force answer; each is
     independent of block size and threads bit for bit."""
-    from allknn._sparse_layout import PER_TILE, SparseLayout
+    from allknn.engines.exact.sparse_layout import PER_TILE, SparseLayout
 
     X = _stop_words_and_tail(1200, 3000, seed=3, signed=signed)
     reference = reference_topk(X.toarray(), k)
@@ -168,10 +168,10 @@ def test_layout_follows_the_data():
     """Stop words over a long tail: accumulated with the stop words as head.
     Many interactions per user over few items: dense tiles. Short rows over
     a large vocabulary: accumulated, no head. Dense rows: dense tiles."""
-    from allknn._sparse_layout import sparse_layout
+    from allknn.engines.exact.sparse_layout import sparse_layout
 
     def layout(X, k=6):
-        rows = allknn._sparse.normalize_sparse_rows(sp.csr_matrix(X), name="X", invalid="raise").rows
+        rows = allknn.rows.sparse.normalize_sparse_rows(sp.csr_matrix(X), name="X", invalid="raise").rows
         return sparse_layout(rows, rows, k, skip_self=True, budget=10**9, threads=2)
 
     words = _stop_words_and_tail(1200, 3000, seed=3)
@@ -188,9 +188,9 @@ def test_layout_follows_the_data():
 
 
 def test_set_apart_columns_respect_the_budget(interactions):
-    from allknn._sparse_layout import sparse_layout
+    from allknn.engines.exact.sparse_layout import sparse_layout
 
-    rows = allknn._sparse.normalize_sparse_rows(interactions, name="X", invalid="raise").rows
+    rows = allknn.rows.sparse.normalize_sparse_rows(interactions, name="X", invalid="raise").rows
     everything = sparse_layout(rows, rows, 6, skip_self=True, budget=10**9, threads=1).columns
     assert everything.size > 2
     capped = sparse_layout(rows, rows, 6, skip_self=True, budget=4 * rows.shape[0] * 2, threads=1).columns
@@ -227,10 +227,10 @@ def test_head_bounds_cover_the_head_dot_product():
 def test_pilot_counts_the_pairs_a_head_reaches():
     """count_head_reach against numpy: pairs with s + 2 b_i b_j >= t_i,
     t_i the k-th largest similarity of row i without itself."""
-    from allknn._sparse_layout import _head_norms
+    from allknn.engines.exact.sparse_layout import _head_norms
     from allknn.kernels.sparse_pilot import count_head_reach
 
-    X = allknn._sparse.normalize_sparse_rows(_stop_words_and_tail(400, 900, seed=4), name="X",
+    X = allknn.rows.sparse.normalize_sparse_rows(_stop_words_and_tail(400, 900, seed=4), name="X",
                                              invalid="raise").rows
     heads = [np.array([0, 1]), np.array([0, 1, 2, 3]), np.arange(10)]
     bounds = _head_norms(X, heads)
@@ -273,7 +273,7 @@ def test_accumulated_tiles_equal_dense_tiles_and_the_reference(monkeypatch, sign
     bit the dense-tile result, including the zero-similarity neighbours of
     rows with fewer than k positive ones (smallest index first, ahead of
     negative ones)."""
-    import allknn.engines.exact as exact
+    import allknn.engines.exact.plans as exact
 
     X = _very_sparse(1500, 3000, 3, seed=5, signed=signed)
     k = 6
@@ -297,7 +297,7 @@ def test_accumulated_tiles_equal_dense_tiles_and_the_reference(monkeypatch, sign
 def test_very_sparse_tiles_are_accumulated():
     """The per-tile choice: tiles of short rows over a large vocabulary are
     accumulated, tiles with dense columns are not."""
-    from allknn.engines.exact import SelfJoinPlan
+    from allknn.engines.exact.plans import SelfJoinPlan
 
     X = _very_sparse(1500, 3000, 3, seed=5, signed=False)
     plan = SelfJoinPlan(X, np.ones(X.shape[0]), block_rows=256)
@@ -309,10 +309,10 @@ def test_very_sparse_tiles_are_accumulated():
 def test_interrupted_run_with_a_head_resumes_identically(tmp_path):
     """The saved tiles and the remaining ones sum pairs the same way: the
     layout is saved with the state and restored on resume."""
-    from allknn._sparse_layout import sparse_layout
+    from allknn.engines.exact.sparse_layout import sparse_layout
 
     X = _stop_words_and_tail(1200, 3000, seed=3)
-    rows = allknn._sparse.normalize_sparse_rows(X, name="X", invalid="raise").rows
+    rows = allknn.rows.sparse.normalize_sparse_rows(X, name="X", invalid="raise").rows
     assert sparse_layout(rows, rows, 6, skip_self=True, budget=10**9, threads=2).columns.size > 0
     options = {"block_rows": 128, "checkpoint": tmp_path / "s.ckpt", "checkpoint_every": 0.0}
     with pytest.raises(Interrupt):
@@ -325,10 +325,10 @@ def test_resume_keeps_the_layout_of_the_saved_tiles(tmp_path, monkeypatch):
     """The layout depends on max_memory (the head is capped by it), so a
     resumed run may be offered another one; it finishes with the layout the
     saved tiles were made with (here: a head, then dense tiles offered)."""
-    from allknn._sparse_layout import SparseLayout, sparse_layout
+    from allknn.engines.exact.sparse_layout import SparseLayout, sparse_layout
 
     X = _stop_words_and_tail(3000, 3000, seed=3)
-    rows = allknn._sparse.normalize_sparse_rows(X, name="X", invalid="raise").rows
+    rows = allknn.rows.sparse.normalize_sparse_rows(X, name="X", invalid="raise").rows
     capped = sparse_layout(rows, rows, 6, skip_self=True, budget=41_000, threads=1)  # three columns
     assert capped.columns.size == 3
     assert sparse_layout(rows, rows, 6, skip_self=True, budget=10**9, threads=1).columns.size > 3

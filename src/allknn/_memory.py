@@ -22,7 +22,7 @@ benchmark machine 2048 beat 1024 by 10-15% (TF-IDF 0.44 -> 0.39 s, user x
 item 100k 6.9 -> 6.3 s); 4096 was no better."""
 
 BLOCK_MULTIPLE = 64
-"""Block sizes are multiples of this (see ``allknn.engines.exact``)."""
+"""Block sizes are multiples of this (see ``allknn.engines.exact.plans``)."""
 
 MIN_BLOCK_ROWS = BLOCK_MULTIPLE
 

@@ -30,8 +30,6 @@ def as_matrix(data: object, name: str) -> np.ndarray | scipy.sparse.csr_matrix:
         array = data
     else:
         if scipy.sparse.issparse(data):
-            from allknn._sparse import as_csr
-
             return as_csr(data, name)
         try:
             array = np.asarray(data)
@@ -150,16 +148,12 @@ def check_optional_count(value: object, name: str) -> int | None:
     return int(value)
 
 
-def check_refine(value: object, probes: int | None) -> int | None:
-    """None, or a count of passes (zero allowed) given together with ``probes``."""
+def check_count(value: object, name: str) -> int | None:
+    """None or a non-negative integer."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"refine must be a non-negative integer or None, got {value!r}")
-    if probes is None:
-        raise ValueError(
-            "refine= needs probes=; with recall_target the engine chooses its passes itself"
-        )
+        raise ValueError(f"{name} must be a non-negative integer or None, got {value!r}")
     return int(value)
 
 
@@ -184,16 +178,6 @@ def rows_to_keep(norms: np.ndarray, *, name: str, invalid: str) -> np.ndarray | 
     return kept
 
 
-METHODS = ("exact", "approx", "auto")
-
-
-def check_method(method: object) -> str:
-    """Check the ``method=`` option."""
-    if method not in METHODS:
-        raise ValueError(f"method must be 'exact', 'approx' or 'auto', got {method!r}")
-    return str(method)
-
-
 def check_min_similarity(value: object) -> float | None:
     """None or a finite number (similarities lie in [-1, 1])."""
     if value is None:
@@ -210,3 +194,27 @@ def check_row_limit(n_rows: int, limit: int, name: str) -> None:
             f"{name} has {n_rows} rows; one search handles fewer than {limit}: split it and use "
             f"queries= against each part"
         )
+
+
+def as_csr(data: object, name: str) -> scipy.sparse.csr_matrix:
+    """A canonical CSR copy-or-view of a sparse input (sorted, no duplicates).
+
+    Raises
+    ------
+    TypeError
+        For a non-real dtype.
+    ValueError
+        For an empty shape.
+    """
+    if data.dtype.kind not in "fiub":
+        raise TypeError(
+            f"{name} has dtype {data.dtype}, which is not a real number type; pass a float32 or "
+            f"float64 sparse matrix (for example {name}.astype('float32'))"
+        )
+    matrix = scipy.sparse.csr_matrix(data)
+    if matrix.shape[0] == 0 or matrix.shape[1] == 0:
+        raise ValueError(f"{name} has shape {matrix.shape}; it needs at least one row and one column")
+    if not matrix.has_canonical_format:
+        matrix = matrix.copy()
+        matrix.sum_duplicates()
+    return matrix

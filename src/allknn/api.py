@@ -1,4 +1,4 @@
-"""``neighbors()``: validate, normalise, run the engine, return a TopK."""
+"""``neighbors()``: the data path from a matrix to a TopK, through one engine."""
 
 from __future__ import annotations
 
@@ -11,15 +11,14 @@ import scipy.sparse
 from numpy.typing import ArrayLike
 
 from allknn import _validate
-from allknn._approx_search import approx_search
-from allknn._checkpoint import Checkpoint, fingerprint_matrix
 from allknn._memory import cap_block_rows, check_block_rows, choose_block_rows, parse_memory
-from allknn._normalize import NormalizedRows, normalize_rows
-from allknn._search import exact_search
-from allknn._sparse import is_sparse
-from allknn.engines.exact import ProgressCallback
+from allknn.engines import ENGINES, Job, check_method, check_options, choose
+from allknn.engines.base import ProgressCallback
 from allknn.kernels.topk import MAX_ROWS
-from allknn.result import TopK
+from allknn.rows import is_sparse, normalize_rows
+from allknn.topk.finish import finish
+from allknn.topk.result import TopK
+from allknn.writers.checkpoint import Checkpoint, fingerprint_matrix
 
 logger = logging.getLogger("allknn")
 
@@ -35,7 +34,7 @@ def neighbors(
     invalid: str = "raise",
     min_similarity: float | None = None,
     method: str = "exact",
-    recall_target: float = 0.95,
+    recall_target: float | None = None,
     probes: int | None = None,
     refine: int | None = None,
     cells: int | None = None,
@@ -47,8 +46,17 @@ def neighbors(
 ) -> TopK:
     """Find the ``k`` most cosine-similar rows of ``X`` for every row.
 
-    Exact: every pair is scored. The self-join computes only half of the
-    symmetric similarity matrix; selection is fused into the product tiles.
+    The data path: check every option, read and normalise the rows once,
+    describe the job, let the chosen engine search it into the top-k state,
+    and finish (sort, input row numbers, ``min_similarity``).
+
+    The result is defined by the reference similarity (see
+    :mod:`allknn.kernels.reference`): the float32 rounding of a fixed-order
+    float64 cosine of the float32 unit rows, the same on every machine.
+    Each row's neighbours are its top-k under that value, ties by smaller
+    index; products (BLAS, sparse tiles) only nominate candidates within a
+    proven error bound, so the result does not depend on the CPU, the BLAS
+    kernel, ``block_rows``, ``threads`` or the query form, bit for bit.
 
     Parameters
     ----------
@@ -89,8 +97,8 @@ def neighbors(
         random sample of rows against exact answers (dense rows only).
         ``"auto"``: exact when its estimated time is under a minute or the
         rows are sparse, else approximate.
-    recall_target : float
-        Approximate runs widen the search until a pilot sample of rows
+    recall_target : float, optional
+        Default 0.95. Approximate runs widen the search until a pilot sample of rows
         reaches this recall@k less one standard error, so the whole set
         usually reaches it too (ignored with ``probes``); ``result.recall``
         reports the recall measured afterwards on another sample.
@@ -122,10 +130,9 @@ def neighbors(
     Returns
     -------
     TopK
-        ``indices`` (nq, k) int64 and ``similarities`` (nq, k) float32, best
-        first. Ties are broken by the smaller index, so the result does not
-        depend on ``block_rows``, ``threads`` or the query form. Final
-        similarities are re-scored in float64 (exact duplicates score 1.0).
+        ``indices`` (nq, k) int64 and ``similarities`` (nq, k) float32 (the
+        reference similarities; exact duplicates score 1.0), best first,
+        ties by smaller index.
 
     Raises
     ------
@@ -135,122 +142,67 @@ def neighbors(
         Input not 2-D or empty, mismatched dimensions, zero or NaN/Inf rows
         (with ``invalid="raise"``), ``k`` out of range, a budget too small.
     """
-    corpus = _validate.as_matrix(X, "X")
     self_join = queries is None or queries is X
+    corpus = _validate.as_matrix(X, "X")
     query_matrix = corpus if self_join else _validate.as_matrix(queries, "queries")
     _validate.check_same_width(corpus, query_matrix)
     _validate.check_row_limit(corpus.shape[0], MAX_ROWS, "X")
     _validate.check_row_limit(query_matrix.shape[0], MAX_ROWS, "queries")
-    sparse = is_sparse(corpus) or is_sparse(query_matrix)
-    if sparse and not self_join:  # one representation for both sides
+    if (is_sparse(corpus) or is_sparse(query_matrix)) and not self_join:  # one representation for both
         corpus, query_matrix = scipy.sparse.csr_matrix(corpus), scipy.sparse.csr_matrix(query_matrix)
     n_threads = _validate.check_threads(threads)
     invalid = _validate.check_invalid_choice(invalid)
     budget = parse_memory(max_memory)
-    _validate.check_method(method)
-    if method == "approx" and checkpoint is not None:
-        raise ValueError("checkpoint= works with method='exact' (or 'auto') only")
-    recall_target = _validate.check_fraction(recall_target, "recall_target")
-    probes = _validate.check_optional_count(probes, "probes")
-    refine = _validate.check_refine(refine, probes)
-    cells = _validate.check_optional_count(cells, "cells")
+    check_method(method)
+    options = check_options({"recall_target": recall_target, "probes": probes, "refine": refine,
+                             "cells": cells})
+    if checkpoint is not None and method != "auto" and not ENGINES[method].checkpoints:
+        takes = " or ".join(repr(name) for name, engine in ENGINES.items() if engine.checkpoints)
+        raise ValueError(f"checkpoint= works with method={takes} (or 'auto') only")
     min_similarity = _validate.check_min_similarity(min_similarity)
-    n_rows = max(corpus.shape[0], query_matrix.shape[0])
-    if block_rows is None:
-        block_rows = cap_block_rows(
-            choose_block_rows(budget, corpus.shape[1], n_threads, sparse=sparse), n_rows
-        )
-    else:
-        block_rows = check_block_rows(block_rows, n_rows, budget, corpus.shape[1], n_threads,
-                                      sparse=sparse)
+    block_rows = _block_rows(block_rows, corpus, query_matrix, budget, n_threads)
 
     started = time.perf_counter()
-    normed = normalize_rows(corpus, name="X", block_rows=block_rows, invalid=invalid,
-                            on_disk=_spill(corpus, budget))
-    n_candidates = normed.rows.shape[0] - (1 if self_join and exclude_self else 0)
+    corpus_rows = normalize_rows(corpus, name="X", block_rows=block_rows, invalid=invalid,
+                                 on_disk=_spill(corpus, budget))
+    query_rows = corpus_rows if self_join else normalize_rows(
+        query_matrix, name="queries", block_rows=block_rows, invalid=invalid,
+        on_disk=_spill(query_matrix, budget))
+    n_candidates = corpus_rows.rows.shape[0] - (1 if self_join and exclude_self else 0)
     k = _validate.check_k(k, n_candidates, self_join=self_join and exclude_self)
-    if self_join:
-        query_normed = normed
-    else:
-        query_normed = normalize_rows(query_matrix, name="queries", block_rows=block_rows,
-                                      invalid=invalid, on_disk=_spill(query_matrix, budget))
-
-    chosen = _choose_method(method, n_pairs=_pair_count(self_join, query_normed, normed),
-                            dim=corpus.shape[1], threads=n_threads, sparse=sparse)
-    logger.debug(
-        "%s %s: %d x %d against %d rows, k=%d, block_rows=%d, threads=%d", chosen,
-        "self-join" if self_join else "query join", query_normed.rows.shape[0],
-        corpus.shape[1], normed.rows.shape[0], k, block_rows, n_threads,
-    )
-    params = {"k": k, "method": chosen, "self_join": self_join,
-              "exclude_self": bool(exclude_self and self_join),
-              "invalid": invalid, "min_similarity": min_similarity}
-    recall = None
-    if chosen == "approx":
-        heap_idx, heap_sim, recall, plan = approx_search(
-            query_normed, normed, k, self_join=self_join, exclude_self=exclude_self,
-            block_rows=block_rows, threads=n_threads, budget=budget, recall_target=recall_target,
-            probes=probes, refine_passes=refine, cells=cells, seed=seed,
-            sample_size=RECALL_SAMPLE_ROWS,
-        )
-        params.update(recall=recall.estimate, recall_interval=list(recall.interval),
-                      cells=plan.cells, probes=plan.probes, refine_passes=plan.passes, seed=seed)
-    else:
-        saver = None
-        if checkpoint is not None:
-            fingerprint = {
-                **params, "block_rows": block_rows, "X": fingerprint_matrix(corpus),
-                "queries": None if self_join else fingerprint_matrix(query_matrix),
-            }
-            saver = Checkpoint(checkpoint, fingerprint, interval=checkpoint_every)
-        heap_idx, heap_sim = exact_search(
-            query_normed, normed, k, self_join=self_join, exclude_self=exclude_self,
-            block_rows=block_rows, threads=n_threads, budget=budget, checkpoint=saver,
-            on_tile=on_tile,
-        )
-    indices, similarities = _to_original_rows(heap_idx, heap_sim, query_normed, normed)
-    if min_similarity is not None:
-        below = ~(similarities >= min_similarity)  # NaN padding stays masked
-        indices[below] = -1
-        similarities[below] = np.nan
-    elapsed = time.perf_counter() - started
-    logger.info("%s search of %d rows done in %.2f s", chosen, indices.shape[0], elapsed)
-    return TopK(
-        indices=indices,
-        similarities=similarities,
-        n_corpus=corpus.shape[0],
-        params=params,
-        recall=recall,
-    )
+    job = Job(queries=query_rows, corpus=corpus_rows, k=k, self_join=self_join,
+              exclude_self=bool(exclude_self), threads=n_threads, budget=budget, block_rows=block_rows,
+              seed=seed, options=options)
+    engine = choose(method, job)
+    logger.debug("%s %s: %d x %d against %d rows, k=%d, block_rows=%d, threads=%d", engine.name,
+                 "self-join" if self_join else "query join", query_rows.rows.shape[0], job.dim,
+                 corpus_rows.rows.shape[0], k, block_rows, n_threads)
+    params = {"k": k, "method": engine.name, "self_join": self_join,
+              "exclude_self": job.skip_self, "invalid": invalid, "min_similarity": min_similarity}
+    fingerprint = {**params, "block_rows": block_rows}
+    params["threads"] = n_threads
+    saver = None
+    if checkpoint is not None and engine.checkpoints:
+        fingerprint.update(X=fingerprint_matrix(corpus),
+                           queries=None if self_join else fingerprint_matrix(query_matrix))
+        saver = Checkpoint(checkpoint, fingerprint, interval=checkpoint_every)
+    found = engine.search(job, checkpoint=saver, on_tile=on_tile)
+    indices, similarities = finish(found.keys, query_rows, corpus_rows, min_similarity=min_similarity,
+                                   threads=n_threads)
+    logger.info("%s search of %d rows done in %.2f s", engine.name, indices.shape[0],
+                time.perf_counter() - started)
+    return TopK(indices=indices, similarities=similarities, n_corpus=corpus.shape[0],
+                params={**params, **found.params}, recall=found.recall)
 
 
-RECALL_SAMPLE_ROWS = 1000
-"""Rows whose recall every approximate run measures (and as many again for
-the pilot that picks the number of probes)."""
-
-EXACT_PAIR_DIMS_PER_SECOND = 5.5e10
-"""Exact engine speed per thread, in (pairs x dimensions) per second, as
-measured on the benchmark machine (BENCHMARKS.md); used by ``method="auto"``."""
-
-AUTO_EXACT_SECONDS = 60.0
-
-
-def _pair_count(self_join: bool, queries: NormalizedRows, corpus: NormalizedRows) -> int:
-    n = corpus.rows.shape[0]
-    return n * (n - 1) // 2 if self_join else queries.rows.shape[0] * n
-
-
-def _choose_method(method: str, *, n_pairs: int, dim: int, threads: int, sparse: bool) -> str:
-    """``"exact"`` or ``"approx"``; for ``"auto"``, from the estimated exact
-    time (always exact for sparse rows, which the approximate engine does
-    not take)."""
-    if method != "auto":
-        return method
-    if sparse:
-        return "exact"
-    seconds = n_pairs * dim / (EXACT_PAIR_DIMS_PER_SECOND * threads)
-    logger.info("auto: the exact join would take about %.0f s", seconds)
-    return "exact" if seconds < AUTO_EXACT_SECONDS else "approx"
+def _block_rows(block_rows: int | None, corpus, queries, budget: int, threads: int) -> int:
+    """Rows per block: the given size checked against the budget, or the
+    largest the budget allows (up to the cache-friendly preference)."""
+    sparse = is_sparse(corpus) or is_sparse(queries)
+    n_rows = max(corpus.shape[0], queries.shape[0])
+    if block_rows is None:
+        return cap_block_rows(choose_block_rows(budget, corpus.shape[1], threads, sparse=sparse), n_rows)
+    return check_block_rows(block_rows, n_rows, budget, corpus.shape[1], threads, sparse=sparse)
 
 
 def _spill(data: np.ndarray, budget: int) -> bool:
@@ -261,19 +213,3 @@ def _spill(data: np.ndarray, budget: int) -> bool:
     file, so resident memory stays with the operating system's page cache.
     """
     return isinstance(data, np.memmap) and data.shape[0] * data.shape[1] * 4 > budget
-
-
-def _to_original_rows(
-    indices: np.ndarray, similarities: np.ndarray, queries: NormalizedRows, corpus: NormalizedRows
-) -> tuple[np.ndarray, np.ndarray]:
-    """Map kept-row numbers back to input row numbers; dropped queries get -1/NaN."""
-    if corpus.kept is not None:
-        present = indices >= 0
-        indices[present] = corpus.kept[indices[present]]
-    if queries.kept is None:
-        return indices, similarities
-    full_indices = np.full((queries.n_original, indices.shape[1]), -1, dtype=np.int64)
-    full_similarities = np.full((queries.n_original, indices.shape[1]), np.nan, dtype=np.float32)
-    full_indices[queries.kept] = indices
-    full_similarities[queries.kept] = similarities
-    return full_indices, full_similarities

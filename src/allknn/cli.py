@@ -15,11 +15,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
-import numpy as np
-
 import allknn
-from allknn._memory import choose_block_rows, parse_memory, working_bytes
-from allknn._validate import check_threads
 
 OUTPUT_SUFFIXES = (".parquet", ".npz")
 EXIT_ERROR = 1
@@ -105,7 +101,7 @@ def checkpoint_path(output: Path) -> Path:
 def _load(path: str, args: argparse.Namespace):
     """Read an input file; ``--column`` names a column (parquet) or an array
     (npz, hdf5)."""
-    from allknn.io import load
+    from allknn.readers import load
 
     named = Path(path).suffix.lower() in (".npz", ".h5", ".hdf5")
     return load(path, column=None if named else args.column,
@@ -113,7 +109,8 @@ def _load(path: str, args: argparse.Namespace):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from allknn.io import read_ids, save_result
+    from allknn.readers import read_ids
+    from allknn.writers import save_result
 
     output = Path(args.output)
     if output.suffix not in OUTPUT_SUFFIXES:
@@ -165,70 +162,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _estimate_pairs_per_second(d: int, threads: int) -> float:
-    """Time the engine on a small clustered sample to extrapolate a run."""
-    from allknn.datasets import make_clustered
-
-    sample = make_clustered(4096, d, seed=0)
-    allknn.neighbors(sample[:512], 5, threads=1)  # compile kernels first
-    started = time.perf_counter()
-    allknn.neighbors(sample, 10, threads=threads)
-    return _self_join_pairs(sample.shape[0]) / (time.perf_counter() - started)
-
-
-def _estimate_sparse_seconds(matrix, k: int, threads: int, budget: int, block_rows: int) -> float | None:
-    """Seconds for the exact self-join of a sparse matrix, from a timed
-    sample of its tiles; None when fewer than two rows are usable."""
-    from allknn._search import estimate_self_join_seconds
-    from allknn._sparse import normalize_sparse_rows
-
-    normed = normalize_sparse_rows(matrix, name="X", invalid="drop")
-    if normed.rows.shape[0] < 2:
-        return None
-    sample = normalize_sparse_rows(matrix[:256], name="X", invalid="drop")
-    if sample.rows.shape[0] >= 2:  # compile kernels first
-        estimate_self_join_seconds(sample, min(k, sample.rows.shape[0] - 1), block_rows=64, threads=1,
-                                   budget=budget)
-    return estimate_self_join_seconds(normed, min(k, normed.rows.shape[0] - 1), block_rows=block_rows,
-                                      threads=threads, budget=budget)
-
-
 def _cmd_info(args: argparse.Namespace) -> int:
-    from allknn._normalize import row_norms
-    from allknn._sparse import is_sparse, sparse_row_norms
-
-    data = _load(args.input, args)
-    n, d = data.matrix.shape
-    threads = check_threads(args.threads)
-    budget = parse_memory(args.max_memory)
-    sparse = is_sparse(data.matrix)
-    block_rows = choose_block_rows(budget, d, threads, sparse=sparse)
-    norms = sparse_row_norms(data.matrix) if sparse else row_norms(data.matrix, block_rows)
-    nonfinite = np.flatnonzero(~np.isfinite(norms))
-    zero = np.flatnonzero(norms == 0)
+    named = Path(args.input).suffix.lower() in (".npz", ".h5", ".hdf5")
+    found = allknn.inspect(args.input, args.k, max_memory=args.max_memory, threads=args.threads,
+                           column=None if named else args.column, dataset=args.column if named else None,
+                           id_column=args.id_column)
+    n, d = found.shape
+    zero, nonfinite = found.zero_rows, found.nonfinite_rows
     print(f"file:        {args.input}")
-    kind = f"sparse, {data.matrix.nnz} stored values" if sparse else "dense"
-    print(f"shape:       {n} x {d}, {data.matrix.dtype}, {kind}")
-    print(f"ids:         {'yes' if data.ids is not None else 'no (row numbers)'}")
+    kind = "dense" if found.stored_values is None else f"sparse, {found.stored_values} stored values"
+    print(f"shape:       {n} x {d}, {found.dtype}, {kind}")
+    print(f"ids:         {'yes' if found.ids else 'no (row numbers)'}")
     print(f"zero rows:   {zero.size}" + (f" (first: {', '.join(map(str, zero[:5]))})" if zero.size else ""))
     print(f"NaN/Inf rows: {nonfinite.size}"
           + (f" (first: {', '.join(map(str, nonfinite[:5]))})" if nonfinite.size else ""))
-    state = n * args.k * 12
-    if sparse:
-        seconds = _estimate_sparse_seconds(data.matrix, args.k, threads, budget, block_rows)
-        if seconds is not None:
-            print(f"estimate:    {seconds:.1f} s for the exact self-join with k={args.k} on {threads} "
-                  "thread(s) (timed here on a sample of its tiles; usually high, by up to 2x)")
-        # the normalised copy and the per-block column index, each about the input's size
-        memory = 2 * data.matrix.nnz * 8 + state + working_bytes(block_rows, d, threads, sparse=True)
-        print(f"memory:      about {memory / 1e6:.0f} MB beyond the input (block_rows={block_rows}), "
-              "plus copies of frequent columns within max_memory")
-        return 0
-    rate = _estimate_pairs_per_second(d, threads)
-    memory = n * d * 4 + state + working_bytes(block_rows, d, threads)
-    print(f"estimate:    {_self_join_pairs(n) / rate:.1f} s for the exact self-join with k={args.k} "
-          f"on {threads} thread(s) ({rate:.3g} pairs/s measured here)")
-    print(f"memory:      about {memory / 1e6:.0f} MB beyond the input (block_rows={block_rows})")
+    how = ("timed here on a sample of its tiles; usually high, by up to 2x" if found.stored_values is not None
+           else "from tile products timed here")
+    for name, estimate in found.engines.items():
+        if estimate.refusal is not None:
+            print(f"{name + ':':<12} cannot run: {estimate.refusal}")
+            continue
+        what = "the exact self-join" if name == "exact" else f"method={name!r}"
+        print(f"estimate:    {estimate.seconds:.1f} s for {what} with k={found.k} on {found.threads} "
+              f"thread(s) ({how if name == 'exact' else 'modelled from the same speed'})")
+        print(f"memory:      about {estimate.memory_bytes / 1e6:.0f} MB beyond the input "
+              f"(block_rows={found.block_rows})")
     return 0
 
 
@@ -247,7 +205,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - started
     pairs = args.n * (args.n - 1) / 2
     print(f"time: {elapsed:.2f} s, {args.n / elapsed:,.0f} rows/s, {pairs / elapsed:.3g} pairs/s "
-          f"on {check_threads(args.threads)} thread(s)")
+          f"on {result.params['threads']} thread(s)")
     for row in range(min(5, args.n)):
         pairs_shown = zip(result.indices[row, :5], result.similarities[row, :5], strict=True)
         shown = ", ".join(f"{j} ({s:.3f})" for j, s in pairs_shown)

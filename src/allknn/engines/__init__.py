@@ -1,0 +1,77 @@
+"""The engines, behind one contract (:mod:`allknn.engines.base`), and the choice among them."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from allknn.engines.approx import ApproxEngine
+from allknn.engines.base import Engine, Found, Job
+from allknn.engines.exact import ExactEngine
+
+__all__ = ["ENGINES", "Engine", "Found", "Job", "check_method", "check_options", "choose"]
+
+logger = logging.getLogger("allknn")
+
+ENGINES: dict[str, Engine] = {engine.name: engine for engine in (ExactEngine(), ApproxEngine())}
+"""Registered engines by ``method=`` name."""
+
+AUTO_EXACT_SECONDS = 60.0
+"""``method="auto"`` takes an exact engine whose estimate is below this."""
+
+
+def check_method(method: object) -> str:
+    """A registered engine's name, or ``"auto"``."""
+    if method != "auto" and method not in ENGINES:
+        names = [repr(name) for name in ENGINES]
+        raise ValueError(f"method must be {', '.join(names[:-1])}, {names[-1]} or 'auto', got {method!r}")
+    return str(method)
+
+
+def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Check every engine's own options (before any work), each by the engine that declares it.
+
+    Raises
+    ------
+    ValueError
+        For an option no engine declares, or a bad value.
+    """
+    checked = {}
+    for name, value in options.items():
+        owner = next((engine for engine in ENGINES.values() if name in engine.options), None)
+        if owner is None:
+            raise ValueError(f"unknown option {name!r}; engines take: "
+                             + ", ".join(sorted(o for e in ENGINES.values() for o in e.options)))
+        checked[name] = owner.options[name](value) if value is not None else None
+    for engine in ENGINES.values():
+        engine.check_combination(checked)
+    return checked
+
+
+def choose(method: str, job: Job) -> Engine:
+    """The engine ``method`` names, or for ``"auto"`` an exact engine that
+    can run the job in under ``AUTO_EXACT_SECONDS`` (else the fastest
+    approximate one that can run it, else the fastest exact one).
+
+    Raises
+    ------
+    ValueError
+        If the named engine cannot run the job: ``method='name'`` and its
+        :meth:`~allknn.engines.base.Engine.refusal`.
+    """
+    if method != "auto":
+        engine = ENGINES[method]
+        reason = engine.refusal(job)
+        if reason is not None:
+            raise ValueError(f"method={method!r} {reason}")
+        return engine
+    able = [engine for engine in ENGINES.values() if engine.refusal(job) is None]
+    exact = [engine for engine in able if engine.exact]
+    if len(able) == 1:
+        return able[0]
+    timed = {engine.name: engine.estimate_seconds(job) for engine in able}
+    logger.info("auto: estimated seconds %s", timed)
+    fast_exact = [engine for engine in exact if timed[engine.name] < AUTO_EXACT_SECONDS]
+    pool = fast_exact or [engine for engine in able if not engine.exact] or exact
+    return min(pool, key=lambda engine: timed[engine.name])

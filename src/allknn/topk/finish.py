@@ -1,4 +1,5 @@
-"""The finish of every engine: the top-k state decoded into the result."""
+"""The finish of every engine: the top-k state decoded into the result,
+in input row numbers, weak neighbours masked."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from allknn.kernels.topk import decode_rows
+from allknn.rows import NormalizedRows
 
 _DECODE_ROWS = 16384
 
@@ -37,3 +39,40 @@ def sorted_neighbours(keys: np.ndarray, *, threads: int = 1) -> tuple[np.ndarray
         list(pool.map(lambda r0: decode_rows(keys, similarities, r0, min(r0 + _DECODE_ROWS, keys.shape[0])),
                       starts))
     return keys, similarities
+
+
+def finish(keys: np.ndarray, queries: NormalizedRows, corpus: NormalizedRows, *, min_similarity: float | None,
+           threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """The result of a search: sorted, in input rows, masked below ``min_similarity``.
+
+    Parameters
+    ----------
+    keys : ndarray of shape (kept queries, k), int64
+        An engine's top-k state (overwritten).
+    queries, corpus : NormalizedRows
+        What the engine searched (their ``kept`` rows map back to the input).
+    min_similarity : float or None
+        Neighbours less similar are masked (index -1, similarity NaN).
+    threads : int
+
+    Returns
+    -------
+    indices : ndarray of shape (queries.n_original, k), int64
+        Input row numbers; -1 for dropped query rows and masked neighbours.
+    similarities : ndarray of shape (queries.n_original, k), float32
+    """
+    indices, similarities = sorted_neighbours(keys, threads=threads)
+    if corpus.kept is not None:
+        present = indices >= 0
+        indices[present] = corpus.kept[indices[present]]
+    if queries.kept is not None:
+        full_indices = np.full((queries.n_original, indices.shape[1]), -1, dtype=np.int64)
+        full_similarities = np.full((queries.n_original, indices.shape[1]), np.nan, dtype=np.float32)
+        full_indices[queries.kept] = indices
+        full_similarities[queries.kept] = similarities
+        indices, similarities = full_indices, full_similarities
+    if min_similarity is not None:
+        below = ~(similarities >= min_similarity)  # NaN padding stays masked
+        indices[below] = -1
+        similarities[below] = np.nan
+    return indices, similarities

@@ -9,11 +9,33 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from allknn._recall import RecallEstimate
-
 if TYPE_CHECKING:
     import pandas as pd
     import scipy.sparse
+
+
+@dataclass(frozen=True)
+class RecallEstimate:
+    """Recall@k of an approximate run, measured on a random sample of rows.
+
+    Attributes
+    ----------
+    estimate : float
+        Mean recall of the sampled rows.
+    interval : tuple of float
+        A 95% interval (low, high) for the recall of all rows.
+    sample_size : int
+        Rows measured.
+    """
+
+    estimate: float
+    interval: tuple[float, float]
+    sample_size: int
+
+    def __str__(self) -> str:
+        low, high = self.interval
+        return f"recall@k {self.estimate:.4f} (95% interval {low:.4f}-{high:.4f}, {self.sample_size} rows)"
+
 
 
 @dataclass(frozen=True, eq=False)
@@ -99,11 +121,11 @@ class TopK:
     def save(self, path: str | os.PathLike[str], **options: Any) -> None:
         """Write the result atomically to ``.npz`` or ``.parquet`` (by extension).
 
-        ``options`` are those of :func:`allknn.io.save_result` (``ids``,
+        ``options`` are those of :func:`allknn.writers.save_result` (``ids``,
         ``query_ids``, ``min_similarity``, ``metadata``); read it back with
         :func:`allknn.load_result`.
         """
-        from allknn.io import save_result
+        from allknn.writers import save_result
 
         save_result(self, path, **options)
 

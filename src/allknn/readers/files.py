@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from allknn.io._deps import optional
-from allknn.io._parquet_embeddings import read_parquet
+from allknn._optional import optional
+from allknn.readers.parquet import read_parquet
 
 _SPARSE_KEYS = frozenset({"format", "shape", "data"})  # what scipy.sparse.save_npz writes for every format
 _ANN_BENCHMARKS_TRAIN = "train"

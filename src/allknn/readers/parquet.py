@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from allknn.io._deps import open_parquet
-from allknn.io.ids import read_ids
+from allknn._optional import open_parquet
+from allknn.readers.ids import read_ids
 
 if TYPE_CHECKING:
     import pyarrow as pa

@@ -23,7 +23,7 @@ passing the same ids to :func:`read_neighbor_table`, checked against the
 digest.
 
 The file appears under its name only when complete (see
-:mod:`allknn.io._atomic`).
+:mod:`allknn.writers.atomic`).
 """
 
 from __future__ import annotations
@@ -40,11 +40,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from allknn.io._atomic import AtomicFile
-from allknn.io._deps import open_parquet, optional
-from allknn.io._json import dumps
-from allknn.io.ids import read_ids
-from allknn.result import TopK
+from allknn._optional import open_parquet, optional
+from allknn.readers.ids import read_ids
+from allknn.topk.result import TopK
+from allknn.writers.atomic import AtomicFile
+from allknn.writers.json_text import dumps
 
 if TYPE_CHECKING:
     import pyarrow as pa

@@ -16,20 +16,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from allknn._normalize import NormalizedRows
-from allknn._recall import RecallEstimate, cautious_recall, estimate, exact_kth, row_recall
-from allknn._sparse import is_sparse
-from allknn.engines.approx import MAX_PROBES, CellIndex, cell_centroids, n_cells_for, probe_rounds
-from allknn.engines.ordering import NEAREST_ROWS, nearest_centroids
+from allknn.engines.approx.cells import MAX_PROBES, CellIndex, cell_centroids, n_cells_for, probe_rounds
+from allknn.engines.approx.recall import RecallEstimate, cautious_recall, estimate, exact_kth, row_recall
+from allknn.engines.base import Job
+from allknn.engines.kmeans import NEAREST_ROWS, nearest_centroids
 from allknn.kernels.local_join import neighbour_ids, refine, refine_bytes
 from allknn.kernels.topk import key_similarities, new_state
-from allknn.topk.finish import sorted_neighbours
 
 logger = logging.getLogger("allknn")
 
 PROBE_STEPS = (1, 2, 3, 4, 6, 8, 11, 16, 22, 32, 45, 64)
 """Cells per row after which a run checks its pilot recall (growing by about
 1.4x, so it overshoots the needed breadth by at most that much)."""
+
+DEFAULT_RECALL_TARGET = 0.95
 
 FIRST_PROBES = 16
 """Nearest cells listed per row up front; more are listed only when the
@@ -85,50 +85,45 @@ def approx_bytes(n_queries: int, n_corpus: int, k: int, *, listed: int, self_joi
     return tiles + probe_lists + index + refinement
 
 
-def approx_search(
-    queries: NormalizedRows,
-    corpus: NormalizedRows,
-    k: int,
-    *,
-    self_join: bool,
-    exclude_self: bool,
-    block_rows: int,
-    threads: int,
-    budget: int,
-    recall_target: float,
-    probes: int | None,
-    refine_passes: int | None,
-    cells: int | None,
-    seed: int,
-    sample_size: int,
-) -> tuple[np.ndarray, np.ndarray, RecallEstimate, ApproxPlan]:
+RECALL_SAMPLE_ROWS = 1000
+"""Rows whose recall every approximate run measures (and as many again for
+the pilot that picks the breadth of the search)."""
+
+
+def listed_probes(n_corpus: int, probes: int | None, cells: int | None) -> tuple[int, int, int]:
+    """Cells, most probes and the nearest cells listed up front for a corpus."""
+    n_cells = min(cells or n_cells_for(n_corpus), n_corpus)
+    most = min(n_cells, probes or MAX_PROBES)
+    return n_cells, most, min(most, probes or FIRST_PROBES)
+
+
+def approx_search(job: Job) -> tuple[np.ndarray, RecallEstimate, ApproxPlan]:
     """Approximate top-k by cell probing and refinement, with measured recall.
 
-    With ``probes``, exactly that many cells per row, then
-    ``refine_passes`` refinement passes (self-join only; default none).
-    Without, see the module docstring.
+    With the option ``probes``, exactly that many cells per row, then
+    ``refine`` refinement passes (self-join only; default none). Without,
+    see the module docstring (option ``recall_target``, default 0.95).
 
     Returns
     -------
-    indices, similarities : ndarray of shape (nq, k)
-        As :func:`allknn._search.exact_search`.
+    keys : ndarray of shape (nq, k), int64
+        The top-k state (see :mod:`allknn.kernels.topk`), by kept row.
     recall : RecallEstimate
     plan : ApproxPlan
 
     Raises
     ------
     ValueError
-        Sparse input, refinement asked for a query join, or a budget too
-        small for the engine's working memory.
+        A budget too small for the engine's working memory.
     """
-    if is_sparse(corpus.rows):
-        raise ValueError("method='approx' supports dense rows only; use method='exact' for sparse input")
-    if refine_passes and not self_join:
-        raise ValueError("refine= works in the self-join only (it follows the corpus's own kNN graph)")
+    queries, corpus, k, self_join = job.queries, job.corpus, job.k, job.self_join
+    block_rows, threads, budget, seed = job.block_rows, job.threads, job.budget, job.seed
+    probes, cells = job.options.get("probes"), job.options.get("cells")
+    refine_passes = job.options.get("refine")
+    recall_target = job.options.get("recall_target") or DEFAULT_RECALL_TARGET
+    sample_size = RECALL_SAMPLE_ROWS
     n_queries, n_corpus = queries.rows.shape[0], corpus.rows.shape[0]
-    n_cells = min(cells or n_cells_for(n_corpus), n_corpus)
-    most = min(n_cells, probes or MAX_PROBES)
-    listed = min(most, probes or FIRST_PROBES)
+    n_cells, most, listed = listed_probes(n_corpus, probes, cells)
     need = approx_bytes(n_queries, n_corpus, k, listed=listed, self_join=self_join, threads=threads,
                         block_rows=block_rows)
     if need > budget:
@@ -144,7 +139,7 @@ def approx_search(
     labels = probe_order[:, 0] if self_join else nearest_centroids(corpus.rows, centroids,
                                                                    threads=threads)[:, 0]
     keys, thresholds = new_state(n_queries, k)
-    skip_self = self_join and exclude_self
+    skip_self = job.skip_self
     picks = np.random.default_rng(seed).permutation(n_queries)
     size = min(sample_size, n_queries)
     audit = np.sort(picks[:size])
@@ -194,10 +189,9 @@ def approx_search(
                               recall_target, most)
     finally:
         index.restore()
-    indices, similarities = sorted_neighbours(keys, threads=threads)
     audit_kth = exact_kth(queries.rows, corpus.rows, audit, k, skip_self=skip_self,
                           block_rows=block_rows, threads=threads)
-    return indices, similarities, estimate(row_recall(similarities[audit], audit_kth)), plan
+    return keys, estimate(row_recall(key_similarities(keys[audit]), audit_kth)), plan
 
 
 class _Costs:

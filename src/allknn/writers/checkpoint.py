@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse
 
-from allknn._sparse_layout import SparseLayout
+from allknn.engines.exact.sparse_layout import SparseLayout
 from allknn.engines.schedule import Tile
 from allknn.kernels.topk import thresholds_of
 
@@ -53,7 +53,7 @@ class Progress:
         Finished tiles.
     order : ndarray of int64 or None
         The row order the tiles refer to (see
-        :mod:`allknn.engines.ordering`); ``None`` for the natural order.
+        :mod:`allknn.engines.kmeans`); ``None`` for the natural order.
     layout : SparseLayout or None
         For sparse input, the column layout the tiles were made with (it
         depends on the memory budget, so a resume must not choose again).

@@ -11,7 +11,7 @@ unicode strings). No pickles: ``np.load(path)`` reads it as it is.
 
 ``.parquet`` layout
 -------------------
-The long neighbour table of :mod:`allknn.io.neighbor_table`.
+The long neighbour table of :mod:`allknn.writers.neighbor_table`.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from allknn.io._atomic import atomic_path
-from allknn.io._json import dumps
-from allknn.io.ids import read_ids
-from allknn.io.neighbor_table import Labels, ParquetNeighborWriter, read_neighbor_table
-from allknn.result import TopK
+from allknn.readers.ids import read_ids
+from allknn.topk.result import TopK
+from allknn.writers.atomic import atomic_path
+from allknn.writers.json_text import dumps
+from allknn.writers.neighbor_table import Labels, ParquetNeighborWriter, read_neighbor_table
 
 SUFFIXES = (".npz", ".parquet")
 _ENTRIES_PER_BLOCK = 2**20
@@ -99,7 +99,7 @@ def load_result(
         :class:`ParquetNeighborWriter`).
     ids, query_ids : sequence, optional
         Only for a parquet file whose ids were too many to keep in it
-        (see :mod:`allknn.io.neighbor_table`): the ids it was written with.
+        (see :mod:`allknn.writers.neighbor_table`): the ids it was written with.
 
     Returns
     -------

@@ -1,39 +1,14 @@
-"""Unit-normalise rows once, block by block, finding zero and NaN/Inf rows."""
+"""Dense rows: unit-normalised once, block by block, finding zero and NaN/Inf rows."""
 
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
 
 import numpy as np
 
-from allknn._sparse import is_sparse, normalize_sparse_rows
 from allknn._validate import rows_to_keep
 from allknn.kernels.reference import dense_row_norms, unit_row_norms
-
-
-@dataclass(frozen=True)
-class NormalizedRows:
-    """The rows an engine searches, unit-normalised.
-
-    Attributes
-    ----------
-    rows : ndarray of shape (m, d), float32, C-contiguous, or csr_matrix
-        Kept rows divided by their norm (sparse input stays sparse).
-    norms : ndarray of shape (m,), float64
-        Reference norms of ``rows`` themselves (1 up to float32 rounding),
-        the denominators of the reference similarity.
-    kept : ndarray of shape (m,), int64, or None
-        Original row number of each kept row; ``None`` when all rows were
-        kept (then row ``i`` is original row ``i``).
-    n_original : int
-        Number of rows of the input.
-    """
-
-    rows: np.ndarray
-    norms: np.ndarray
-    kept: np.ndarray | None
-    n_original: int
+from allknn.rows.normalized import NormalizedRows
 
 
 def row_norms(data: np.ndarray, block_rows: int) -> np.ndarray:
@@ -65,7 +40,7 @@ def _allocate(shape: tuple[int, int], on_disk: bool) -> np.ndarray:
     return rows
 
 
-def normalize_rows(
+def normalize_dense_rows(
     data: np.ndarray, *, name: str, block_rows: int, invalid: str, on_disk: bool = False
 ) -> NormalizedRows:
     """Normalise the rows of ``data`` into a new float32 matrix.
@@ -75,9 +50,7 @@ def normalize_rows(
 
     Parameters
     ----------
-    data : ndarray of shape (n, d), real dtype, or csr_matrix
-        A sparse matrix is normalised by
-        :func:`allknn._sparse.normalize_sparse_rows` and stays sparse.
+    data : ndarray of shape (n, d), real dtype
     name : str
         Name used in error messages (``"X"`` or ``"queries"``).
     block_rows : int
@@ -94,8 +67,6 @@ def normalize_rows(
         If there are such rows and ``invalid="raise"``, naming how many and
         the first row numbers; or if no row is left after dropping.
     """
-    if is_sparse(data):
-        return normalize_sparse_rows(data, name=name, invalid=invalid)
     norms = row_norms(data, block_rows)
     kept = rows_to_keep(norms, name=name, invalid=invalid)
 

@@ -1,9 +1,4 @@
-"""Run the exact engine on normalised rows: order, tiles, checkpoints, finish.
-
-This is the orchestration between :func:`allknn.neighbors` (validation and
-conversion) and the engine (tiles and kernels). It returns the sorted,
-re-scored neighbours of the normalised rows, by kept-row number.
-"""
+"""Run the exact engine on a job: row order, sparse layout, tiles, checkpoints."""
 
 from __future__ import annotations
 
@@ -12,45 +7,34 @@ import time
 
 import numpy as np
 
-from allknn._checkpoint import Checkpoint, Progress
-from allknn._normalize import NormalizedRows
-from allknn._sparse import is_sparse
-from allknn._sparse_layout import sparse_layout
-from allknn.engines.exact import ProgressCallback, QueryJoinPlan, SelfJoinPlan, TilePlan
-from allknn.engines.ordering import MIN_ROWS, cluster_order
+from allknn.engines.base import Job, ProgressCallback
+from allknn.engines.exact.plans import QueryJoinPlan, SelfJoinPlan, TilePlan
+from allknn.engines.exact.sparse_layout import sparse_layout
+from allknn.engines.kmeans import MIN_ROWS, cluster_order
 from allknn.kernels.topk import new_state, permute_rows
-from allknn.topk.finish import sorted_neighbours
+from allknn.rows import NormalizedRows, is_sparse
+from allknn.writers.checkpoint import Checkpoint, Progress
 
 logger = logging.getLogger("allknn")
 
 
-def exact_search(
-    queries: NormalizedRows,
-    corpus: NormalizedRows,
-    k: int,
-    *,
-    self_join: bool,
-    exclude_self: bool,
-    block_rows: int,
-    threads: int,
-    budget: int,
-    checkpoint: Checkpoint | None = None,
-    on_tile: ProgressCallback | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k of every query row among the corpus rows.
+def exact_search(job: Job, *, checkpoint: Checkpoint | None = None,
+                 on_tile: ProgressCallback | None = None) -> np.ndarray:
+    """Exact top-k state of every query row of ``job`` among its corpus rows.
 
-    In the self-join (``queries is corpus``) the rows are first grouped by
-    cluster (in place, undone before returning) so that the top-k
-    thresholds rise early; the result does not depend on that order.
-    ``budget`` bounds the scratch memory of that clustering.
+    In the self-join the rows are first grouped by cluster (in place,
+    undone before returning) so that the top-k thresholds rise early; the
+    result does not depend on that order. ``job.budget`` bounds the scratch
+    memory of that clustering.
 
     Returns
     -------
-    indices : ndarray of shape (nq, k), int64
-        Kept-row numbers of the neighbours, best first; -1 where missing.
-    similarities : ndarray of shape (nq, k), float32
-        Float64-rescored similarities; NaN where missing.
+    ndarray of shape (nq, k), int64
+        The top-k state (see :mod:`allknn.kernels.topk`), by kept row.
     """
+    queries, corpus, k = job.queries, job.corpus, job.k
+    self_join, exclude_self, threads, budget = job.self_join, job.exclude_self, job.threads, job.budget
+    block_rows = job.block_rows
     progress = checkpoint.restore() if checkpoint is not None and checkpoint.exists() else None
     order = None
     if self_join:
@@ -86,7 +70,7 @@ def exact_search(
     finally:
         if order is not None:
             permute_rows(corpus.rows, np.argsort(order))
-    return sorted_neighbours(progress.keys, threads=threads)
+    return progress.keys
 
 
 def estimate_self_join_seconds(corpus: NormalizedRows, k: int, *, block_rows: int, threads: int,

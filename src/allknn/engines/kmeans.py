@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from allknn.engines.exact import exact_top_keys
+from allknn.engines.exact.plans import exact_top_keys
 from allknn.kernels.kmeans import sum_by_label
 from allknn.kernels.reference import dense_row_norms
 from allknn.kernels.topk import key_ids

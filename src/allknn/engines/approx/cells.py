@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from allknn.engines.exact import dense_product
-from allknn.engines.ordering import fit_centroids
+from allknn.engines.exact.plans import dense_product
+from allknn.engines.kmeans import fit_centroids
 from allknn.engines.schedule import run_tiles
 from allknn.kernels.topk import merge_rows, permute_rows
 from allknn.topk.bounds import nomination_margin
@@ -31,7 +31,7 @@ def n_cells_for(n: int) -> int:
 
 
 def cell_centroids(normed: np.ndarray, n_cells: int, *, budget: int, seed: int) -> np.ndarray:
-    """Centroids of the cells (see :func:`allknn.engines.ordering.fit_centroids`).
+    """Centroids of the cells (see :func:`allknn.engines.kmeans.fit_centroids`).
 
     Raises
     ------

@@ -13,35 +13,7 @@ import scipy.sparse
 from allknn._validate import rows_to_keep
 from allknn.kernels.reference import sparse_row_norms as input_norms
 from allknn.kernels.reference import sparse_unit_row_norms
-
-
-def is_sparse(data: object) -> bool:
-    """Whether ``data`` is a scipy sparse matrix or array."""
-    return scipy.sparse.issparse(data)
-
-
-def as_csr(data: object, name: str) -> scipy.sparse.csr_matrix:
-    """A canonical CSR copy-or-view of a sparse input (sorted, no duplicates).
-
-    Raises
-    ------
-    TypeError
-        For a non-real dtype.
-    ValueError
-        For an empty shape.
-    """
-    if data.dtype.kind not in "fiub":
-        raise TypeError(
-            f"{name} has dtype {data.dtype}, which is not a real number type; pass a float32 or "
-            f"float64 sparse matrix (for example {name}.astype('float32'))"
-        )
-    matrix = scipy.sparse.csr_matrix(data)
-    if matrix.shape[0] == 0 or matrix.shape[1] == 0:
-        raise ValueError(f"{name} has shape {matrix.shape}; it needs at least one row and one column")
-    if not matrix.has_canonical_format:
-        matrix = matrix.copy()
-        matrix.sum_duplicates()
-    return matrix
+from allknn.rows.normalized import NormalizedRows
 
 
 def _row_of_entries(matrix: scipy.sparse.csr_matrix) -> np.ndarray:
@@ -70,11 +42,9 @@ def normalize_sparse_rows(matrix: scipy.sparse.csr_matrix, *, name: str, invalid
 
     Returns
     -------
-    allknn._normalize.NormalizedRows
+    NormalizedRows
         With ``rows`` a float32 ``csr_matrix`` of the kept rows.
     """
-    from allknn._normalize import NormalizedRows
-
     n_original = matrix.shape[0]
     norms = sparse_row_norms(matrix)
     kept = rows_to_keep(norms, name=name, invalid=invalid)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -24,7 +24,8 @@ import scipy.sparse
 from threadpoolctl import threadpool_limits
 
 from allknn._memory import round_block_rows
-from allknn._sparse_layout import PER_TILE, SPARSE_PRODUCT_SHARE, SparseLayout, split_columns
+from allknn.engines.base import ProgressCallback
+from allknn.engines.exact.sparse_layout import PER_TILE, SPARSE_PRODUCT_SHARE, SparseLayout, split_columns
 from allknn.engines.schedule import (
     Tile,
     block_bounds,
@@ -38,9 +39,6 @@ from allknn.kernels.sparse_product import column_index, sparse_tile
 from allknn.kernels.topk import merge_rows, merge_rows_and_columns, new_state
 from allknn.topk.bounds import nomination_margin
 from allknn.topk.scoring import scoring_rows
-
-ProgressCallback = Callable[[Tile, int], None]
-"""Called after each tile with the tile and the number of pairs it scored."""
 
 _UNTOUCHED_ROWS = 4096
 """Query rows per task when offering untouched pairs."""
@@ -92,7 +90,7 @@ class SparseBlocks:
     matrix : csr_matrix of shape (n, d), float32, sorted indices
     block_rows : int
         Rows per block, rounded up to a multiple of ``BLOCK_MULTIPLE``.
-    layout : allknn._sparse_layout.SparseLayout
+    layout : allknn.engines.exact.sparse_layout.SparseLayout
     """
 
     def __init__(self, matrix: scipy.sparse.csr_matrix, block_rows: int, layout: SparseLayout):
@@ -337,7 +335,7 @@ class SelfJoinPlan(TilePlan):
     ids : ndarray of shape (n,), int64, optional
         Id of the row at each position of ``normed`` (its state row and its
         index in results); default ``range(n)``.
-    layout : allknn._sparse_layout.SparseLayout, optional
+    layout : allknn.engines.exact.sparse_layout.SparseLayout, optional
         For a sparse ``normed``: how its columns are split (default none
         set apart, each tile choosing; see :class:`SparseBlocks`).
     """
@@ -407,7 +405,7 @@ class QueryJoinPlan(TilePlan):
     exclude_diagonal : bool
         Never pair query ``i`` with corpus row ``i`` (for ``Q`` equal to
         ``X``).
-    layout : allknn._sparse_layout.SparseLayout, optional
+    layout : allknn.engines.exact.sparse_layout.SparseLayout, optional
         For sparse rows: how the columns are split (default none set
         apart, each tile choosing; see :class:`SparseBlocks`).
     """

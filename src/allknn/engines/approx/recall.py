@@ -8,38 +8,15 @@ cut count as hits whichever tied row was returned.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
-from allknn.engines.exact import exact_top_keys
+from allknn.engines.exact.plans import exact_top_keys
 from allknn.kernels.topk import key_ids, key_similarities
+from allknn.topk.result import RecallEstimate
 
 TOLERANCE = 1e-5
 _Z95 = 1.959964
-
-
-@dataclass(frozen=True)
-class RecallEstimate:
-    """Recall@k of an approximate run, measured on a random sample of rows.
-
-    Attributes
-    ----------
-    estimate : float
-        Mean recall of the sampled rows.
-    interval : tuple of float
-        A 95% interval (low, high) for the recall of all rows.
-    sample_size : int
-        Rows measured.
-    """
-
-    estimate: float
-    interval: tuple[float, float]
-    sample_size: int
-
-    def __str__(self) -> str:
-        low, high = self.interval
-        return f"recall@k {self.estimate:.4f} (95% interval {low:.4f}-{high:.4f}, {self.sample_size} rows)"
 
 
 def exact_kth(

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from allknn.api import neighbors
-from allknn.io.ids import read_ids
+from allknn.readers.ids import read_ids
 
 if TYPE_CHECKING:
     import pandas as pd
