@@ -19,7 +19,7 @@ import scipy.sparse as sp
 
 import allknn
 import allknn.engines.approx.cells
-import allknn.engines.exact.plans
+import allknn.engines.exact.blocks
 from allknn.engines.exact.sparse_layout import SparseLayout
 from allknn.kernels.reference import dense_dot, sparse_dot, unit_row_norms
 from allknn.rows import normalize_rows
@@ -101,14 +101,15 @@ def test_product_error_grows_with_terms_and_precision():
 # --------------------------------------------------------------------------- perturbed products
 
 
-def _perturbed_product(seed: int):
+def _perturbed_product(seed: int, terms: int | None = None):
     """A stand-in for the BLAS tile product: the float64 product rounded to
-    float32, then moved by a seeded random amount within the error bound."""
+    float32, then moved by a seeded random amount within the error bound of
+    ``terms`` non-zero products (default: every column)."""
     rng = np.random.default_rng(seed)
 
     def product(a, b, out):
         exact = (a.astype(np.float64) @ b.astype(np.float64).T).astype(np.float32)
-        room = np.float32(product_error(a.shape[1]) - 2.0**-21)
+        room = np.float32(product_error(terms or a.shape[1]) - 2.0**-21)
         out[...] = exact + rng.uniform(-1, 1, size=exact.shape).astype(np.float32) * room
 
     return product
@@ -118,9 +119,9 @@ def _perturbed_product(seed: int):
 def perturbed(monkeypatch):
     """Patch every tile product (exact tiles, sparse dense tiles, probe tiles)."""
 
-    def patch(seed: int) -> None:
-        product = _perturbed_product(seed)
-        monkeypatch.setattr(allknn.engines.exact.plans, "dense_product", product)
+    def patch(seed: int, terms: int | None = None) -> None:
+        product = _perturbed_product(seed, terms)
+        monkeypatch.setattr(allknn.engines.exact.blocks, "dense_product", product)
         monkeypatch.setattr(allknn.engines.approx.cells, "dense_product", product)
 
     return patch
@@ -146,7 +147,7 @@ def test_perturbed_products_give_the_identical_sparse_result(perturbed, monkeypa
     base = allknn.neighbors(X, 6, block_rows=128)
     everything = SparseLayout(np.arange(X.shape[1], dtype=np.int64), accumulate=False)
     monkeypatch.setattr(allknn.engines.exact.search, "sparse_layout", lambda *args, **kwargs: everything)
-    perturbed(7)
+    perturbed(7, terms=int(np.diff(X.indptr).max()))  # the bound of the stored values a row has
     assert_same_result(allknn.neighbors(X, 6, block_rows=64), base)
     assert_same_result(base, allknn.neighbors(X.toarray(), 6))
 

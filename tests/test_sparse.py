@@ -273,7 +273,7 @@ def test_accumulated_tiles_equal_dense_tiles_and_the_reference(monkeypatch, sign
     bit the dense-tile result, including the zero-similarity neighbours of
     rows with fewer than k positive ones (smallest index first, ahead of
     negative ones)."""
-    import allknn.engines.exact.plans as exact
+    import allknn.engines.exact.sparse_blocks as exact
 
     X = _very_sparse(1500, 3000, 3, seed=5, signed=signed)
     k = 6

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from allknn.engines.exact.plans import dense_product
+from allknn.engines.exact.blocks import dense_product
 from allknn.engines.kmeans import fit_centroids
 from allknn.engines.schedule import run_tiles
 from allknn.kernels.topk import merge_rows, permute_rows

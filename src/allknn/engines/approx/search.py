@@ -18,9 +18,9 @@ import numpy as np
 
 from allknn.engines.approx.cells import MAX_PROBES, CellIndex, cell_centroids, n_cells_for, probe_rounds
 from allknn.engines.approx.recall import RecallEstimate, cautious_recall, estimate, exact_kth, row_recall
+from allknn.engines.approx.refine import neighbour_ids, refine, refine_bytes
 from allknn.engines.base import Job
 from allknn.engines.kmeans import NEAREST_ROWS, nearest_centroids
-from allknn.kernels.local_join import neighbour_ids, refine, refine_bytes
 from allknn.kernels.topk import key_similarities, new_state
 
 logger = logging.getLogger("allknn")

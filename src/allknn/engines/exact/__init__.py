@@ -11,7 +11,7 @@ from threadpoolctl import threadpool_limits
 
 from allknn._memory import working_bytes
 from allknn.engines.base import Engine, Found, Job, ProgressCallback
-from allknn.engines.exact.plans import dense_product
+from allknn.engines.exact.blocks import dense_product
 from allknn.engines.exact.search import estimate_self_join_seconds, exact_search
 
 EXACT_PAIR_DIMS_PER_SECOND = 5.5e10
