@@ -57,15 +57,14 @@ def working_bytes(block_rows: int, dim: int, threads: int, *, sparse: bool = Fal
 
     Dense, per worker: one float32 tile ``block_rows**2``, its column
     thresholds, and one float64 block of ``block_rows x dim`` while
-    normalising; once: the zero-padded last block of the queries and of the
-    corpus. Sparse, per worker: the tile, its column thresholds and a table
-    of two int32 per column (the per-block column index is input-sized and
-    counted with the input).
+    normalising. Sparse, per worker: the tile, its column thresholds and a
+    table of two int32 per column (the per-block column index is
+    input-sized and counted with the input).
     """
     tile = 4 * block_rows * block_rows + 4 * block_rows
     if sparse:
         return threads * (tile + 8 * dim)
-    return threads * (tile + 8 * block_rows * dim) + 2 * 4 * block_rows * dim
+    return threads * (tile + 8 * block_rows * dim)
 
 
 def choose_block_rows(budget: int, dim: int, threads: int, *, sparse: bool = False) -> int:
@@ -78,7 +77,7 @@ def choose_block_rows(budget: int, dim: int, threads: int, *, sparse: bool = Fal
     """
     per_thread = max(0.0, budget / threads - (8 * dim if sparse else 0))
     quadratic = 4
-    linear = 4 if sparse else 4 + 8 * dim + 8 * dim / threads
+    linear = 4 if sparse else 4 + 8 * dim
     # largest rows with quadratic rows**2 + linear rows <= per_thread
     rows = int((-linear + math.sqrt(linear * linear + 4 * quadratic * per_thread)) / (2 * quadratic))
     rows = min(rows, PREFERRED_SPARSE_BLOCK_ROWS if sparse else PREFERRED_BLOCK_ROWS)

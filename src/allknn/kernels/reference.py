@@ -40,15 +40,17 @@ def _combine(s0, s1, s2, s3, s4, s5, s6, s7):
 GRID = 2.0**50
 """Products are rounded to multiples of ``1 / GRID`` before the exact sum."""
 
-_MAGIC = 1.5 * 2.0**52
-_MAGIC_BITS = int(np.float64(_MAGIC).view(np.int64))
+_SHIFT = 6.0
+"""``product + 6.0`` (for ``|product| < 2``) lies in [4, 8), where float64
+numbers are the multiples of ``2**-50``: the addition rounds the product to
+the grid (ties to even), and the low bits hold the multiple."""
+_SHIFT_BITS = int(np.float64(_SHIFT).view(np.int64))
 
 
 @njit(nogil=True, cache=True, inline="always")
 def _on_grid(product):
-    """``round(product * GRID)`` as int64, for ``|product| <= 1`` (the sum
-    with ``1.5 * 2**52`` rounds to an integer held in the low bits)."""
-    return np.float64(product * GRID + _MAGIC).view(np.int64) - _MAGIC_BITS
+    """``round(product * GRID)`` as int64, for ``|product| <= 1``."""
+    return np.float64(product + _SHIFT).view(np.int64) - _SHIFT_BITS
 
 
 @njit(nogil=True, cache=True)
@@ -215,3 +217,4 @@ def similarity(a, b, a_row, b_row, a_id, b_id):
         dot = _sparse_pair(a[1], a[2], a[3], a_row, b[1], b[2], b[3], b_row)
     s = dot / (a[4][a_id] * b[4][b_id])
     return np.float32(min(1.0, max(-1.0, s)))
+
