@@ -133,3 +133,22 @@ def test_engines_agree_with_each_other_on_real_rows():
     for name, setting in SETTINGS.items():
         if name != "exact":
             assert_same_result(allknn.neighbors(X, 10, **setting | {"cells": 4, "probes": 4}), exact)
+
+
+def test_inspect_reports_rows_and_every_engine(data):
+    import scipy.sparse as sp
+
+    X = data.copy()
+    X[3] = 0
+    X[9, 2] = np.inf
+    found = allknn.inspect(X, 10, threads=1)
+    assert found.shape == X.shape and found.stored_values is None
+    np.testing.assert_array_equal(found.zero_rows, [3])
+    np.testing.assert_array_equal(found.nonfinite_rows, [9])
+    assert set(found.engines) == set(ENGINES)
+    for estimate in found.engines.values():
+        assert estimate.refusal is None and estimate.seconds > 0 and estimate.memory_bytes > X.nbytes // 2
+    sparse = allknn.inspect(sp.csr_matrix(data), 5)
+    assert sparse.stored_values == np.count_nonzero(data)
+    assert "dense rows only" in sparse.engines["approx"].refusal and sparse.engines["approx"].seconds is None
+    assert sparse.engines["exact"].seconds > 0
