@@ -132,8 +132,8 @@ def accumulate_and_merge(indptr, indices, data, row0, n_rows, columns, starts, r
             j = col_ids[col0 + t]
             if with_heads:
                 ceiling = scratch[t] + reach * bounds[col0 + t]
-                reaches_j = both_sides and ceiling >= thresholds[j] - margin
-                if ceiling < thresholds[r] - margin and not reaches_j:
+                if ceiling < thresholds[r] - margin and not (  # thresholds[j]: read only if needed
+                        both_sides and ceiling >= thresholds[j] - margin):
                     scratch[t] = 0.0
                     continue
                 scratch[t] += _head_dot(q_head[row0 + i], head[col0 + t])
