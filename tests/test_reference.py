@@ -53,7 +53,7 @@ def test_kernel_reference_equals_the_numpy_reference(rng):
         kernel_norms = np.empty(40)
         unit_row_norms(unit, kernel_norms)
         np.testing.assert_array_equal(kernel_norms, norms)
-        dots = np.array([[dense_dot(a, b) for b in unit] for a in unit])
+        dots = np.array([[dense_dot(unit, i, unit, j) for j in range(40)] for i in range(40)])
         cos = np.clip(dots / np.outer(norms, norms), -1, 1).astype(np.float32)
         np.testing.assert_array_equal(cos.view(np.int32), reference_similarities(X, X).view(np.int32))
 
@@ -61,10 +61,10 @@ def test_kernel_reference_equals_the_numpy_reference(rng):
 def test_reference_dot_does_not_depend_on_the_order_of_summation(rng):
     """The grid sum is exact: any order of the columns gives the same bits."""
     a, b = (rng.standard_normal(384).astype(np.float32) / np.float32(20) for _ in range(2))
-    base = dense_dot(a, b)
+    base = dense_dot(a[None], 0, b[None], 0)
     for _ in range(5):
         order = rng.permutation(384)
-        assert dense_dot(a[order], b[order]) == base
+        assert dense_dot(a[None, order], 0, b[None, order], 0) == base
 
 
 def test_sparse_reference_equals_dense_reference(rng):
@@ -73,8 +73,8 @@ def test_sparse_reference_equals_dense_reference(rng):
     dense = X.toarray()
     for i in range(30):
         for j in range(30):
-            a, b = X[i], X[j]
-            assert sparse_dot(a.indices, a.data, b.indices, b.data) == dense_dot(dense[i], dense[j])
+            assert (sparse_dot(X.indptr, X.indices, X.data, i, X.indptr, X.indices, X.data, j)
+                    == dense_dot(dense, i, dense, j))
 
 
 def test_sparse_and_dense_input_give_identical_results():

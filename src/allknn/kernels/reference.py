@@ -53,34 +53,26 @@ def _on_grid(product):
     return np.float64(product + _SHIFT).view(np.int64) - _SHIFT_BITS
 
 
-@njit(nogil=True, cache=True)
-def dense_dot(a, b):
-    """Reference dot product of two unit-normalised float32 rows.
-
-    Parameters
-    ----------
-    a, b : ndarray of shape (d,), float32
-        Entries of magnitude at most 1.
-
-    Returns
-    -------
-    float
-        ``2**-50 * sum_t round(a_t b_t 2**50)``, exactly.
-    """
+@njit(nogil=True, cache=True, inline="always")
+def dense_dot(a, i, b, j):
+    """Reference dot product of rows ``a[i]`` and ``b[j]`` of unit-normalised
+    float32 matrices (entries of magnitude at most 1):
+    ``2**-50 * sum_t round(a_it b_jt 2**50)``, exactly. Rows are indexed,
+    not sliced: a row view costs reference counting on every call."""
     total = np.int64(0)
-    for t in range(a.shape[0]):
-        total += _on_grid(np.float64(a[t]) * np.float64(b[t]))
+    for t in range(a.shape[1]):
+        total += _on_grid(np.float64(a[i, t]) * np.float64(b[j, t]))
     return np.float64(total) / GRID
 
 
-@njit(nogil=True, cache=True)
-def sparse_dot(a_indices, a_data, b_indices, b_data):
-    """:func:`dense_dot` of two sparse rows (sorted column indices): the
-    value of their dense copies."""
+@njit(nogil=True, cache=True, inline="always")
+def sparse_dot(a_indptr, a_indices, a_data, i, b_indptr, b_indices, b_data, j):
+    """:func:`dense_dot` of CSR rows ``i`` and ``j`` (sorted column indices):
+    the value of their dense copies (missing columns add 0)."""
     total = np.int64(0)
-    p = 0
-    q = 0
-    while p < a_indices.shape[0] and q < b_indices.shape[0]:
+    p, p1 = a_indptr[i], a_indptr[i + 1]
+    q, q1 = b_indptr[j], b_indptr[j + 1]
+    while p < p1 and q < q1:
         if a_indices[p] == b_indices[q]:
             total += _on_grid(np.float64(a_data[p]) * np.float64(b_data[q]))
             p += 1
@@ -157,43 +149,14 @@ def sparse_row_norms(indptr, indices, data, out):
 def unit_row_norms(rows, out):
     """Reference norms ``sqrt(dense_dot(r, r))`` of unit-normalised float32 rows."""
     for i in range(rows.shape[0]):
-        out[i] = np.sqrt(dense_dot(rows[i], rows[i]))
+        out[i] = np.sqrt(dense_dot(rows, i, rows, i))
 
 
 @njit(nogil=True, cache=True)
 def sparse_unit_row_norms(indptr, indices, data, out):
     """:func:`unit_row_norms` of CSR rows: those of their dense copies."""
     for i in range(indptr.shape[0] - 1):
-        p0, p1 = indptr[i], indptr[i + 1]
-        out[i] = np.sqrt(sparse_dot(indices[p0:p1], data[p0:p1], indices[p0:p1], data[p0:p1]))
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _dense_pair(a, i, b, j):
-    """:func:`dense_dot` of rows ``a[i]`` and ``b[j]`` (no row views: a view
-    costs reference counting on every call)."""
-    total = np.int64(0)
-    for t in range(a.shape[1]):
-        total += _on_grid(np.float64(a[i, t]) * np.float64(b[j, t]))
-    return np.float64(total) / GRID
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _sparse_pair(a_indptr, a_indices, a_data, i, b_indptr, b_indices, b_data, j):
-    """:func:`sparse_dot` of CSR rows ``i`` and ``j``, without row views."""
-    total = np.int64(0)
-    p, p1 = a_indptr[i], a_indptr[i + 1]
-    q, q1 = b_indptr[j], b_indptr[j + 1]
-    while p < p1 and q < q1:
-        if a_indices[p] == b_indices[q]:
-            total += _on_grid(np.float64(a_data[p]) * np.float64(b_data[q]))
-            p += 1
-            q += 1
-        elif a_indices[p] < b_indices[q]:
-            p += 1
-        else:
-            q += 1
-    return np.float64(total) / GRID
+        out[i] = np.sqrt(sparse_dot(indptr, indices, data, i, indptr, indices, data, i))
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -212,9 +175,9 @@ def similarity(a, b, a_row, b_row, a_id, b_id):
         Ids of the rows, which index ``norms``.
     """
     if a[0].shape[0] > 0:
-        dot = _dense_pair(a[0], a_row, b[0], b_row)
+        dot = dense_dot(a[0], a_row, b[0], b_row)
     else:
-        dot = _sparse_pair(a[1], a[2], a[3], a_row, b[1], b[2], b[3], b_row)
+        dot = sparse_dot(a[1], a[2], a[3], a_row, b[1], b[2], b[3], b_row)
     s = dot / (a[4][a_id] * b[4][b_id])
     return np.float32(min(1.0, max(-1.0, s)))
 
