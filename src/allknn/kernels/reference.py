@@ -29,7 +29,7 @@ import numpy as np
 from numba import njit
 
 LANES = 8
-"""Float64 partial sums of a reference dot product (column ``t`` in lane ``t % LANES``)."""
+"""Float64 partial sums of an input norm (column ``t`` in lane ``t % LANES``)."""
 
 
 @njit(nogil=True, cache=True, inline="always")

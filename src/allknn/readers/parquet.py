@@ -42,7 +42,7 @@ def read_parquet(
         float16/32/64 as stored (float32 for integer values; the common
         float type of several float columns).
     ids : ndarray of shape (n,) or None
-        See :func:`allknn.io.read_ids`.
+        See :func:`allknn.readers.read_ids`.
     source : str
         The path and the column(s), for messages.
 

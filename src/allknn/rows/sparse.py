@@ -2,7 +2,7 @@
 
 A sparse input stays sparse all the way: its rows are scaled to unit norm
 in CSR form, tiles are sparse products densified one tile at a time, and
-final candidates are re-scored by merging sorted index lists.
+nominees are scored by the reference over their stored columns.
 """
 
 from __future__ import annotations
