@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from allknn.datasets import make_clustered
+
+DATA = Path(__file__).parent / "data"
+"""Committed test data (see data/README.md)."""
+REAL = DATA / "debian_minilm384_first4000_f16.npy"
+"""4,000 real sentence embeddings (float16) with exact duplicate rows."""
 
 
 @dataclass(frozen=True)

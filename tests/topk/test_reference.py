@@ -11,8 +11,6 @@ against a plain numpy implementation of the reference.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -25,6 +23,8 @@ from allknn.kernels.reference import dense_dot, sparse_dot, unit_row_norms
 from allknn.rows import normalize_rows
 from allknn.topk.bounds import nomination_margin, product_error
 from conftest import (
+    DATA,
+    REAL,
     assert_exact,
     assert_same_result,
     clustered_with_duplicates,
@@ -33,8 +33,6 @@ from conftest import (
     reference_unit_rows,
 )
 
-DATA = Path(__file__).parent / "data"
-REAL = DATA / "debian_minilm384_first4000_f16.npy"
 GOLDEN = DATA / "golden_debian4000_k10.npz"
 
 

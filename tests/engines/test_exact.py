@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -19,6 +17,7 @@ from allknn.topk.bounds import nomination_margin, product_error
 from allknn.topk.finish import sorted_neighbours
 from allknn.topk.scoring import scoring_rows
 from conftest import (
+    REAL,
     assert_exact,
     assert_same_result,
     assert_topk_equal,
@@ -28,8 +27,6 @@ from conftest import (
     reference_similarities,
     reference_topk,
 )
-
-DATA = Path(__file__).parent / "data" / "debian_minilm384_first4000_f16.npy"
 
 
 def _matrix(kind: str, n: int, d: int, seed: int) -> np.ndarray:
@@ -128,7 +125,7 @@ def test_real_embeddings_with_duplicates():
     """Real float16 sentence embeddings with duplicate rows: the reference,
     bit for bit; every exact duplicate is a neighbour of similarity 1.0,
     listed by index among the neighbours of that similarity."""
-    X = np.load(DATA)[:600]
+    X = np.load(REAL)[:600]
     k = 8
     res = allknn.neighbors(X, k, block_rows=256, threads=2)
     assert_well_formed(res, n_queries=X.shape[0], k=k, self_join=True)

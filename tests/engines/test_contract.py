@@ -8,8 +8,6 @@ contract is checked bit for bit against the numpy reference. A new engine
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -17,6 +15,7 @@ import allknn
 from allknn.engines import ENGINES, Job, check_options, choose
 from allknn.rows import normalize_rows
 from conftest import (
+    REAL,
     assert_exact,
     assert_same_result,
     assert_well_formed,
@@ -128,7 +127,7 @@ def test_unknown_engine_option_is_refused():
 
 
 def test_engines_agree_with_each_other_on_real_rows():
-    X = np.load(Path(__file__).parent / "data" / "debian_minilm384_first4000_f16.npy")[:1500]
+    X = np.load(REAL)[:1500]
     exact = allknn.neighbors(X, 10)
     for name, setting in SETTINGS.items():
         if name != "exact":

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -11,9 +9,7 @@ import scipy.sparse as sp
 import allknn
 from allknn.cli import main
 from allknn.datasets import make_clustered
-from conftest import assert_same_result
-
-REAL = Path(__file__).parent / "data" / "debian_minilm384_first4000_f16.npy"
+from conftest import REAL, assert_same_result
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -11,9 +9,7 @@ import allknn
 import allknn.engines.exact.search
 from allknn.engines.kmeans import cluster_order
 from allknn.kernels.topk import permute_rows
-from conftest import assert_same_result, assert_topk_equal, clustered_with_duplicates, reference_topk
-
-REAL = Path(__file__).parent / "data" / "debian_minilm384_first4000_f16.npy"
+from conftest import REAL, assert_same_result, assert_topk_equal, clustered_with_duplicates, reference_topk
 
 
 def test_cluster_order_is_a_seeded_permutation():
