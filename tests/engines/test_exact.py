@@ -214,7 +214,7 @@ def _query_engine_self_join(X: np.ndarray, k: int, *, block_rows: int, threads: 
     corpus = normalize_rows(X, name="X", block_rows=block_rows, invalid="raise")
     queries = normalize_rows(X.copy(), name="queries", block_rows=block_rows, invalid="raise")
     plan = QueryJoinPlan(queries.rows, corpus.rows, queries.norms, corpus.norms, block_rows=block_rows,
-                         exclude_diagonal=True)
+                         skip_self=True)
     keys, thresholds = new_state(X.shape[0], k)
     plan.run(keys, thresholds, threads=threads)
     indices, similarities = sorted_neighbours(keys)

@@ -150,7 +150,7 @@ class SelfJoinPlan(TilePlan):
     block_rows : int
         Rows per block, rounded up to a multiple of ``BLOCK_MULTIPLE``; a
         tile is ``block_rows`` squared.
-    exclude_self : bool
+    skip_self : bool
         Never offer a row to itself.
     ids : ndarray of shape (n,), int64, optional
         Id of the row at each position of ``normed`` (its state row and its
@@ -166,13 +166,13 @@ class SelfJoinPlan(TilePlan):
         norms: np.ndarray,
         *,
         block_rows: int,
-        exclude_self: bool = True,
+        skip_self: bool = True,
         ids: np.ndarray | None = None,
         layout: SparseLayout | None = None,
     ):
         if ids is not None and scipy.sparse.issparse(normed):
             raise ValueError("sparse rows are joined in their own order; ids must be None")
-        self.exclude_self = exclude_self
+        self.skip_self = skip_self
         self.ids = np.arange(normed.shape[0], dtype=np.int64) if ids is None else ids
         self.n_queries = normed.shape[0]
         self.blocks = _blocks(normed, block_rows, layout)
@@ -184,7 +184,7 @@ class SelfJoinPlan(TilePlan):
 
     def offer_untouched(self, keys: np.ndarray, thresholds: np.ndarray, *, threads: int) -> None:
         offer_untouched(self.blocks, self.blocks, keys, thresholds, (self.scoring, self.scoring),
-                        skip_self=self.exclude_self, margin=self.margin, threads=threads)
+                        skip_self=self.skip_self, margin=self.margin, threads=threads)
 
     def pairs(self, tile: Tile) -> int:
         rows, cols = self.blocks.rows(tile[0]), self.blocks.rows(tile[1])
@@ -193,13 +193,13 @@ class SelfJoinPlan(TilePlan):
     def _work(self, tile: Tile, buffer: np.ndarray, keys: np.ndarray, thresholds: np.ndarray) -> None:
         if self.accumulated is not None and self.accumulated[tile]:
             accumulate_tile(self.blocks, tile[0], self.blocks, tile[1], self.ids, self.ids, keys,
-                        thresholds, (self.scoring, self.scoring), skip_self=self.exclude_self,
+                        thresholds, (self.scoring, self.scoring), skip_self=self.skip_self,
                         both_sides=tile[0] != tile[1], margin=self.margin)
             return
         (i0, _), (j0, _) = self.blocks.bounds[tile[0]], self.blocks.bounds[tile[1]]
         product = _product(self.blocks, tile[0], self.blocks, tile[1], buffer)
         if tile[0] == tile[1]:
-            merge_rows(product, i0, j0, self.ids, self.ids, keys, thresholds, self.exclude_self, False,
+            merge_rows(product, i0, j0, self.ids, self.ids, keys, thresholds, self.skip_self, False,
                        self.scoring, self.scoring, self.margin)
         else:
             merge_rows_and_columns(product, i0, j0, self.ids, keys, thresholds, self.scoring, self.margin)
@@ -222,7 +222,7 @@ class QueryJoinPlan(TilePlan):
     block_rows : int
         Rows per query block and per corpus block, rounded up to a
         multiple of ``BLOCK_MULTIPLE``.
-    exclude_diagonal : bool
+    skip_self : bool
         Never pair query ``i`` with corpus row ``i`` (for ``Q`` equal to
         ``X``).
     layout : allknn.engines.exact.sparse_layout.SparseLayout, optional
@@ -238,10 +238,10 @@ class QueryJoinPlan(TilePlan):
         norms: np.ndarray,
         *,
         block_rows: int,
-        exclude_diagonal: bool = False,
+        skip_self: bool = False,
         layout: SparseLayout | None = None,
     ):
-        self.exclude_diagonal = exclude_diagonal
+        self.skip_self = skip_self
         self.query_ids = np.arange(queries_normed.shape[0], dtype=np.int64)
         self.corpus_ids = np.arange(normed.shape[0], dtype=np.int64)
         self.n_queries = queries_normed.shape[0]
@@ -256,7 +256,7 @@ class QueryJoinPlan(TilePlan):
 
     def offer_untouched(self, keys: np.ndarray, thresholds: np.ndarray, *, threads: int) -> None:
         offer_untouched(self.query_blocks, self.corpus_blocks, keys, thresholds, self.scoring,
-                        skip_self=self.exclude_diagonal, margin=self.margin, threads=threads)
+                        skip_self=self.skip_self, margin=self.margin, threads=threads)
 
     def pairs(self, tile: Tile) -> int:
         return self.query_blocks.rows(tile[0]) * self.corpus_blocks.rows(tile[1])
@@ -264,13 +264,13 @@ class QueryJoinPlan(TilePlan):
     def _work(self, tile: Tile, buffer: np.ndarray, keys: np.ndarray, thresholds: np.ndarray) -> None:
         if self.accumulated is not None and self.accumulated[tile]:
             accumulate_tile(self.query_blocks, tile[0], self.corpus_blocks, tile[1], self.query_ids,
-                        self.corpus_ids, keys, thresholds, self.scoring, skip_self=self.exclude_diagonal,
+                        self.corpus_ids, keys, thresholds, self.scoring, skip_self=self.skip_self,
                         both_sides=False, margin=self.margin)
             return
         i0, j0 = self.query_blocks.bounds[tile[0]][0], self.corpus_blocks.bounds[tile[1]][0]
         product = _product(self.query_blocks, tile[0], self.corpus_blocks, tile[1], buffer)
         merge_rows(product, i0, j0, self.query_ids, self.corpus_ids, keys, thresholds,
-                   self.exclude_diagonal, False, self.scoring[0], self.scoring[1], self.margin)
+                   self.skip_self, False, self.scoring[0], self.scoring[1], self.margin)
 
     def _blocks_of(self, tile: Tile) -> set[tuple[str, int]]:
         return {("query", tile[0])}

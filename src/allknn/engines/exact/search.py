@@ -33,7 +33,7 @@ def exact_search(job: Job, *, checkpoint: Checkpoint | None = None,
         The top-k state (see :mod:`allknn.kernels.topk`), by kept row.
     """
     queries, corpus, k = job.queries, job.corpus, job.k
-    self_join, exclude_self, threads, budget = job.self_join, job.exclude_self, job.threads, job.budget
+    self_join, threads, budget = job.self_join, job.threads, job.budget
     block_rows = job.block_rows
     progress = checkpoint.restore() if checkpoint is not None and checkpoint.exists() else None
     order = None
@@ -45,7 +45,7 @@ def exact_search(job: Job, *, checkpoint: Checkpoint | None = None,
     layout = None
     if is_sparse(corpus.rows):
         if progress is None:
-            layout = sparse_layout(queries.rows, corpus.rows, k, skip_self=self_join and exclude_self,
+            layout = sparse_layout(queries.rows, corpus.rows, k, skip_self=job.skip_self,
                                    budget=budget, threads=threads)
         elif progress.layout is None:
             raise ValueError(f"checkpoint {checkpoint.path} was written by an older allknn that did not "
@@ -56,7 +56,7 @@ def exact_search(job: Job, *, checkpoint: Checkpoint | None = None,
     if self_join:
         if order is not None:
             permute_rows(corpus.rows, order)
-        plan = SelfJoinPlan(corpus.rows, corpus.norms, block_rows=block_rows, exclude_self=exclude_self,
+        plan = SelfJoinPlan(corpus.rows, corpus.norms, block_rows=block_rows, skip_self=job.skip_self,
                             ids=order, layout=layout)
     else:
         plan = QueryJoinPlan(queries.rows, corpus.rows, queries.norms, corpus.norms, block_rows=block_rows,
