@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from allknn import _validate
-from allknn.engines.approx.search import RECALL_SAMPLE_ROWS, approx_bytes, approx_search, listed_probes
+from allknn.engines.approx.search import RECALL_SAMPLE_ROWS, approx_search, approx_working_bytes
 from allknn.engines.base import Engine, Found, Job, ProgressCallback
 from allknn.engines.exact import EXACT_PAIR_DIMS_PER_SECOND
 
@@ -41,10 +41,7 @@ class ApproxEngine(Engine):
         return None
 
     def working_bytes(self, job: Job) -> int:
-        n_corpus = job.corpus.rows.shape[0]
-        _, _, listed = listed_probes(n_corpus, job.options.get("probes"), job.options.get("cells"))
-        return approx_bytes(job.queries.rows.shape[0], n_corpus, job.k, listed=listed,
-                            self_join=job.self_join, threads=job.threads, block_rows=job.block_rows)
+        return approx_working_bytes(job)
 
     def estimate_seconds(self, job: Job) -> float:
         """Probing tiles at the exact engine's speed per pair, plus the two

@@ -97,6 +97,14 @@ def listed_probes(n_corpus: int, probes: int | None, cells: int | None) -> tuple
     return n_cells, most, min(most, probes or FIRST_PROBES)
 
 
+def approx_working_bytes(job: Job) -> int:
+    """:func:`approx_bytes` of a job, with the nearest cells it lists up front."""
+    n_corpus = job.corpus.rows.shape[0]
+    _, _, listed = listed_probes(n_corpus, job.options.get("probes"), job.options.get("cells"))
+    return approx_bytes(job.queries.rows.shape[0], n_corpus, job.k, listed=listed, self_join=job.self_join,
+                        threads=job.threads, block_rows=job.block_rows)
+
+
 def approx_search(job: Job) -> tuple[np.ndarray, RecallEstimate, ApproxPlan]:
     """Approximate top-k by cell probing and refinement, with measured recall.
 
@@ -121,11 +129,9 @@ def approx_search(job: Job) -> tuple[np.ndarray, RecallEstimate, ApproxPlan]:
     probes, cells = job.options.get("probes"), job.options.get("cells")
     refine_passes = job.options.get("refine")
     recall_target = job.options.get("recall_target") or DEFAULT_RECALL_TARGET
-    sample_size = RECALL_SAMPLE_ROWS
     n_queries, n_corpus = queries.rows.shape[0], corpus.rows.shape[0]
     n_cells, most, listed = listed_probes(n_corpus, probes, cells)
-    need = approx_bytes(n_queries, n_corpus, k, listed=listed, self_join=self_join, threads=threads,
-                        block_rows=block_rows)
+    need = approx_working_bytes(job)
     if need > budget:
         raise ValueError(
             f"max_memory={budget} bytes is too small for the approximate engine on {n_corpus} rows "
@@ -141,7 +147,7 @@ def approx_search(job: Job) -> tuple[np.ndarray, RecallEstimate, ApproxPlan]:
     keys, thresholds = new_state(n_queries, k)
     skip_self = job.skip_self
     picks = np.random.default_rng(seed).permutation(n_queries)
-    size = min(sample_size, n_queries)
+    size = min(RECALL_SAMPLE_ROWS, n_queries)
     audit = np.sort(picks[:size])
     pilot = np.sort(picks[size : 2 * size]) if n_queries >= 2 * size else audit
     pilot_kth = None if probes else exact_kth(queries.rows, corpus.rows, pilot, k, skip_self=skip_self,

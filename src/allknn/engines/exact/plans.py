@@ -179,11 +179,12 @@ class SelfJoinPlan(TilePlan):
         self.block_rows = self.blocks.block_rows
         self.tiles = symmetric_tiles(len(self.blocks))
         self.accumulated = accumulated_tiles(self.blocks, self.blocks)
-        self.scoring = _scoring(normed, self.blocks, norms)
+        rows = _scoring(normed, self.blocks, norms)
+        self.scoring = (rows, rows)
         self.margin = _margin(normed)
 
     def offer_untouched(self, keys: np.ndarray, thresholds: np.ndarray, *, threads: int) -> None:
-        offer_untouched(self.blocks, self.blocks, keys, thresholds, (self.scoring, self.scoring),
+        offer_untouched(self.blocks, self.blocks, keys, thresholds, self.scoring,
                         skip_self=self.skip_self, margin=self.margin, threads=threads)
 
     def pairs(self, tile: Tile) -> int:
@@ -193,16 +194,16 @@ class SelfJoinPlan(TilePlan):
     def _work(self, tile: Tile, buffer: np.ndarray, keys: np.ndarray, thresholds: np.ndarray) -> None:
         if self.accumulated is not None and self.accumulated[tile]:
             accumulate_tile(self.blocks, tile[0], self.blocks, tile[1], self.ids, self.ids, keys,
-                        thresholds, (self.scoring, self.scoring), skip_self=self.skip_self,
+                        thresholds, self.scoring, skip_self=self.skip_self,
                         both_sides=tile[0] != tile[1], margin=self.margin)
             return
         (i0, _), (j0, _) = self.blocks.bounds[tile[0]], self.blocks.bounds[tile[1]]
         product = _product(self.blocks, tile[0], self.blocks, tile[1], buffer)
         if tile[0] == tile[1]:
             merge_rows(product, i0, j0, self.ids, self.ids, keys, thresholds, self.skip_self, False,
-                       self.scoring, self.scoring, self.margin)
+                       self.scoring[0], self.scoring[1], self.margin)
         else:
-            merge_rows_and_columns(product, i0, j0, self.ids, keys, thresholds, self.scoring, self.margin)
+            merge_rows_and_columns(product, i0, j0, self.ids, keys, thresholds, self.scoring[0], self.margin)
 
     def _blocks_of(self, tile: Tile) -> set[tuple[str, int]]:
         return {("block", tile[0]), ("block", tile[1])}
