@@ -35,10 +35,10 @@ def n_clusters_for(n: int) -> int:
 def _scratch_bytes(sample_rows: int, n_clusters: int, dim: int) -> int:
     """Peak scratch of :func:`cluster_order`: the sample with its labels,
     float64 and float32 centroids, and a batch of nearest-centroid search
-    (its tile, padded blocks and state)."""
+    (its tile and state)."""
     tile = min(_TILE_ROWS, -(-max(sample_rows, n_clusters) // 64) * 64)
     per_sample_row = 4 * dim + 8
-    assign = 4 * tile * tile + 2 * 4 * tile * dim + min(sample_rows, NEAREST_ROWS) * (8 + 4 + 4)
+    assign = 4 * tile * tile + min(sample_rows, NEAREST_ROWS) * (8 + 4 + 4)
     return sample_rows * per_sample_row + assign + 4 * 8 * n_clusters * dim
 
 

@@ -55,8 +55,9 @@ class Progress:
         The row order the tiles refer to (see
         :mod:`allknn.engines.kmeans`); ``None`` for the natural order.
     layout : SparseLayout or None
-        For sparse input, the column layout the tiles were made with (it
-        depends on the memory budget, so a resume must not choose again).
+        For sparse input, the column layout the tiles were made with; a
+        resume keeps it rather than repeating the pilot that chose it (the
+        result no longer depends on the layout).
     """
 
     keys: np.ndarray
