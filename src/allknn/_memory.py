@@ -1,4 +1,11 @@
-"""Memory budgets: parsing them and sizing blocks so work stays inside."""
+"""Memory budgets: parsing them, the tile scratch model and sizing blocks so work stays inside.
+
+Every engine works in tiles of ``block_rows`` squared, chosen here before any
+engine is picked; :func:`tile_scratch_bytes` is the one model of that
+scratch. Each engine's :meth:`~allknn.engines.base.Engine.working_bytes`
+adds what only it allocates (the approximate engine's cell lists and
+refinement lists, see :func:`allknn.engines.approx.search.approx_bytes`).
+"""
 
 from __future__ import annotations
 
@@ -52,8 +59,8 @@ def parse_memory(value: object) -> int:
     return size
 
 
-def working_bytes(block_rows: int, dim: int, threads: int, *, sparse: bool = False) -> int:
-    """Bytes of scratch memory a run with these blocks allocates at once.
+def tile_scratch_bytes(block_rows: int, dim: int, threads: int, *, sparse: bool = False) -> int:
+    """Bytes of tile scratch memory a run with these blocks allocates at once.
 
     Dense, per worker: one float32 tile ``block_rows**2``, its column
     thresholds, and one float64 block of ``block_rows x dim`` while
@@ -82,10 +89,10 @@ def choose_block_rows(budget: int, dim: int, threads: int, *, sparse: bool = Fal
     rows = int((-linear + math.sqrt(linear * linear + 4 * quadratic * per_thread)) / (2 * quadratic))
     rows = min(rows, PREFERRED_SPARSE_BLOCK_ROWS if sparse else PREFERRED_BLOCK_ROWS)
     rows -= rows % BLOCK_MULTIPLE
-    while rows > 0 and working_bytes(rows, dim, threads, sparse=sparse) > budget:  # float rounding
+    while rows > 0 and tile_scratch_bytes(rows, dim, threads, sparse=sparse) > budget:  # float rounding
         rows -= BLOCK_MULTIPLE
     if rows < MIN_BLOCK_ROWS:
-        need = working_bytes(MIN_BLOCK_ROWS, dim, threads, sparse=sparse)
+        need = tile_scratch_bytes(MIN_BLOCK_ROWS, dim, threads, sparse=sparse)
         raise ValueError(
             f"max_memory={budget} bytes is too small for {threads} thread(s) at {dim} "
             f"dimensions; give at least {need} bytes or fewer threads"
@@ -113,7 +120,7 @@ def check_block_rows(
     if isinstance(block_rows, bool) or not isinstance(block_rows, numbers.Integral) or block_rows < 1:
         raise ValueError(f"block_rows must be a positive integer, got {block_rows!r}")
     rows = cap_block_rows(round_block_rows(block_rows), n_rows)
-    need = working_bytes(rows, dim, threads, sparse=sparse)
+    need = tile_scratch_bytes(rows, dim, threads, sparse=sparse)
     if need > budget:
         raise ValueError(
             f"block_rows={block_rows} needs {need} bytes of working memory with {threads} thread(s), "

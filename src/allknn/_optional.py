@@ -6,7 +6,7 @@ import importlib
 from pathlib import Path
 from types import ModuleType
 
-_EXTRA = {"pyarrow": "parquet", "pyarrow.parquet": "parquet", "h5py": "hdf5"}
+_EXTRA = {"pyarrow": "parquet", "pyarrow.parquet": "parquet", "h5py": "hdf5", "distributed": "dask"}
 
 
 def optional(module: str, purpose: str) -> ModuleType:

@@ -1,4 +1,12 @@
-"""Every user-facing check and error message of the library lives here."""
+"""The checks of arguments to the public functions, and their error messages.
+
+The rule: a check of what the caller passed (types, ranges, shapes, bad
+rows, option values) lives here. A check of what a file holds is made by
+the reader or writer of that format (``allknn.readers``, ``allknn.writers``),
+a check of an engine's own options by the engine that declares them
+(``Engine.options``, ``check_combination``, ``refusal``), and the
+scikit-learn estimator raises what scikit-learn's checks expect.
+"""
 
 from __future__ import annotations
 

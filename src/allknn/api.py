@@ -12,7 +12,7 @@ from numpy.typing import ArrayLike
 
 from allknn import _validate
 from allknn._memory import cap_block_rows, check_block_rows, choose_block_rows, parse_memory
-from allknn.engines import ENGINES, Job, check_method, check_options, choose
+from allknn.engines import Job, check_method, check_options, choose
 from allknn.engines.base import ProgressCallback
 from allknn.kernels.topk import MAX_ROWS
 from allknn.rows import is_sparse, normalize_rows
@@ -43,6 +43,8 @@ def neighbors(
     checkpoint: str | os.PathLike[str] | None = None,
     checkpoint_every: float = 5.0,
     on_tile: ProgressCallback | None = None,
+    client=None,
+    task_rows: int | None = None,
 ) -> TopK:
     """Find the ``k`` most cosine-similar rows of ``X`` for every row.
 
@@ -126,6 +128,14 @@ def neighbors(
     on_tile : callable, optional
         ``on_tile(tile, pairs)`` after each finished tile (for progress),
         including, at the start, each tile restored from a checkpoint.
+    client : distributed.Client, optional
+        Run on this Dask cluster (exact engine; :mod:`allknn.engines.dask`):
+        ``X`` and ``queries`` are then paths every worker can read
+        (``.npy``, ``.parquet``, a folder or glob of ``.parquet`` files) or
+        dask arrays, ``max_memory`` bounds each task, and the result equals
+        the local one bit for bit. ``None``: this machine.
+    task_rows : int, optional
+        With ``client``: rows per task block (default from ``max_memory``).
 
     Returns
     -------
@@ -142,6 +152,10 @@ def neighbors(
         Input not 2-D or empty, mismatched dimensions, zero or NaN/Inf rows
         (with ``invalid="raise"``), ``k`` out of range, a budget too small.
     """
+    if client is not None:
+        return _on_cluster(X, k, client=client, queries=queries, exclude_self=exclude_self,
+                           max_memory=max_memory, invalid=invalid, min_similarity=min_similarity,
+                           method=method, block_rows=block_rows, task_rows=task_rows, checkpoint=checkpoint)
     self_join = queries is None or queries is X
     corpus = _validate.as_matrix(X, "X")
     query_matrix = corpus if self_join else _validate.as_matrix(queries, "queries")
@@ -153,12 +167,9 @@ def neighbors(
     n_threads = _validate.check_threads(threads)
     invalid = _validate.check_invalid_choice(invalid)
     budget = parse_memory(max_memory)
-    check_method(method)
+    check_method(method, checkpoint=checkpoint is not None)
     options = check_options({"recall_target": recall_target, "probes": probes, "refine": refine,
                              "cells": cells})
-    if checkpoint is not None and method != "auto" and not ENGINES[method].checkpoints:
-        takes = " or ".join(repr(name) for name, engine in ENGINES.items() if engine.checkpoints)
-        raise ValueError(f"checkpoint= works with method={takes} (or 'auto') only")
     min_similarity = _validate.check_min_similarity(min_similarity)
     block_rows = _block_rows(block_rows, corpus, query_matrix, budget, n_threads)
 
@@ -193,6 +204,19 @@ def neighbors(
                 time.perf_counter() - started)
     return TopK(indices=indices, similarities=similarities, n_corpus=corpus.shape[0],
                 params={**params, **found.params}, recall=found.recall)
+
+
+def _on_cluster(X, k, *, client, method: str, checkpoint, **options) -> TopK:
+    """``neighbors`` on a Dask cluster (exact only; the cluster retries lost work)."""
+    from allknn.engines.dask import dask_neighbors
+
+    if method not in ("exact", "auto"):
+        raise ValueError(f"with client=, method must be 'exact' (or 'auto'), got {method!r}; the approximate "
+                         f"engine runs on this machine only so far")
+    if checkpoint is not None:
+        raise ValueError("checkpoint= is for local runs; on a cluster, write a parts folder with "
+                         "allknn run -o FOLDER --scheduler ... and --resume it")
+    return dask_neighbors(X, k, client=client, **options)
 
 
 def _block_rows(block_rows: int | None, corpus, queries, budget: int, threads: int) -> int:

@@ -26,7 +26,7 @@ class CliError(Exception):
     """An error the CLI reports as one line."""
 
 
-def _progress(total: int, quiet: bool, description: str) -> tuple[AbstractContextManager, Callable]:
+def _progress(total: int | None, quiet: bool, description: str) -> tuple[AbstractContextManager, Callable]:
     """A tqdm bar over pairs scored, on stderr, only for a terminal."""
     if quiet or not sys.stderr.isatty():
         return nullcontext(), lambda tile, pairs: None
@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="compute the kNN graph of a file")
     run.add_argument("input", help="embeddings: .npy, .npz, .parquet, .h5/.hdf5 or .fvecs")
-    run.add_argument("-o", "--output", required=True, help="result file: .parquet or .npz")
+    run.add_argument("-o", "--output", required=True,
+                     help="result file: .parquet or .npz; with a cluster, a folder of parquet parts")
     _add_search_options(run)
     _add_input_options(run)
     run.add_argument("--ids", help="text file with one id per input row")
@@ -79,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint-every", type=float, default=5.0, metavar="SECONDS",
                      help="seconds between two saves of the progress (default 5)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    cluster = run.add_mutually_exclusive_group()
+    cluster.add_argument("--scheduler", metavar="ADDRESS",
+                         help="run on this Dask scheduler (e.g. tcp://127.0.0.1:8786); INPUT must be "
+                              "readable by every worker at the same path")
+    cluster.add_argument("--workers", type=int, metavar="N",
+                         help="start a Dask cluster of N worker processes on this machine and run on it")
+    run.add_argument("--task-rows", type=int, default=None, help="with a cluster: rows per task block")
 
     info = commands.add_parser("info", help="shape, problems, estimated time and memory of a file")
     info.add_argument("input")
@@ -112,6 +120,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from allknn.readers import read_ids
     from allknn.writers import save_result
 
+    if args.scheduler is not None or args.workers is not None:
+        return _cmd_run_on_cluster(args)
     output = Path(args.output)
     if output.suffix not in OUTPUT_SUFFIXES:
         raise CliError(f"output {output} must end in one of {', '.join(OUTPUT_SUFFIXES)}")
@@ -159,6 +169,59 @@ def _cmd_run(args: argparse.Namespace) -> int:
               f"in {elapsed:.1f} s")
         if result.recall is not None:
             print(f"measured {result.recall}")
+    return 0
+
+
+def _cluster(args: argparse.Namespace):
+    """A client of the ``--scheduler``, or of a new ``--workers N`` cluster here."""
+    from allknn._optional import optional
+
+    distributed = optional("distributed", "running on a Dask cluster")
+    if args.workers is not None:
+        if args.workers < 1:
+            raise CliError(f"--workers must be at least 1, got {args.workers}")
+        cluster = distributed.LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
+                                           dashboard_address=":0")
+        return distributed.Client(cluster), cluster
+    try:
+        return distributed.Client(args.scheduler, timeout="10s"), None
+    except (OSError, TimeoutError) as exc:
+        raise CliError(f"cannot reach the Dask scheduler at {args.scheduler} ({exc}); start one with "
+                       f"'dask scheduler' and workers with 'dask worker {args.scheduler}', or check the "
+                       f"address") from None
+
+
+def _cmd_run_on_cluster(args: argparse.Namespace) -> int:
+    from allknn.engines.dask import dask_neighbors
+
+    output = Path(args.output)
+    if output.suffix in OUTPUT_SUFFIXES:
+        raise CliError(f"with a cluster the output is a folder of parquet parts; give a folder name, "
+                       f"not {output}")
+    if args.method != "exact":
+        raise CliError("a cluster runs the exact engine only so far; leave --method out")
+    if args.ids is not None or args.id_column is not None:
+        raise CliError("ids are not supported on a cluster yet; the parts hold row numbers")
+    started = time.perf_counter()
+    client, cluster = _cluster(args)
+    try:
+        if not args.quiet:
+            print(f"cluster: {len(client.scheduler_info()['workers'])} worker(s), dashboard "
+                  f"{client.dashboard_link}", file=sys.stderr)
+        bar, on_tile = _progress(None, args.quiet, "allknn")
+        with bar:
+            dask_neighbors(args.input, args.k, client=client, queries=args.queries,
+                           max_memory=args.max_memory, invalid=args.invalid,
+                           min_similarity=args.min_similarity, task_rows=args.task_rows,
+                           column=args.column, output=output, resume=args.resume,
+                           on_task=lambda kind, count: on_tile(None, count) if kind == "pair" else None)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    if not args.quiet:
+        print(f"wrote the {args.k} nearest neighbours to the parts of {output} in "
+              f"{time.perf_counter() - started:.1f} s")
     return 0
 
 

@@ -107,7 +107,7 @@ def test_refinement_independent_of_threads_and_block_size(real):
                              block_rows=b) for t, b in ((1, 64), (2, 1024), (3, 256))]
     for other in runs[1:]:
         assert_same_result(runs[0], other)
-    assert runs[0].params["refine_passes"] == 3 and runs[0].params["probes"] == 2
+    assert runs[0].params["refine"] == 3 and runs[0].params["probes"] == 2
 
 
 @pytest.mark.parametrize("cells", [None, 16])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import allknn
-import allknn.engines.exact.search
+import allknn.engines.exact
 from allknn.engines.kmeans import cluster_order
 from allknn.kernels.topk import permute_rows
 from conftest import REAL, assert_same_result, assert_topk_equal, clustered_with_duplicates, reference_topk
@@ -34,12 +34,12 @@ def test_permute_rows_in_place_and_back(rng):
 @pytest.fixture
 def always_order(monkeypatch):
     """Order rows even for small inputs."""
-    monkeypatch.setattr(allknn.engines.exact.search, "MIN_ROWS", 1)
+    monkeypatch.setattr(allknn.engines.exact, "MIN_ROWS", 1)
 
 
 def _search(X, k, *, order: bool, monkeypatch, **kwargs):
     with monkeypatch.context() as patch:
-        patch.setattr(allknn.engines.exact.search, "MIN_ROWS", 1 if order else 10**12)
+        patch.setattr(allknn.engines.exact, "MIN_ROWS", 1 if order else 10**12)
         return allknn.neighbors(X, k, **kwargs)
 
 
@@ -81,7 +81,7 @@ def test_real_embeddings_with_ordering_match_reference(always_order):
 @pytest.mark.slow
 def test_default_ordering_above_threshold_matches_reference_rows():
     """n above the ordering threshold: sampled rows against float64 brute force."""
-    X = clustered_with_duplicates(allknn.engines.exact.search.MIN_ROWS + 500, 24, seed=6, n_copies=200)
+    X = clustered_with_duplicates(allknn.engines.exact.MIN_ROWS + 500, 24, seed=6, n_copies=200)
     result = allknn.neighbors(X, 12)
     rows = np.random.default_rng(3).choice(X.shape[0], size=300, replace=False)
     A = X.astype(np.float64) / np.linalg.norm(X.astype(np.float64), axis=1, keepdims=True)

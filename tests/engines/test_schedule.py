@@ -125,8 +125,8 @@ def test_self_join_plan_tiles_and_pairs():
     normed = np.zeros((300, 2), dtype=np.float32)
     plan = SelfJoinPlan(normed, np.ones(300), block_rows=50)  # rounded up to 64 rows: 5 blocks
     assert plan.block_rows == 64
-    assert sorted(plan.tiles) == list(combinations_with_replacement(range(5), 2))
-    assert sum(plan.pairs(t) for t in plan.tiles) == 300 * 301 // 2
+    assert sorted(plan.tasks) == list(combinations_with_replacement(range(5), 2))
+    assert sum(plan.pairs(t) for t in plan.tasks) == 300 * 301 // 2
     assert plan._blocks_of((1, 3)) == {("block", 1), ("block", 3)}
 
 
@@ -134,6 +134,6 @@ def test_query_plan_tiles_and_pairs():
     """Query plan: every (query, corpus) pair once; tiles write their query block only."""
     plan = QueryJoinPlan(np.zeros((150, 2), np.float32), np.zeros((300, 2), np.float32), np.ones(150),
                          np.ones(300), block_rows=64)
-    assert sorted(plan.tiles) == [(i, j) for i in range(3) for j in range(5)]
-    assert sum(plan.pairs(t) for t in plan.tiles) == 150 * 300
+    assert sorted(plan.tasks) == [(i, j) for i in range(3) for j in range(5)]
+    assert sum(plan.pairs(t) for t in plan.tasks) == 150 * 300
     assert plan._blocks_of((2, 4)) == {("query", 2)}

@@ -132,9 +132,9 @@ def _stop_words_and_tail(n: int, d: int, seed: int, signed: bool = False) -> sp.
 
 
 def _forced_layout(monkeypatch, layout):
-    import allknn.engines.exact.search
+    import allknn.engines.exact
 
-    monkeypatch.setattr(allknn.engines.exact.search, "sparse_layout", lambda *args, **kwargs: layout)
+    monkeypatch.setattr(allknn.engines.exact, "sparse_layout", lambda *args, **kwargs: layout)
 
 
 @pytest.mark.parametrize(("signed", "k"), [(False, 6), (True, 6), (False, 40)])
@@ -345,15 +345,20 @@ def test_resume_keeps_the_layout_of_the_saved_tiles(tmp_path, monkeypatch):
     assert_topk_equal(resumed, reference.similarities, reference.indices, full=reference.full)
 
 
-def test_checkpoint_without_a_layout_is_refused(tmp_path):
-    """A sparse checkpoint from before layouts were saved cannot be resumed
-    safely: the error says to delete it."""
+def test_checkpoint_without_a_layout_resumes(tmp_path):
+    """A sparse checkpoint from before layouts were saved resumes with a
+    fresh layout: the result does not depend on the layout, so it equals
+    the uninterrupted run."""
     path = tmp_path / "s.ckpt"
     X = _stop_words_and_tail(600, 2000, seed=1)
-    allknn.neighbors(X, 4, block_rows=64, checkpoint=path, checkpoint_every=0.0)
+    with pytest.raises(Interrupt):
+        allknn.neighbors(X, 4, block_rows=64, threads=1, checkpoint=path, checkpoint_every=0.0,
+                         on_tile=interrupt_after(20))
     with np.load(path) as saved:
+        assert "layout_columns" in saved.files
         kept = {name: saved[name] for name in saved.files if not name.startswith("layout_")}
+        assert 0 < saved["done"].shape[0] < 55
     with open(path, "wb") as handle:
         np.savez(handle, **kept)
-    with pytest.raises(ValueError, match=r"written by an older allknn .* delete it to start over"):
-        allknn.neighbors(X, 4, block_rows=64, checkpoint=path)
+    resumed = allknn.neighbors(X, 4, block_rows=64, checkpoint=path)
+    assert_same_result(resumed, allknn.neighbors(X, 4, block_rows=64))

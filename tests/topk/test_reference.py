@@ -144,7 +144,7 @@ def test_perturbed_products_give_the_identical_sparse_result(perturbed, monkeypa
     X.data = np.round(X.data * 3) + 1
     base = allknn.neighbors(X, 6, block_rows=128)
     everything = SparseLayout(np.arange(X.shape[1], dtype=np.int64), accumulate=False)
-    monkeypatch.setattr(allknn.engines.exact.search, "sparse_layout", lambda *args, **kwargs: everything)
+    monkeypatch.setattr(allknn.engines.exact, "sparse_layout", lambda *args, **kwargs: everything)
     perturbed(7, terms=int(np.diff(X.indptr).max()))  # the bound of the stored values a row has
     assert_same_result(allknn.neighbors(X, 6, block_rows=64), base)
     assert_same_result(base, allknn.neighbors(X.toarray(), 6))

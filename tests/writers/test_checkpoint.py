@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 
 import allknn
-import allknn.engines.exact.search
+import allknn.engines.exact
 from conftest import Interrupt, assert_same_result, clustered_with_duplicates, interrupt_after
 
 
 @pytest.mark.parametrize("ordered", [False, True])
 @pytest.mark.parametrize(("stop_after", "threads"), [(1, 1), (7, 2), (40, 2)])
 def test_interrupted_self_join_resumes_identically(tmp_path, monkeypatch, ordered, stop_after, threads):
-    monkeypatch.setattr(allknn.engines.exact.search, "MIN_ROWS", 1 if ordered else 10**12)
+    monkeypatch.setattr(allknn.engines.exact, "MIN_ROWS", 1 if ordered else 10**12)
     X = clustered_with_duplicates(1500, 16, seed=8)
     path = tmp_path / "run.ckpt"
     options = {"block_rows": 128, "checkpoint": path, "checkpoint_every": 0.0}

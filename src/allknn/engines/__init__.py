@@ -21,11 +21,16 @@ AUTO_EXACT_SECONDS = 60.0
 """``method="auto"`` takes an exact engine whose estimate is below this."""
 
 
-def check_method(method: object) -> str:
-    """A registered engine's name, or ``"auto"``."""
+def check_method(method: object, *, checkpoint: bool = False) -> str:
+    """A registered engine's name, or ``"auto"``; with ``checkpoint``, one
+    whose engine checkpoints (``"auto"`` ignores the checkpoint when it
+    picks one that does not)."""
     if method != "auto" and method not in ENGINES:
         names = [repr(name) for name in ENGINES]
         raise ValueError(f"method must be {', '.join(names[:-1])}, {names[-1]} or 'auto', got {method!r}")
+    if checkpoint and method != "auto" and not ENGINES[method].checkpoints:
+        takes = " or ".join(repr(name) for name, engine in ENGINES.items() if engine.checkpoints)
+        raise ValueError(f"checkpoint= works with method={takes} (or 'auto') only")
     return str(method)
 
 

@@ -23,8 +23,9 @@ import numpy as np
 from allknn.rows import NormalizedRows, is_sparse
 from allknn.topk.result import RecallEstimate
 
-ProgressCallback = Callable[[tuple[int, int], int], None]
-"""Called after each finished task (tile) with the task and the pairs it scored."""
+ProgressCallback = Callable[[tuple[int, ...], int], None]
+"""Called after each finished task (a tile: ``(query block, corpus block)``)
+with the task and the pairs it scored."""
 
 
 @dataclass(frozen=True)

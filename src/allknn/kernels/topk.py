@@ -73,6 +73,31 @@ def thresholds_of(keys: np.ndarray) -> np.ndarray:
     return key_similarities(keys[:, 0]).copy()
 
 
+def merge_states(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The top-k state holding the best keys of two states of the same rows.
+
+    Associative, commutative and idempotent: a key both states hold (the
+    same candidate offered twice, by a repeated task) counts once, since
+    equal candidates have equal keys.
+
+    Parameters
+    ----------
+    a, b : ndarray of shape (n, k), int64
+        Keys of two states (any heap order).
+
+    Returns
+    -------
+    ndarray of shape (n, k), int64
+        Keys sorted ascending per row (a valid heap: the root is the worst);
+        rebuild the thresholds with :func:`thresholds_of`.
+    """
+    both = np.concatenate([a, b], axis=1)
+    both.sort(axis=1)
+    both[:, 1:][both[:, 1:] == both[:, :-1]] = EMPTY_KEY  # no real key is below EMPTY_KEY
+    both.sort(axis=1)
+    return np.ascontiguousarray(both[:, both.shape[1] - a.shape[1] :])
+
+
 @njit(nogil=True, cache=True, inline="always")
 def _encode(bits, j):
     """Key of a candidate with float32 bit pattern ``bits`` and id ``j``."""

@@ -83,6 +83,45 @@ def read_parquet(
     return matrix, ids, source
 
 
+def parquet_row_count(path: Path) -> int:
+    """Rows of a parquet file, from its footer."""
+    return int(open_parquet(path).metadata.num_rows)
+
+
+def read_parquet_rows(path: Path, *, column: str | None, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of the embeddings of a parquet file (layouts as in
+    :func:`read_parquet`), reading only the row groups that hold them.
+
+    Returns
+    -------
+    ndarray of shape (stop - start, d)
+
+    Raises
+    ------
+    ValueError, TypeError
+        As :func:`read_parquet`; row numbers in messages count from the
+        start of the file.
+    """
+    parquet = open_parquet(path)
+    schema = parquet.schema_arrow
+    if column is not None and column not in schema.names:
+        raise ValueError(f"{path} has no column {column!r}; its columns are: {', '.join(schema.names)}")
+    columns = _embedding_columns(schema, column, None, path)
+    sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+    ends = np.cumsum(sizes)
+    first_group = int(np.searchsorted(ends, start, side="right"))
+    last_group = int(np.searchsorted(ends, stop, side="left"))
+    groups = range(first_group, min(last_group + 1, len(sizes)))
+    first = int(ends[first_group] - sizes[first_group]) if groups else start
+    n_rows = int(sum(sizes[g] for g in groups))
+    if len(columns) == 1 and _is_list(schema.field(columns[0]).type):
+        matrix = _read_lists(parquet, columns[0], n_rows, f"{path} (column {columns[0]!r})", groups, first)
+    else:
+        matrix = _read_float_columns(parquet, columns, n_rows, f"{path} ({len(columns)} float columns)",
+                                     groups, first)
+    return matrix[start - first : stop - first]
+
+
 def _is_list(kind: pa.DataType) -> bool:
     import pyarrow as pa
 
@@ -130,17 +169,19 @@ def _value_dtype(kind: pa.DataType, source: str) -> np.dtype:
     )
 
 
-def _read_lists(parquet: pq.ParquetFile, column: str, n_rows: int, source: str) -> np.ndarray:
-    """Stack a list column into an (n_rows, d) matrix, d from the first row."""
+def _read_lists(parquet: pq.ParquetFile, column: str, n_rows: int, source: str, groups: range | None = None,
+                first: int = 0) -> np.ndarray:
+    """Stack a list column into an (n_rows, d) matrix, d from the first row
+    (of row ``groups``, default all, whose first row is row ``first``)."""
     kind = parquet.schema_arrow.field(column).type
     dtype = _value_dtype(kind.value_type, source)
     matrix = None
     start = 0
-    for group in range(parquet.num_row_groups):
+    for group in range(parquet.num_row_groups) if groups is None else groups:
         for chunk in parquet.read_row_group(group, columns=[column]).column(0).chunks:
             if len(chunk) == 0:
                 continue
-            block = _list_rows(chunk, start, None if matrix is None else matrix.shape[1], source)
+            block = _list_rows(chunk, first + start, None if matrix is None else matrix.shape[1], source)
             if matrix is None:
                 matrix = np.empty((n_rows, block.shape[1]), dtype=dtype)
             matrix[start : start + len(chunk)] = block
@@ -176,18 +217,20 @@ def _list_rows(chunk: pa.Array, first_row: int, width: int | None, source: str) 
     return values.to_numpy(zero_copy_only=False).reshape(-1, width)
 
 
-def _read_float_columns(parquet: pq.ParquetFile, columns: list[str], n_rows: int, source: str) -> np.ndarray:
-    """One float column per dimension, into an (n_rows, len(columns)) matrix."""
+def _read_float_columns(parquet: pq.ParquetFile, columns: list[str], n_rows: int, source: str,
+                        groups: range | None = None, first: int = 0) -> np.ndarray:
+    """One float column per dimension, into an (n_rows, len(columns)) matrix
+    (of row ``groups``, default all, whose first row is row ``first``)."""
     schema = parquet.schema_arrow
     dtype = np.result_type(*(schema.field(name).type.to_pandas_dtype() for name in columns))
     matrix = np.empty((n_rows, len(columns)), dtype=dtype)
     start = 0
-    for group in range(parquet.num_row_groups):
+    for group in range(parquet.num_row_groups) if groups is None else groups:
         table = parquet.read_row_group(group, columns=columns)
         for j, name in enumerate(columns):
             values = table.column(j)
             if values.null_count:
-                row = start + int(np.flatnonzero(values.is_null().to_numpy())[0])
+                row = first + start + int(np.flatnonzero(values.is_null().to_numpy())[0])
                 raise ValueError(f"{source}: column {name!r} is null at row {row}; fill or drop it")
             matrix[start : start + table.num_rows, j] = values.to_numpy()
         start += table.num_rows

@@ -1,10 +1,11 @@
-"""Durable progress of a long run: the top-k state and the finished tiles.
+"""Durable progress of a long run: the top-k state and the finished tasks.
 
 A checkpoint is one ``.npz`` file written atomically (temp file, fsync,
-rename), holding the running top-k state, the list of finished tiles and a
-fingerprint of the input and parameters. Because the top-k order is total,
-resuming from it and running the remaining tiles gives exactly the result of
-an uninterrupted run.
+rename), holding the running top-k state, the list of finished tasks, what
+the plan needs to rebuild the same tasks, and a fingerprint of the input
+and parameters. Because the top-k order is total, resuming from it and
+running the remaining tasks gives exactly the result of an uninterrupted
+run (see :mod:`allknn.engines.tasks`).
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from typing import Any
 import numpy as np
 import scipy.sparse
 
-from allknn.engines.exact.sparse_layout import SparseLayout
-from allknn.engines.schedule import Tile
 from allknn.kernels.topk import thresholds_of
 
 _HASH_ROWS = 65536
+
+_OWN_ENTRIES = ("keys", "done", "fingerprint")
+"""Entries of the file that are not the plan's state."""
 
 
 def fingerprint_matrix(data: np.ndarray | scipy.sparse.csr_matrix) -> str:
@@ -49,22 +51,18 @@ class Progress:
     keys, thresholds : ndarray
         Top-k state (see :mod:`allknn.kernels.topk`); only ``keys`` is
         stored, ``thresholds`` is rebuilt from it.
-    done : set of (int, int)
-        Finished tiles.
-    order : ndarray of int64 or None
-        The row order the tiles refer to (see
-        :mod:`allknn.engines.kmeans`); ``None`` for the natural order.
-    layout : SparseLayout or None
-        For sparse input, the column layout the tiles were made with; a
-        resume keeps it rather than repeating the pilot that chose it (the
-        result no longer depends on the layout).
+    done : set of tuple of int
+        Finished tasks.
+    plan : dict of str to ndarray
+        The plan's :meth:`~allknn.engines.tasks.TaskPlan.resume_state`
+        (for the exact engine: the row order the tiles refer to, and the
+        sparse column layout).
     """
 
     keys: np.ndarray
     thresholds: np.ndarray
-    done: set[Tile]
-    order: np.ndarray | None
-    layout: SparseLayout | None = None
+    done: set[tuple[int, ...]]
+    plan: dict[str, np.ndarray]
 
 
 class Checkpoint:
@@ -103,10 +101,8 @@ class Checkpoint:
         try:
             with np.load(self.path, allow_pickle=False) as saved:
                 stored = json.loads(str(saved["fingerprint"]))
-                keys, tiles, order = saved["keys"], saved["done"], saved["order"]
-                layout = None
-                if "layout_columns" in saved.files:
-                    layout = SparseLayout(saved["layout_columns"], bool(saved["layout_accumulate"]))
+                keys, tasks = saved["keys"], saved["done"]
+                plan = {name: saved[name] for name in saved.files if name not in _OWN_ENTRIES}
         except (OSError, ValueError, KeyError) as exc:
             raise ValueError(
                 f"checkpoint {self.path} cannot be read ({exc}); delete it to start over"
@@ -125,9 +121,8 @@ class Checkpoint:
         return Progress(
             keys=keys,
             thresholds=thresholds_of(keys),
-            done={(int(i), int(j)) for i, j in tiles},
-            order=order if order.size else None,
-            layout=layout,
+            done={tuple(int(part) for part in task) for task in tasks},
+            plan=plan,
         )
 
     def due(self) -> bool:
@@ -137,20 +132,16 @@ class Checkpoint:
     def save(self, progress: Progress) -> None:
         """Write the progress atomically."""
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        done = np.array(sorted(progress.done), dtype=np.int64).reshape(-1, 2)
-        layout = {} if progress.layout is None else {
-            "layout_columns": progress.layout.columns,
-            "layout_accumulate": np.array(progress.layout.accumulate),
-        }
+        width = len(next(iter(progress.done))) if progress.done else 0
+        done = np.array(sorted(progress.done), dtype=np.int64).reshape(len(progress.done), width)
         try:
             with open(tmp, "wb") as handle:
                 np.savez(
                     handle,
+                    **progress.plan,
                     keys=progress.keys,
-                    order=np.zeros(0, np.int64) if progress.order is None else progress.order,
                     done=done,
                     fingerprint=np.array(json.dumps(self.fingerprint, sort_keys=True)),
-                    **layout,
                 )
                 handle.flush()
                 os.fsync(handle.fileno())

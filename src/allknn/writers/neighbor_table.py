@@ -91,6 +91,10 @@ class ParquetNeighborWriter:
         restored by :func:`read_neighbor_table`.
     metadata : dict, optional
         Anything else to record (JSON-serialisable), e.g. the input path.
+    first_row : int
+        Query row number of this file's row 0, when it holds one part of a
+        larger result (row-number ``id`` values are offset by it; see
+        :mod:`allknn.writers.parts`).
 
     Raises
     ------
@@ -114,6 +118,7 @@ class ParquetNeighborWriter:
         min_similarity: float | None = None,
         params: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
+        first_row: int = 0,
     ):
         pa = optional("pyarrow", "writing .parquet files")
         pq = optional("pyarrow.parquet", "writing .parquet files")
@@ -137,11 +142,13 @@ class ParquetNeighborWriter:
         self.k, self.n_rows, self.n_corpus = int(k), int(n_rows), int(n_corpus)
         self._min_similarity = min_similarity
         self._corpus, self._queries = corpus, queries
+        self._first_row = int(first_row)
 
         file_metadata: dict[bytes, bytes] = {}
         header = {
             "format": FORMAT, "k": self.k, "n_rows": self.n_rows, "n_corpus": self.n_corpus,
             "min_similarity": min_similarity, "params": params, "metadata": metadata,
+            **({"first_row": int(first_row)} if first_row else {}),
             "labels": {
                 "id": _label_spec(queries, query_source, file_metadata),
                 "neighbor_id": _label_spec(corpus, "ids", file_metadata),
@@ -219,7 +226,7 @@ class ParquetNeighborWriter:
         rows, ranks = np.nonzero(present)
         table = pa.Table.from_arrays(
             [
-                _take(self._queries, rows + row_start),
+                _take(self._queries, rows + row_start + self._first_row),
                 _take(self._corpus, indices[rows, ranks]),
                 pa.array((ranks + 1).astype(np.int32)),
                 pa.array(similarities[rows, ranks].astype(np.float32)),

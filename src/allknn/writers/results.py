@@ -29,6 +29,7 @@ from allknn.topk.result import TopK
 from allknn.writers.atomic import atomic_path
 from allknn.writers.json_text import dumps
 from allknn.writers.neighbor_table import Labels, ParquetNeighborWriter, read_neighbor_table
+from allknn.writers.parts import read_parts
 
 SUFFIXES = (".npz", ".parquet")
 _ENTRIES_PER_BLOCK = 2**20
@@ -96,7 +97,8 @@ def load_result(
     ----------
     path : path-like
         A ``.npz`` or ``.parquet`` file from :func:`save_result` (or
-        :class:`ParquetNeighborWriter`).
+        :class:`ParquetNeighborWriter`), or a folder of parquet parts
+        written on a cluster (:mod:`allknn.writers.parts`).
     ids, query_ids : sequence, optional
         Only for a parquet file whose ids were too many to keep in it
         (see :mod:`allknn.writers.neighbor_table`): the ids it was written with.
@@ -115,6 +117,8 @@ def load_result(
         Unknown extension, or a file that is not an allknn result.
     """
     path = Path(path)
+    if path.is_dir():
+        return read_parts(path)
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise ValueError(f"cannot read {path}: the extension must be one of {', '.join(SUFFIXES)}")

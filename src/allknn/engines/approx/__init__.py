@@ -53,5 +53,5 @@ class ApproxEngine(Engine):
     def search(self, job: Job, *, checkpoint: Any = None, on_tile: ProgressCallback | None = None) -> Found:
         keys, recall, plan = approx_search(job)
         params = {"recall": recall.estimate, "recall_interval": list(recall.interval), "cells": plan.cells,
-                  "probes": plan.probes, "refine_passes": plan.passes, "seed": job.seed}
+                  "probes": plan.probes, "refine": plan.refine, "seed": job.seed}
         return Found(keys=keys, params=params, recall=recall)

@@ -12,13 +12,17 @@ until a pilot sample of rows reaches it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 from allknn.engines.exact.blocks import dense_product
 from allknn.engines.kmeans import fit_centroids
 from allknn.engines.schedule import run_tiles
-from allknn.kernels.topk import merge_rows, permute_rows
+from allknn.kernels.topk import merge_rows
+from allknn.rows import NormalizedRows
 from allknn.topk.bounds import nomination_margin
 from allknn.topk.scoring import scoring_rows
 
@@ -48,23 +52,19 @@ def cell_centroids(normed: np.ndarray, n_cells: int, *, budget: int, seed: int) 
 
 
 class CellIndex:
-    """Corpus rows grouped by cell, each cell's rows contiguous, in place.
-
-    Making the index reorders ``normed`` in place (no second copy of the
-    corpus); :meth:`restore` puts the rows back in their original order.
+    """Which corpus rows each cell holds, as an order that makes every
+    cell's rows contiguous.
 
     Parameters
     ----------
-    normed : ndarray of shape (n, d), float32
-        Unit-normalised corpus rows; reordered in place.
     centroids : ndarray of shape (n_cells, d), float32
     labels : ndarray of shape (n,), int
         Cell of each corpus row (its nearest centroid).
 
     Attributes
     ----------
-    rows : ndarray of shape (n, d), float32
-        ``normed``, grouped by cell while the index is in use.
+    rows : ndarray of shape (n, d), float32, or None
+        The corpus rows grouped by cell, inside :meth:`grouping` only.
     order : ndarray of shape (n,), int64
         Original row id at each position.
     positions : ndarray of shape (n,), int64
@@ -73,7 +73,7 @@ class CellIndex:
         First position of each cell.
     """
 
-    def __init__(self, normed: np.ndarray, centroids: np.ndarray, labels: np.ndarray):
+    def __init__(self, centroids: np.ndarray, labels: np.ndarray):
         self.centroids = centroids
         n_cells = centroids.shape[0]
         self.order = np.argsort(labels, kind="stable").astype(np.int64)
@@ -82,16 +82,22 @@ class CellIndex:
         counts = np.bincount(labels, minlength=n_cells)
         self.starts = np.zeros(n_cells + 1, dtype=np.int64)
         np.cumsum(counts, out=self.starts[1:])
-        self.rows = normed
-        permute_rows(normed, self.order)
+        self.rows: np.ndarray | None = None
 
     @property
     def n_cells(self) -> int:
         return self.centroids.shape[0]
 
-    def restore(self) -> None:
-        """Put the rows back in their original order."""
-        permute_rows(self.rows, self.positions)
+    @contextmanager
+    def grouping(self, corpus: NormalizedRows) -> Iterator[CellIndex]:
+        """The index with :attr:`rows`: ``corpus`` grouped by cell for the
+        ``with`` block (in place, see :meth:`NormalizedRows.reordered`)."""
+        with corpus.reordered(self.order) as rows:
+            self.rows = rows
+            try:
+                yield self
+            finally:
+                self.rows = None
 
 
 def probe_rounds(

@@ -57,7 +57,7 @@ def _sample_candidates(keys, previous, max_candidates, seed, pool, threads):
     return new, old, new_counts, old_counts
 
 
-def refine(
+def refinement_pass(
     rows: np.ndarray,
     positions: np.ndarray,
     order: np.ndarray,

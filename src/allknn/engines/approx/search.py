@@ -18,7 +18,7 @@ import numpy as np
 
 from allknn.engines.approx.cells import MAX_PROBES, CellIndex, cell_centroids, n_cells_for, probe_rounds
 from allknn.engines.approx.recall import RecallEstimate, cautious_recall, estimate, exact_kth, row_recall
-from allknn.engines.approx.refine import neighbour_ids, refine, refine_bytes
+from allknn.engines.approx.refine import neighbour_ids, refine_bytes, refinement_pass
 from allknn.engines.base import Job
 from allknn.engines.kmeans import NEAREST_ROWS, nearest_centroids
 from allknn.kernels.topk import key_similarities, new_state
@@ -67,7 +67,8 @@ class ApproxPlan:
 
     cells: int
     probes: int = 0
-    passes: int = 0
+    refine: int = 0
+    """Refinement passes run."""
 
 
 def approx_bytes(n_queries: int, n_corpus: int, k: int, *, listed: int, self_join: bool,
@@ -127,7 +128,7 @@ def approx_search(job: Job) -> tuple[np.ndarray, RecallEstimate, ApproxPlan]:
     queries, corpus, k, self_join = job.queries, job.corpus, job.k, job.self_join
     block_rows, threads, budget, seed = job.block_rows, job.threads, job.budget, job.seed
     probes, cells = job.options.get("probes"), job.options.get("cells")
-    refine_passes = job.options.get("refine")
+    refine = job.options.get("refine")
     recall_target = job.options.get("recall_target") or DEFAULT_RECALL_TARGET
     n_queries, n_corpus = queries.rows.shape[0], corpus.rows.shape[0]
     n_cells, most, listed = listed_probes(n_corpus, probes, cells)
@@ -153,7 +154,7 @@ def approx_search(job: Job) -> tuple[np.ndarray, RecallEstimate, ApproxPlan]:
     pilot_kth = None if probes else exact_kth(queries.rows, corpus.rows, pilot, k, skip_self=skip_self,
                                               block_rows=block_rows, threads=threads)
 
-    index = CellIndex(corpus.rows, centroids, labels)  # groups corpus.rows in place
+    index = CellIndex(centroids, labels)
     query_positions = index.positions if self_join else None
     previous: np.ndarray | None = None  # neighbour ids when the last pass began
 
@@ -165,36 +166,34 @@ def approx_search(job: Job) -> tuple[np.ndarray, RecallEstimate, ApproxPlan]:
                 probe_order = probe_order[query_positions]
         probe_rounds(queries.rows, query_positions, queries.norms, index, corpus.norms, keys, thresholds,
                      range(plan.probes, count), probe_order, block_rows=block_rows,
-                     threads=threads, skip_self=skip_self, unique=plan.passes > 0)
+                     threads=threads, skip_self=skip_self, unique=plan.refine > 0)
         plan.probes = count
 
     def refine_once() -> int:
         nonlocal previous
         snapshot = neighbour_ids(keys)
-        pairs = refine(index.rows, index.positions, index.order, keys, thresholds, previous, corpus.norms,
-                       max_candidates=max_candidates_for(k), seed=seed + plan.passes,
-                       threads=threads)
+        pairs = refinement_pass(index.rows, index.positions, index.order, keys, thresholds, previous,
+                                corpus.norms, max_candidates=max_candidates_for(k),
+                                seed=seed + plan.refine, threads=threads)
         previous = snapshot
-        plan.passes += 1
+        plan.refine += 1
         return pairs
 
     def pilot_recall() -> float:
         reached = cautious_recall(row_recall(key_similarities(keys[pilot]), pilot_kth))
         logger.info("approx: %d probe(s), %d pass(es): pilot recall %.4f (less one standard error)",
-                    plan.probes, plan.passes, reached)
+                    plan.probes, plan.refine, reached)
         return reached
 
-    try:
+    with index.grouping(corpus):
         if probes:
             probe_to(most)
-            for _ in range(refine_passes or 0):
+            for _ in range(refine or 0):
                 refine_once()
         else:
             costs = _Costs(probe_order, np.diff(index.starts), n_corpus, k, corpus.rows.shape[1])
             _search_to_target(probe_to, refine_once if self_join else None, pilot_recall, costs,
                               recall_target, most)
-    finally:
-        index.restore()
     audit_kth = exact_kth(queries.rows, corpus.rows, audit, k, skip_self=skip_self,
                           block_rows=block_rows, threads=threads)
     return keys, estimate(row_recall(key_similarities(keys[audit]), audit_kth)), plan

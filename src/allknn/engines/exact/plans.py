@@ -7,15 +7,16 @@ block) tile feeds the query rows only. Each worker thread makes a tile with
 single-threaded BLAS into its own scratch buffer and consumes it at once
 with a compiled kernel, while the tile is still in cache.
 
-A plan lists its tiles; running any subset of them, in any order and on any
-number of threads, merges into the same top-k state, which is what lets a
-run be checkpointed and resumed tile by tile.
+A plan's tasks are its tiles; running any subset of them, in any order and
+on any number of threads, merges into the same top-k state, which is what
+lets a run be checkpointed and resumed tile by tile
+(:mod:`allknn.engines.tasks`).
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from abc import abstractmethod
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import scipy.sparse
@@ -28,11 +29,12 @@ from allknn.engines.exact.sparse_blocks import (
     SparseBlocks,
     accumulate_tile,
     accumulated_tiles,
-    offer_untouched,
     sparse_product,
+    untouched_pass,
 )
 from allknn.engines.exact.sparse_layout import PER_TILE, SparseLayout
 from allknn.engines.schedule import Tile, query_tiles, run_tiles, symmetric_tiles
+from allknn.engines.tasks import TaskPlan
 from allknn.kernels.reference import unit_row_norms
 from allknn.kernels.topk import merge_rows, merge_rows_and_columns, new_state
 from allknn.topk.bounds import nomination_margin
@@ -70,26 +72,28 @@ def _blocks(matrix, block_rows: int, layout: SparseLayout | None):
     return Blocks(matrix, block_rows)
 
 
-class TilePlan(ABC):
+class TilePlan(TaskPlan):
     """Tiles of one join and how to run a subset of them."""
 
-    tiles: list[Tile]
+    tasks: list[Tile]
     block_rows: int
-    n_queries: int
+    ids: np.ndarray | None = None
+    """Row id at each position of the (self-join) rows; None: the natural order."""
+    layout: SparseLayout | None = None
     accumulated: np.ndarray | None = None
     """Tiles made by row-by-row accumulation (see :func:`accumulated_tiles`)."""
+    after_tiles: Callable[[np.ndarray, np.ndarray, int], None] | None = None
+    """What the tiles leave to do once all are merged (sparse accumulated
+    tiles: :func:`untouched_pass`)."""
 
-    @property
-    def skips_untouched_pairs(self) -> bool:
-        """Whether some tiles never offer the pairs sharing no tail column
-        (their similarity is the head dot product, or exactly 0 without
-        heads): the caller then runs :meth:`offer_untouched`."""
-        return self.accumulated is not None and bool(self.accumulated.any())
+    def complete(self, keys: np.ndarray, thresholds: np.ndarray, *, threads: int) -> None:
+        if self.after_tiles is not None:
+            self.after_tiles(keys, thresholds, threads)
 
-    @abstractmethod
-    def offer_untouched(self, keys: np.ndarray, thresholds: np.ndarray, *, threads: int) -> None:
-        """After all tiles, when :attr:`skips_untouched_pairs`: offer the
-        pairs no tile touched (see :func:`offer_untouched`)."""
+    def resume_state(self) -> dict[str, np.ndarray]:
+        """The row order the tiles refer to and the sparse column layout."""
+        return {**({} if self.ids is None else {"order": self.ids}),
+                **({} if self.layout is None else self.layout.state())}
 
     @abstractmethod
     def pairs(self, tile: Tile) -> int:
@@ -109,30 +113,19 @@ class TilePlan(ABC):
         thresholds: np.ndarray,
         *,
         threads: int,
-        tiles: Sequence[Tile] | None = None,
-        on_tile: ProgressCallback | None = None,
+        tasks: Sequence[Tile] | None = None,
+        on_task: ProgressCallback | None = None,
     ) -> None:
-        """Merge ``tiles`` (default all) into the top-k state, in place.
-
-        Parameters
-        ----------
-        keys, thresholds : ndarray of shape (n_queries, k) and (n_queries,)
-            Top-k state from :func:`allknn.kernels.topk.new_state`, indexed
-            by row id.
-        threads : int
-            Worker threads (each runs single-threaded BLAS).
-        tiles : sequence of (int, int), optional
-            Subset of ``self.tiles`` to run.
-        on_tile : callable, optional
-            Called after each finished tile.
-        """
-        todo = self.tiles if tiles is None else tiles
+        """Merge tiles ``tasks`` (default all) into the top-k state, in place,
+        on ``threads`` worker threads that each run single-threaded BLAS
+        (see :meth:`TaskPlan.run`); the state is indexed by row id."""
+        todo = self.tasks if tasks is None else tasks
         buffers = [np.empty(self.block_rows**2, dtype=np.float32) for _ in range(min(threads, len(todo)))]
 
         def work(tile: Tile, worker: int) -> None:
             self._work(tile, buffers[worker], keys, thresholds)
-            if on_tile is not None:
-                on_tile(tile, self.pairs(tile))
+            if on_task is not None:
+                on_task(tile, self.pairs(tile))
 
         with threadpool_limits(limits=1, user_api="blas"):
             run_tiles(todo, work, threads=len(buffers), blocks_of=self._blocks_of)
@@ -173,19 +166,18 @@ class SelfJoinPlan(TilePlan):
         if ids is not None and scipy.sparse.issparse(normed):
             raise ValueError("sparse rows are joined in their own order; ids must be None")
         self.skip_self = skip_self
-        self.ids = np.arange(normed.shape[0], dtype=np.int64) if ids is None else ids
+        self.ids, self.layout = ids, layout
+        self.row_ids = np.arange(normed.shape[0], dtype=np.int64) if ids is None else ids
         self.n_queries = normed.shape[0]
         self.blocks = _blocks(normed, block_rows, layout)
         self.block_rows = self.blocks.block_rows
-        self.tiles = symmetric_tiles(len(self.blocks))
+        self.tasks = symmetric_tiles(len(self.blocks))
         self.accumulated = accumulated_tiles(self.blocks, self.blocks)
         rows = _scoring(normed, self.blocks, norms)
         self.scoring = (rows, rows)
         self.margin = _margin(normed)
-
-    def offer_untouched(self, keys: np.ndarray, thresholds: np.ndarray, *, threads: int) -> None:
-        offer_untouched(self.blocks, self.blocks, keys, thresholds, self.scoring,
-                        skip_self=self.skip_self, margin=self.margin, threads=threads)
+        self.after_tiles = untouched_pass(self.blocks, self.blocks, self.accumulated, self.scoring,
+                                          skip_self=skip_self, margin=self.margin)
 
     def pairs(self, tile: Tile) -> int:
         rows, cols = self.blocks.rows(tile[0]), self.blocks.rows(tile[1])
@@ -193,17 +185,18 @@ class SelfJoinPlan(TilePlan):
 
     def _work(self, tile: Tile, buffer: np.ndarray, keys: np.ndarray, thresholds: np.ndarray) -> None:
         if self.accumulated is not None and self.accumulated[tile]:
-            accumulate_tile(self.blocks, tile[0], self.blocks, tile[1], self.ids, self.ids, keys,
+            accumulate_tile(self.blocks, tile[0], self.blocks, tile[1], self.row_ids, self.row_ids, keys,
                         thresholds, self.scoring, skip_self=self.skip_self,
                         both_sides=tile[0] != tile[1], margin=self.margin)
             return
         (i0, _), (j0, _) = self.blocks.bounds[tile[0]], self.blocks.bounds[tile[1]]
         product = _product(self.blocks, tile[0], self.blocks, tile[1], buffer)
         if tile[0] == tile[1]:
-            merge_rows(product, i0, j0, self.ids, self.ids, keys, thresholds, self.skip_self, False,
+            merge_rows(product, i0, j0, self.row_ids, self.row_ids, keys, thresholds, self.skip_self, False,
                        self.scoring[0], self.scoring[1], self.margin)
         else:
-            merge_rows_and_columns(product, i0, j0, self.ids, keys, thresholds, self.scoring[0], self.margin)
+            merge_rows_and_columns(product, i0, j0, self.row_ids, keys, thresholds, self.scoring[0],
+                                   self.margin)
 
     def _blocks_of(self, tile: Tile) -> set[tuple[str, int]]:
         return {("block", tile[0]), ("block", tile[1])}
@@ -243,21 +236,20 @@ class QueryJoinPlan(TilePlan):
         layout: SparseLayout | None = None,
     ):
         self.skip_self = skip_self
+        self.layout = layout
         self.query_ids = np.arange(queries_normed.shape[0], dtype=np.int64)
         self.corpus_ids = np.arange(normed.shape[0], dtype=np.int64)
         self.n_queries = queries_normed.shape[0]
         self.query_blocks = _blocks(queries_normed, block_rows, layout)
         self.block_rows = self.query_blocks.block_rows
         self.corpus_blocks = _blocks(normed, block_rows, layout)
-        self.tiles = query_tiles(len(self.query_blocks), len(self.corpus_blocks))
+        self.tasks = query_tiles(len(self.query_blocks), len(self.corpus_blocks))
         self.accumulated = accumulated_tiles(self.query_blocks, self.corpus_blocks)
         self.scoring = (_scoring(queries_normed, self.query_blocks, query_norms),
                         _scoring(normed, self.corpus_blocks, norms))
         self.margin = _margin(queries_normed, normed)
-
-    def offer_untouched(self, keys: np.ndarray, thresholds: np.ndarray, *, threads: int) -> None:
-        offer_untouched(self.query_blocks, self.corpus_blocks, keys, thresholds, self.scoring,
-                        skip_self=self.skip_self, margin=self.margin, threads=threads)
+        self.after_tiles = untouched_pass(self.query_blocks, self.corpus_blocks, self.accumulated,
+                                          self.scoring, skip_self=skip_self, margin=self.margin)
 
     def pairs(self, tile: Tile) -> int:
         return self.query_blocks.rows(tile[0]) * self.corpus_blocks.rows(tile[1])
@@ -275,6 +267,48 @@ class QueryJoinPlan(TilePlan):
 
     def _blocks_of(self, tile: Tile) -> set[tuple[str, int]]:
         return {("query", tile[0])}
+
+
+class PairPlan(TilePlan):
+    """Two row blocks of a symmetric schedule against each other, both sides
+    offered: the off-diagonal task of a self-join cut into block pairs (a
+    Dask task). The state has the rows of ``first`` then those of
+    ``second``.
+
+    Parameters
+    ----------
+    first, second : ndarray of shape (n1, d) and (n2, d), float32, C-contiguous
+        Unit-normalised dense rows of the two blocks.
+    first_norms, second_norms : ndarray of shape (n1,) and (n2,), float64
+        Their reference norms.
+    block_rows : int
+        Rows per tile side.
+    """
+
+    def __init__(self, first: np.ndarray, second: np.ndarray, first_norms: np.ndarray,
+                 second_norms: np.ndarray, *, block_rows: int):
+        both = np.concatenate([first, second])
+        self.offset = first.shape[0]
+        self.n_queries = both.shape[0]
+        self.row_ids = np.arange(both.shape[0], dtype=np.int64)
+        self.first = Blocks(both[: self.offset], block_rows)
+        self.second = Blocks(both[self.offset :], block_rows)
+        self.block_rows = self.first.block_rows
+        self.tasks = query_tiles(len(self.first), len(self.second))
+        self.scoring = scoring_rows(both, np.concatenate([first_norms, second_norms]))
+        self.margin = _margin(both)
+
+    def pairs(self, tile: Tile) -> int:
+        return self.first.rows(tile[0]) * self.second.rows(tile[1])
+
+    def _work(self, tile: Tile, buffer: np.ndarray, keys: np.ndarray, thresholds: np.ndarray) -> None:
+        i0 = self.first.bounds[tile[0]][0]
+        j0 = self.offset + self.second.bounds[tile[1]][0]
+        product = dense_tile(self.first, tile[0], self.second, tile[1], buffer)
+        merge_rows_and_columns(product, i0, j0, self.row_ids, keys, thresholds, self.scoring, self.margin)
+
+    def _blocks_of(self, tile: Tile) -> set[tuple[str, int]]:
+        return {("first", tile[0]), ("second", tile[1])}
 
 
 def exact_top_keys(queries: np.ndarray, corpus: np.ndarray, k: int, *, block_rows: int,

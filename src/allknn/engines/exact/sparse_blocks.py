@@ -4,6 +4,7 @@ per-block column indexes, accumulated tiles and the untouched-pair finish."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -119,6 +120,21 @@ def accumulate_tile(a: SparseBlocks, i: int, b: SparseBlocks, j: int, row_ids: n
                          index.starts, index.rows, index.values, b.spans(), row_ids, b.bounds[j][0],
                          col_ids, keys, thresholds, skip_self, both_sides, scratch, touched, seen,
                          a.head, a.head_bounds, b.head, b.head_bounds, scoring[0], scoring[1], margin)
+
+
+def untouched_pass(queries, corpus, accumulated: np.ndarray | None, scoring: tuple, *, skip_self: bool,
+                   margin: np.float32) -> Callable[[np.ndarray, np.ndarray, int], None] | None:
+    """What a join with accumulated tiles does once all its tiles are
+    merged: offer the pairs no tile touched (``(keys, thresholds, threads)``
+    -> None); None when no tile is accumulated."""
+    if accumulated is None or not accumulated.any():
+        return None
+
+    def offer(keys: np.ndarray, thresholds: np.ndarray, threads: int) -> None:
+        offer_untouched(queries, corpus, keys, thresholds, scoring, skip_self=skip_self, margin=margin,
+                        threads=threads)
+
+    return offer
 
 
 def offer_untouched(queries: SparseBlocks, corpus: SparseBlocks, keys: np.ndarray,

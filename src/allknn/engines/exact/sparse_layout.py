@@ -24,6 +24,7 @@ measured on a 2-core x86 machine; they only steer speed, never results.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -76,6 +77,17 @@ class SparseLayout:
 
     columns: np.ndarray
     accumulate: bool
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The layout as arrays, for a checkpoint."""
+        return {"layout_columns": self.columns, "layout_accumulate": np.array(self.accumulate)}
+
+    @classmethod
+    def from_state(cls, saved: Mapping[str, np.ndarray]) -> SparseLayout | None:
+        """The layout :meth:`state` saved, or None if ``saved`` holds none."""
+        if "layout_columns" not in saved:
+            return None
+        return cls(np.asarray(saved["layout_columns"], dtype=np.int64), bool(saved["layout_accumulate"]))
 
 
 PER_TILE = SparseLayout(np.zeros(0, dtype=np.int64), accumulate=True)

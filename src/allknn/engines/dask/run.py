@@ -1,0 +1,310 @@
+"""The exact kNN graph on a Dask cluster: the client plans, workers read and join.
+
+The data path is the local one cut into tasks. The rows are cut into row
+blocks of ``task_rows`` (seconds of work per task, a few MB of state);
+
+1. a scan task per block finds bad rows and a digest of the values (the
+   client reads no rows, only file headers);
+2. a pair task per block pair ``(i, j), i <= j`` of the symmetric schedule
+   (or per (query block, corpus block) in the query form) reads its blocks
+   where it runs, normalises them and joins them with the exact engine's
+   tiles into partial top-k states of both blocks;
+3. the partial states of a row block are merged in a tree
+   (:func:`allknn.kernels.topk.merge_states`, associative and idempotent);
+4. a finish task per row block decodes its state and writes its parquet
+   part (or returns its arrays), and the client records the part in the
+   manifest (:mod:`allknn.writers.parts`) as it completes.
+
+Data is never scattered from the client: a worker that dies loses only
+results, which the scheduler recomputes from the source (``retries`` covers
+tasks that fail with it). A resumed run skips every row block the manifest
+records, and every task whose blocks are all recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from allknn import _validate
+from allknn._memory import choose_block_rows, parse_memory, round_block_rows, tile_scratch_bytes
+from allknn._optional import optional
+from allknn.engines.dask.tasks import Block, JoinSpec, finish_task, merge_task, pair_task, scan_block
+from allknn.engines.schedule import block_bounds
+from allknn.readers.sources import open_source
+from allknn.topk.result import TopK
+from allknn.writers.json_text import dumps
+from allknn.writers.parts import MANIFEST, Manifest
+
+logger = logging.getLogger("allknn")
+
+TASK_ROWS = 16384
+"""Rows per task block at most: a 16k x 16k block pair at 100 dimensions is
+about a second of one core, the size Dask's guidance asks of a task."""
+
+MERGE_FAN_IN = 8
+"""Partial states merged per merge task."""
+
+RETRIES = 3
+"""Times a failed task is retried (a task lost with its worker is
+recomputed by the scheduler without counting)."""
+
+TaskCallback = Callable[[str, int], None]
+"""Called on the client as tasks finish: ``("pair", pairs)`` or ``("part", rows)``."""
+
+
+class _Input:
+    """One side of the join: a source on shared storage, or a dask array."""
+
+    def __init__(self, data: Any, *, name: str, column: str | None):
+        self.name = name
+        self.array = None
+        if _is_dask_array(data):
+            if data.ndim != 2 or 0 in data.shape or any(math.isnan(s) for s in data.shape):
+                raise ValueError(f"{name} has shape {data.shape}; it needs known rows x dimensions, both > 0")
+            self.array, self.source, self.shape = data, None, (int(data.shape[0]), int(data.shape[1]))
+            self.description = f"dask array {data.name}"
+        elif isinstance(data, str | os.PathLike):
+            self.source = open_source(data, column=column, name=name)
+            self.shape, self.description = self.source.shape, self.source.describe()
+        else:
+            raise TypeError(f"with client=, {name} must be a path every worker can read (.npy, .parquet, a "
+                            f"folder or glob of .parquet files) or a dask array, got {type(data).__name__}; "
+                            f"save it with numpy.save, or pass client=None to search it here")
+        self.blocks: list[Block] = []
+        self.data: list[Any] = []
+
+    def cut(self, client, task_rows: int) -> None:
+        """Cut into blocks; a dask array's blocks are computed on the workers."""
+        bounds = block_bounds(self.shape[0], task_rows)
+        self.blocks = [Block(self.source, a, b) for a, b in bounds]
+        if self.array is None:
+            self.data = [None] * len(bounds)
+        else:
+            pieces = self.array.rechunk({0: task_rows, 1: -1}).to_delayed().ravel().tolist()
+            self.data = client.compute(pieces)
+
+
+def _is_dask_array(data: Any) -> bool:
+    array = type(data).__module__.startswith("dask.array")
+    return array and hasattr(data, "chunks")
+
+
+def task_rows_for(budget: int, dim: int, k: int, block_rows: int, n_rows: int) -> int:
+    """Rows per task block: two blocks (float64 while normalised, float32
+    rows) and their states fit in ``budget`` beside the tile scratch, at
+    most ``TASK_ROWS``, a multiple of ``block_rows``.
+
+    Raises
+    ------
+    ValueError
+        If not even one tile's rows fit.
+    """
+    per_row = 2 * (dim * (8 + 4) + 3 * 8 * k)
+    room = budget - tile_scratch_bytes(block_rows, dim, 1)
+    rows = min(TASK_ROWS, max(0, room) // per_row, round_block_rows(n_rows))
+    rows -= rows % block_rows
+    if rows < block_rows:
+        need = tile_scratch_bytes(block_rows, dim, 1) + block_rows * per_row
+        raise ValueError(f"max_memory={budget} bytes is too small for one task at {dim} dimensions; give at "
+                         f"least {need} bytes")
+    return int(rows)
+
+
+def dask_neighbors(
+    X: Any,
+    k: int,
+    *,
+    client,
+    queries: Any = None,
+    exclude_self: bool = True,
+    max_memory: str | int = "1GB",
+    invalid: str = "raise",
+    min_similarity: float | None = None,
+    block_rows: int | None = None,
+    task_rows: int | None = None,
+    column: str | None = None,
+    output: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    on_task: TaskCallback | None = None,
+) -> TopK | None:
+    """The exact top-k of every row of ``X`` (or of ``queries``), on a cluster.
+
+    Parameters are those of :func:`allknn.neighbors`, with:
+
+    X, queries : path-like or dask array
+        A path every worker can read (``.npy``, ``.parquet``, a folder or
+        glob of ``.parquet`` files) or a ``dask.array``.
+    client : distributed.Client
+    max_memory : str or int
+        Working memory of one task (a worker runs one task per thread).
+    task_rows : int, optional
+        Rows per task block, rounded up to a multiple of 64 (default from
+        ``max_memory``, at most ``TASK_ROWS``).
+    column : str, optional
+        The parquet embedding column.
+    output : path-like, optional
+        Write the result as a folder of parquet parts and a manifest
+        (:mod:`allknn.writers.parts`) instead of returning it.
+    resume : bool
+        With ``output``: keep the parts a killed run of the same input and
+        parameters recorded, and compute the rest.
+    on_task : callable, optional
+        Progress: ``on_task(kind, count)`` on the client as tasks finish.
+
+    Returns
+    -------
+    TopK or None
+        The result (None with ``output``), equal bit for bit to the local
+        engine's.
+    """
+    self_join = queries is None
+    corpus = _Input(X, name="X", column=column)
+    query = corpus if self_join else _Input(queries, name="queries", column=column)
+    _validate.check_same_width(np.empty((0, corpus.shape[1])), np.empty((0, query.shape[1])))
+    invalid = _validate.check_invalid_choice(invalid)
+    min_similarity = _validate.check_min_similarity(min_similarity)
+    budget = parse_memory(max_memory)
+    dim = corpus.shape[1]
+    if block_rows is None:
+        block_rows = choose_block_rows(budget // 2, dim, 1)
+    block_rows = round_block_rows(block_rows)
+    n_rows = max(corpus.shape[0], query.shape[0])
+    if task_rows is None:
+        rows = task_rows_for(budget, dim, k if isinstance(k, int) else 1, block_rows, n_rows)
+    else:
+        rows = round_block_rows(_validate.check_optional_count(task_rows, "task_rows"))
+        block_rows = min(block_rows, rows)
+    for side in {id(corpus): corpus, id(query): query}.values():
+        side.cut(client, rows)
+    if output is not None and not resume and (Path(output) / MANIFEST).exists():
+        raise ValueError(f"{output} holds the output of an earlier run; pass resume=True (--resume) to "
+                         f"continue it, or write to another folder")
+
+    sides = list({id(corpus): corpus, id(query): query}.values())
+    run = uuid.uuid4().hex[:8]
+    scans = {side.name: client.gather([client.submit(scan_block, block, data, retries=RETRIES,
+                                                     key=f"allknn-scan-{side.name}-{i}-{run}")
+                                       for i, (block, data) in enumerate(zip(side.blocks, side.data,
+                                                                             strict=True))])
+             for side in sides}
+    bad = {}
+    for side in sides:
+        zeros = np.concatenate([scan.zero_rows for scan in scans[side.name]])
+        nonfinite = np.concatenate([scan.nonfinite_rows for scan in scans[side.name]])
+        if invalid == "raise":
+            _validate.raise_for_bad_rows(side.name, zeros, nonfinite)
+        if zeros.size + nonfinite.size == side.shape[0]:
+            _validate.raise_if_no_valid_rows(side.name, side.shape[0])
+        bad[side.name] = np.union1d(zeros, nonfinite)
+    n_candidates = corpus.shape[0] - bad["X"].size - (1 if self_join and exclude_self else 0)
+    k = _validate.check_k(k, n_candidates, self_join=self_join and exclude_self)
+
+    params = {"k": k, "method": "exact", "self_join": self_join,
+              "exclude_self": self_join and bool(exclude_self), "invalid": invalid,
+              "min_similarity": min_similarity, "engine": "dask", "task_rows": rows, "block_rows": block_rows}
+    fingerprint = {**params, "X": _digest(scans["X"]),
+                   "queries": None if self_join else _digest(scans["queries"])}
+    manifest = None
+    if output is not None:
+        Path(output).mkdir(parents=True, exist_ok=True)
+        header = {"k": k, "n_rows": query.shape[0], "n_corpus": corpus.shape[0], "params": params}
+        manifest = Manifest(output, fingerprint, header)
+        if resume:
+            manifest.resume()
+        manifest.save()
+    done = set() if manifest is None else set(manifest.parts)
+    spec = JoinSpec(k=k, skip_self=self_join and bool(exclude_self), block_rows=block_rows, threads=1)
+    token = hashlib.blake2b(dumps(fingerprint).encode(), digest_size=8).hexdigest()
+
+    partials: dict[int, list[Any]] = {b: [] for b in range(len(query.blocks)) if b not in done}
+    pair_futures = {}
+    if self_join:
+        for i in range(len(corpus.blocks)):
+            for j in range(i, len(corpus.blocks)):
+                if i in done and j in done:
+                    continue
+                second = None if i == j else corpus.blocks[j]
+                future = client.submit(pair_task, spec, corpus.blocks[i], second, corpus.data[i],
+                                       None if i == j else corpus.data[j], key=f"allknn-pair-{i}-{j}-{token}",
+                                       retries=RETRIES)
+                pair_futures[future.key] = (future, _pairs(corpus.blocks[i], second))
+                if i not in done:
+                    partials[i].append((future, 0))
+                if j not in done and i != j:
+                    partials[j].append((future, 1))
+    else:
+        for j, (block, data) in enumerate(zip(corpus.blocks, corpus.data, strict=True)):
+            for i in partials:
+                future = client.submit(pair_task, spec, block, None, data, None, query.blocks[i],
+                                       query.data[i], key=f"allknn-pair-{i}-{j}-{token}", retries=RETRIES)
+                pair_futures[future.key] = (future, _pairs(query.blocks[i], block))
+                partials[i].append((future, 0))
+
+    finishes = {}
+    for b, parts in partials.items():
+        level = 0
+        while len(parts) > 1:
+            parts = [client.submit(merge_task, *parts[s : s + MERGE_FAN_IN], retries=RETRIES,
+                                   key=f"allknn-merge-{b}-{level}-{s}-{token}")
+                     for s in range(0, len(parts), MERGE_FAN_IN)]
+            level += 1
+        state = parts[0] if not isinstance(parts[0], tuple) else client.submit(
+            merge_task, parts[0], key=f"allknn-merge-{b}-{token}", retries=RETRIES)
+        block = query.blocks[b]
+        block_bad = bad[query.name][(bad[query.name] >= block.start) & (bad[query.name] < block.stop)]
+        future = client.submit(finish_task, state, block, block_bad, min_similarity=min_similarity,
+                               folder=None if output is None else str(Path(output).resolve()), part=b,
+                               n_corpus=corpus.shape[0], params=params, key=f"allknn-finish-{b}-{token}",
+                               retries=RETRIES)
+        finishes[future.key] = (future, b)
+
+    return _collect(client, pair_futures, finishes, manifest, query, corpus, k, params, on_task)
+
+
+def _collect(client, pair_futures, finishes, manifest, query, corpus, k, params, on_task) -> TopK | None:
+    """Wait for the tasks; record parts as they finish, report progress."""
+    as_completed = optional("distributed", "running on a Dask cluster").as_completed
+
+    results = {}
+    futures = [future for future, _ in pair_futures.values()] + [future for future, _ in finishes.values()]
+    for future in as_completed(futures):
+        if future.key in pair_futures:
+            if on_task is not None:
+                on_task("pair", pair_futures[future.key][1])
+            future.release()
+            continue
+        block = finishes[future.key][1]
+        value = future.result()
+        if manifest is not None:
+            manifest.add(block, value)
+        else:
+            results[block] = value
+        if on_task is not None:
+            on_task("part", query.blocks[block].stop - query.blocks[block].start)
+    if manifest is not None:
+        manifest.save(complete=True)
+        return None
+    indices = np.concatenate([results[b][0] for b in range(len(query.blocks))])
+    similarities = np.concatenate([results[b][1] for b in range(len(query.blocks))])
+    return TopK(indices=indices, similarities=similarities, n_corpus=corpus.shape[0], params=params)
+
+
+def _pairs(first: Block, second: Block | None) -> int:
+    n = first.stop - first.start
+    return n * (n - 1) // 2 if second is None else n * (second.stop - second.start)
+
+
+def _digest(scans) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for scan in scans:
+        digest.update(scan.digest.encode())
+    return digest.hexdigest()

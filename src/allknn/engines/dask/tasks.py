@@ -1,0 +1,166 @@
+"""What the Dask workers run: read and normalise row blocks, join block
+pairs into partial top-k states, merge them, finish a row block.
+
+Every function here is a plain module function of small arguments (a
+:class:`Block` names a range of a source on shared storage), so a task that
+is lost with its worker, or run twice, is simply run again: a partial state
+holds reference keys only, and :func:`allknn.kernels.topk.merge_states` is
+associative and idempotent, so the merged state and the written part are
+the same bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from allknn.engines.exact.plans import PairPlan, QueryJoinPlan, SelfJoinPlan
+from allknn.kernels.topk import EMPTY_KEY, key_ids, merge_states, new_state
+from allknn.readers.sources import RowSource
+from allknn.rows.dense import normalize_dense_rows, row_norms
+from allknn.topk.finish import sorted_neighbours
+from allknn.writers.parts import write_part
+
+
+@dataclass(frozen=True)
+class Block:
+    """Rows ``start:stop`` of a source (``data`` given instead for a dask array)."""
+
+    source: RowSource | None
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class JoinSpec:
+    """What every pair task of one run needs besides its blocks."""
+
+    k: int
+    skip_self: bool
+    block_rows: int
+    threads: int
+
+
+@dataclass(frozen=True)
+class BlockScan:
+    """What a first pass over a block found."""
+
+    zero_rows: np.ndarray
+    nonfinite_rows: np.ndarray
+    digest: str
+
+
+def _raw(block: Block, data: np.ndarray | None) -> np.ndarray:
+    if data is not None:
+        return np.asarray(data)
+    try:
+        return block.source.read(block.start, block.stop)
+    except (OSError, ValueError) as exc:
+        raise OSError(f"worker {socket.gethostname()} (pid {os.getpid()}) cannot read rows "
+                      f"{block.start}..{block.stop - 1} of {block.source.describe()}: {exc}; every worker "
+                      f"must read the input at the same path") from exc
+
+
+def scan_block(block: Block, data: np.ndarray | None = None) -> BlockScan:
+    """Bad rows (global row numbers) and a digest of a block's values."""
+    raw = _raw(block, data)
+    norms = row_norms(raw, 4096)
+    finite = np.isfinite(norms)
+    digest = hashlib.blake2b(f"{raw.shape}|{raw.dtype.str}".encode(), digest_size=16)
+    digest.update(np.ascontiguousarray(raw).tobytes())
+    return BlockScan(block.start + np.flatnonzero(finite & (norms == 0)),
+                     block.start + np.flatnonzero(~finite), digest.hexdigest())
+
+
+def _normalised(block: Block, data: np.ndarray | None, block_rows: int):
+    """The block's kept rows, unit-normalised, their norms and global ids."""
+    raw = _raw(block, data)
+    norms = row_norms(raw, block_rows)
+    if not (np.isfinite(norms) & (norms > 0)).any():
+        return np.zeros((0, raw.shape[1]), np.float32), np.zeros(0), np.zeros(0, np.int64)
+    rows = normalize_dense_rows(raw, name="X", block_rows=block_rows, invalid="drop")
+    kept = np.arange(raw.shape[0], dtype=np.int64) if rows.kept is None else rows.kept
+    return rows.rows, rows.norms, block.start + kept
+
+
+def _to_global(keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Replace local candidate ids by ``ids[local]``. ``ids`` increases, so
+    the keys keep their order (ties still go to the smaller row number)."""
+    present = keys != EMPTY_KEY
+    local = key_ids(keys[present])
+    keys[present] = (keys[present] & ~np.int64(0xFFFFFFFF)) | (np.int64(0xFFFFFFFF) - ids[local])
+    return keys
+
+
+def pair_task(spec: JoinSpec, first: Block, second: Block | None, first_data: np.ndarray | None = None,
+              second_data: np.ndarray | None = None, query: Block | None = None,
+              query_data: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """Partial top-k states of one task, keys by global row number.
+
+    Self-join: ``second=None`` joins block ``first`` with itself and
+    returns its state; otherwise the two blocks against each other,
+    returning both states. Query form: ``query`` rows against corpus block
+    ``first``, returning the query block's state.
+
+    Returns
+    -------
+    tuple of ndarray of shape (kept rows, k), int64
+    """
+    with threadpool_limits(limits=1, user_api="blas"):
+        rows, norms, ids = _normalised(first, first_data, spec.block_rows)
+        if query is not None:
+            q_rows, q_norms, _ = _normalised(query, query_data, spec.block_rows)
+            keys, thresholds = new_state(q_rows.shape[0], spec.k)
+            if rows.shape[0] and q_rows.shape[0]:
+                QueryJoinPlan(q_rows, rows, q_norms, norms, block_rows=spec.block_rows).run(
+                    keys, thresholds, threads=spec.threads)
+            return (_to_global(keys, ids),)
+        if second is None:
+            keys, thresholds = new_state(rows.shape[0], spec.k)
+            if rows.shape[0]:
+                SelfJoinPlan(rows, norms, block_rows=spec.block_rows, skip_self=spec.skip_self).run(
+                    keys, thresholds, threads=spec.threads)
+            return (_to_global(keys, ids),)
+        other, other_norms, other_ids = _normalised(second, second_data, spec.block_rows)
+        keys, thresholds = new_state(rows.shape[0] + other.shape[0], spec.k)
+        if rows.shape[0] and other.shape[0]:
+            PairPlan(rows, other, norms, other_norms, block_rows=spec.block_rows).run(
+                keys, thresholds, threads=spec.threads)
+        keys = _to_global(keys, np.concatenate([ids, other_ids]))
+        return keys[: rows.shape[0]], keys[rows.shape[0] :]
+
+
+def merge_task(*parts: tuple[tuple[np.ndarray, ...], int] | np.ndarray) -> np.ndarray:
+    """Merge partial states: each part is a merged state, or a pair task's
+    result and which of its states to take."""
+    states = [part if isinstance(part, np.ndarray) else part[0][part[1]] for part in parts]
+    merged = states[0]
+    for state in states[1:]:
+        merged = merge_states(merged, state)
+    return merged
+
+
+def finish_task(keys: np.ndarray, block: Block, bad_rows: np.ndarray, *, min_similarity: float | None,
+                folder: str | None, part: int, n_corpus: int,
+                params: dict) -> tuple[np.ndarray, np.ndarray] | dict:
+    """A row block's result from its merged state: its part written to
+    ``folder`` (returning the manifest entry), or its arrays."""
+    indices, similarities = sorted_neighbours(keys.copy())
+    n, k = block.stop - block.start, keys.shape[1]
+    if bad_rows.size:
+        kept = np.setdiff1d(np.arange(block.start, block.stop), bad_rows) - block.start
+        full_indices = np.full((n, k), -1, dtype=np.int64)
+        full_similarities = np.full((n, k), np.nan, dtype=np.float32)
+        full_indices[kept], full_similarities[kept] = indices, similarities
+        indices, similarities = full_indices, full_similarities
+    if min_similarity is not None:
+        below = ~(similarities >= min_similarity)
+        indices[below], similarities[below] = -1, np.nan
+    if folder is None:
+        return indices, similarities
+    return write_part(folder, part, block.start, indices, similarities, n_corpus=n_corpus, params=params)

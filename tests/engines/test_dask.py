@@ -1,0 +1,211 @@
+"""The Dask engine on a real cluster (2 worker processes, 1 thread each, on
+loopback): bit-for-bit equality with the local engine, lost workers, a
+killed client resumed, repeated tasks, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import allknn
+import allknn.engines.dask
+from conftest import Interrupt, assert_same_result, clustered_with_duplicates
+
+distributed = pytest.importorskip("distributed")
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+from allknn.engines.dask.tasks import Block, JoinSpec, merge_task, pair_task, scan_block  # noqa: E402
+from allknn.readers.sources import NpySource, open_source  # noqa: E402
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  host="127.0.0.1") as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    with distributed.Client(cluster) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def data():
+    X = clustered_with_duplicates(1500, 20, seed=31)
+    X[7] = 0.0
+    X[900, 3] = np.nan
+    return X
+
+
+@pytest.fixture
+def npy(tmp_path, data):
+    path = tmp_path / "x.npy"
+    np.save(path, data)
+    return path
+
+
+def _parquet_folder(folder, matrix, parts):
+    folder.mkdir()
+    for i, rows in enumerate(np.array_split(np.arange(matrix.shape[0]), parts)):
+        values = pa.FixedSizeListArray.from_arrays(pa.array(matrix[rows].ravel()), matrix.shape[1])
+        pq.write_table(pa.table({"emb": values, "n": rows}), folder / f"p{i}.parquet", row_group_size=200)
+    return folder
+
+
+def test_self_join_equals_the_local_engine(client, npy, data):
+    for options in ({"invalid": "drop"}, {"invalid": "drop", "exclude_self": False, "min_similarity": 0.5}):
+        local = allknn.neighbors(data, 6, **options)
+        remote = allknn.neighbors(npy, 6, client=client, task_rows=256, **options)
+        assert_same_result(remote, local)
+        assert remote.params["engine"] == "dask" and remote.params["task_rows"] == 256
+
+
+def test_query_join_equals_the_local_engine(client, tmp_path, npy, data):
+    Q = data[::4] * np.float32(2.0) + np.float32(0.01)
+    np.save(tmp_path / "q.npy", Q)
+    local = allknn.neighbors(data, 5, queries=Q, invalid="drop")
+    remote = allknn.neighbors(npy, 5, queries=tmp_path / "q.npy", client=client, task_rows=128,
+                              invalid="drop")
+    assert_same_result(remote, local)
+
+
+def test_parquet_folder_and_dask_array_sources(client, tmp_path, data):
+    import dask.array as da
+
+    clean = np.nan_to_num(data, nan=1.0)
+    clean[7] = 1.0
+    local = allknn.neighbors(clean, 4)
+    folder = _parquet_folder(tmp_path / "emb", clean, parts=3)
+    assert_same_result(allknn.neighbors(folder, 4, client=client, task_rows=320), local)
+    assert_same_result(allknn.engines.dask.dask_neighbors(str(folder / "p*.parquet"), 4, client=client,
+                                                          task_rows=320, column="emb"), local)
+    assert_same_result(allknn.neighbors(da.from_array(clean, chunks=(100, 20)), 4, client=client,
+                                        task_rows=192), local)
+
+
+def test_bad_input_gets_the_local_messages(client, npy, data, tmp_path):
+    with pytest.raises(ValueError) as local:
+        allknn.neighbors(data, 3)
+    with pytest.raises(ValueError) as remote:
+        allknn.neighbors(npy, 3, client=client, task_rows=256)
+    assert str(remote.value) == str(local.value)
+    with pytest.raises(ValueError, match=r"k=1500 .*"):
+        allknn.neighbors(npy, 1500, client=client, invalid="drop")
+    with pytest.raises(FileNotFoundError, match="every worker must read X at this path"):
+        allknn.neighbors(tmp_path / "missing.npy", 3, client=client)
+    with pytest.raises(TypeError, match="must be a path every worker can read"):
+        allknn.neighbors(data, 3, client=client)
+    with pytest.raises(ValueError, match="with client=, method must be 'exact'"):
+        allknn.neighbors(npy, 3, client=client, method="approx")
+
+
+def test_a_worker_that_cannot_read_names_the_path_and_itself(client, tmp_path, data):
+    path = tmp_path / "gone.npy"
+    np.save(path, data)
+    source = open_source(path)
+    path.unlink()
+    with pytest.raises(OSError, match=r"worker .* \(pid \d+\) cannot read rows 0\.\.99 of .*gone\.npy"):
+        client.submit(scan_block, Block(source, 0, 100), pure=False).result()
+
+
+def test_repeated_tasks_change_nothing(client, npy, data):
+    source = NpySource(str(npy), data.shape, data.dtype.str)
+    spec = JoinSpec(k=5, skip_self=True, block_rows=64, threads=1)
+    first, second = Block(source, 0, 300), Block(source, 300, 700)
+    runs = [client.submit(pair_task, spec, first, second, pure=False) for _ in range(2)]
+    once = client.submit(merge_task, (runs[0], 0)).result()
+    twice = client.submit(merge_task, (runs[0], 0), (runs[1], 0), (runs[0], 0)).result()
+    np.testing.assert_array_equal(np.sort(once, axis=1), np.sort(twice, axis=1))
+
+
+def test_a_killed_worker_costs_only_its_tasks(client, npy, data):
+    local = allknn.neighbors(data, 6, invalid="drop")
+    pids = client.run(os.getpid)
+    killed = []
+
+    def kill_one(kind, count):
+        if kind == "pair" and not killed:
+            victim = next(iter(pids.values()))
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
+
+    remote = allknn.engines.dask.dask_neighbors(npy, 6, client=client, task_rows=128, invalid="drop",
+                                                on_task=kill_one)
+    assert killed
+    assert_same_result(remote, local)
+    client.wait_for_workers(2, timeout=60)
+
+
+def test_parts_folder_reads_as_one_table_and_resumes(client, npy, data, tmp_path):
+    local = allknn.neighbors(data, 6, invalid="drop")
+    out = tmp_path / "out"
+    finished = []
+
+    def die_after_two_parts(kind, count):
+        if kind == "part":
+            finished.append(count)
+            if len(finished) == 2:
+                raise Interrupt
+
+    with pytest.raises(Interrupt):
+        allknn.engines.dask.dask_neighbors(npy, 6, client=client, task_rows=128, invalid="drop", output=out,
+                                           on_task=die_after_two_parts)
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert len(manifest["parts"]) == 2 and not manifest["complete"]
+    with pytest.raises(ValueError, match=r"unfinished: .* --resume"):
+        allknn.load_result(out)
+    with pytest.raises(ValueError, match="holds the output of an earlier run; pass resume=True"):
+        allknn.engines.dask.dask_neighbors(npy, 6, client=client, task_rows=128, invalid="drop", output=out)
+    with pytest.raises(ValueError, match=r"different run \(k: the folder has 6, this run has 5"):
+        allknn.engines.dask.dask_neighbors(npy, 5, client=client, task_rows=128, invalid="drop", output=out,
+                                           resume=True)
+    recorded = {entry["file"]: os.stat(out / entry["file"]).st_mtime_ns
+                for entry in manifest["parts"].values()}
+    allknn.engines.dask.dask_neighbors(npy, 6, client=client, task_rows=128, invalid="drop", output=out,
+                                       resume=True)
+    assert all(os.stat(out / name).st_mtime_ns == mtime for name, mtime in recorded.items())  # kept
+    assert_same_result(allknn.load_result(out), local)
+    table = pq.read_table(out).to_pandas()  # the parts as one table
+    present = local.indices >= 0
+    assert len(table) == present.sum()
+    assert sorted(table["id"].unique()) == sorted(np.flatnonzero(present.any(axis=1)))
+
+
+def test_cli_on_a_scheduler_resumes_after_the_client_is_killed(cluster, tmp_path):
+    X = clustered_with_duplicates(6000, 24, seed=3)
+    np.save(tmp_path / "x.npy", X)
+    command = [sys.executable, "-m", "allknn.cli", "run", str(tmp_path / "x.npy"), "-k", "5", "-o",
+               str(tmp_path / "out"), "--scheduler", cluster.scheduler_address, "--task-rows", "128", "-q"]
+    manifest = tmp_path / "out" / "_manifest.json"
+    process = subprocess.Popen(command)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if manifest.exists() and json.loads(manifest.read_text())["parts"]:
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not json.loads(manifest.read_text())["complete"]
+    subprocess.run([*command, "--resume"], check=True, timeout=300)
+    assert_same_result(allknn.load_result(tmp_path / "out"), allknn.neighbors(X, 5))
+
+
+def test_cli_names_an_unreachable_scheduler(tmp_path, npy):
+    done = subprocess.run([sys.executable, "-m", "allknn.cli", "run", str(npy), "-o", str(tmp_path / "o"),
+                           "--scheduler", "tcp://127.0.0.1:9", "-q"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1
+    assert "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in done.stderr

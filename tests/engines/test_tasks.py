@@ -1,0 +1,77 @@
+"""The task contract of tiled engines: any split, order or repetition of a
+plan's tasks, each part into its own state and the states merged, gives
+the engine's own result (what checkpoints, Dask tasks and GPU batches rely
+on). Within one state every candidate is offered once (a task is not run
+twice into the same state: a retried task starts a fresh partial state)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse
+
+from allknn.engines import ENGINES, Job, check_options
+from allknn.engines.tasks import TiledEngine
+from allknn.kernels.topk import EMPTY_KEY, merge_states, new_state, thresholds_of
+from allknn.rows import normalize_rows
+from conftest import clustered_with_duplicates
+
+TILED = sorted(name for name, engine in ENGINES.items() if isinstance(engine, TiledEngine))
+
+
+def test_the_exact_engine_is_tiled():
+    assert "exact" in TILED
+
+
+def _job(X, k, *, queries=None):
+    corpus = normalize_rows(X, name="X", block_rows=64, invalid="raise")
+    query_rows = corpus if queries is None else normalize_rows(queries, name="queries", block_rows=64,
+                                                               invalid="raise")
+    return Job(queries=query_rows, corpus=corpus, k=k, self_join=queries is None, exclude_self=True,
+               threads=1, budget=2**28, block_rows=64, options=check_options({}))
+
+
+def _sorted(keys):
+    return np.sort(keys, axis=1)
+
+
+def _inputs():
+    dense = clustered_with_duplicates(520, 12, seed=5)
+    sparse = scipy.sparse.random(450, 300, density=0.03, random_state=5, format="csr", dtype=np.float32)
+    sparse = sparse + scipy.sparse.csr_matrix((np.ones(450, np.float32), (np.arange(450), np.zeros(450))),
+                                              shape=(450, 300))  # no empty row
+    return {"dense": (dense, None), "dense-query": (dense, dense[::3] + 0.25),
+            "sparse": (scipy.sparse.csr_matrix(sparse), None)}
+
+
+@pytest.mark.parametrize("name", TILED)
+@pytest.mark.parametrize("case", sorted(_inputs()))
+def test_split_shuffled_and_repeated_tasks_merge_to_the_search(name, case):
+    X, Q = _inputs()[case]
+    engine, k = ENGINES[name], 6
+    whole = engine.search(_job(X, k, queries=Q)).keys
+    job = _job(X, k, queries=Q)
+    rng = np.random.default_rng(1)
+    with engine.plan(job, None) as plan:
+        assert len(plan.tasks) > 3
+        parts = [*np.array_split(rng.permutation(len(plan.tasks)), 3), rng.choice(len(plan.tasks), 3)]
+        states = []
+        for part in parts:  # the last part repeats three tasks
+            keys, thresholds = new_state(plan.n_queries, k)
+            plan.run(keys, thresholds, threads=2, tasks=[plan.tasks[i] for i in part])
+            states.append(keys)
+        left = merge_states(merge_states(merge_states(states[0], states[1]), states[2]), states[3])
+        right = merge_states(states[3], merge_states(states[0], merge_states(states[2], states[1])))
+        assert np.array_equal(left, right)
+        assert np.array_equal(merge_states(left, left), left)
+        keys, thresholds = left.copy(), thresholds_of(left)
+        plan.complete(keys, thresholds, threads=1)
+    assert np.array_equal(_sorted(keys), _sorted(whole))
+
+
+def test_merge_states_keeps_the_best_distinct_keys():
+    a = np.array([[1, 5, 9], [EMPTY_KEY, EMPTY_KEY, 4]], dtype=np.int64)
+    b = np.array([[9, 7, 2], [EMPTY_KEY, 4, 3]], dtype=np.int64)
+    merged = merge_states(a, b)
+    assert merged.tolist() == [[5, 7, 9], [EMPTY_KEY, 3, 4]]
+    assert np.array_equal(thresholds_of(merged), thresholds_of(np.sort(merged, axis=1)))
