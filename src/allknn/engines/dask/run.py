@@ -35,7 +35,13 @@ from typing import Any
 import numpy as np
 
 from allknn import _validate
-from allknn._memory import choose_block_rows, parse_memory, round_block_rows, tile_scratch_bytes
+from allknn._memory import (
+    BLOCK_MULTIPLE,
+    choose_block_rows,
+    parse_memory,
+    round_block_rows,
+    tile_scratch_bytes,
+)
 from allknn._optional import optional
 from allknn.engines.dask.tasks import Block, JoinSpec, finish_task, merge_task, pair_task, scan_block
 from allknn.engines.schedule import block_bounds
@@ -101,7 +107,7 @@ def _is_dask_array(data: Any) -> bool:
 def task_rows_for(budget: int, dim: int, k: int, block_rows: int, n_rows: int) -> int:
     """Rows per task block: two blocks (float64 while normalised, float32
     rows) and their states fit in ``budget`` beside the tile scratch, at
-    most ``TASK_ROWS``, a multiple of ``block_rows``.
+    most ``TASK_ROWS`` and the rows there are, a multiple of 64.
 
     Raises
     ------
@@ -111,8 +117,8 @@ def task_rows_for(budget: int, dim: int, k: int, block_rows: int, n_rows: int) -
     per_row = 2 * (dim * (8 + 4) + 3 * 8 * k)
     room = budget - tile_scratch_bytes(block_rows, dim, 1)
     rows = min(TASK_ROWS, max(0, room) // per_row, round_block_rows(n_rows))
-    rows -= rows % block_rows
-    if rows < block_rows:
+    rows -= rows % BLOCK_MULTIPLE
+    if rows < min(block_rows, round_block_rows(n_rows)):
         need = tile_scratch_bytes(block_rows, dim, 1) + block_rows * per_row
         raise ValueError(f"max_memory={budget} bytes is too small for one task at {dim} dimensions; give at "
                          f"least {need} bytes")
@@ -182,7 +188,7 @@ def dask_neighbors(
         rows = task_rows_for(budget, dim, k if isinstance(k, int) else 1, block_rows, n_rows)
     else:
         rows = round_block_rows(_validate.check_optional_count(task_rows, "task_rows"))
-        block_rows = min(block_rows, rows)
+    block_rows = min(block_rows, rows)
     for side in {id(corpus): corpus, id(query): query}.values():
         side.cut(client, rows)
     if output is not None and not resume and (Path(output) / MANIFEST).exists():
