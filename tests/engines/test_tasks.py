@@ -75,3 +75,32 @@ def test_merge_states_keeps_the_best_distinct_keys():
     merged = merge_states(a, b)
     assert merged.tolist() == [[5, 7, 9], [EMPTY_KEY, 3, 4]]
     assert np.array_equal(thresholds_of(merged), thresholds_of(np.sort(merged, axis=1)))
+
+
+def test_block_pairs_with_floors_merge_to_the_self_join():
+    """The Dask engine's tasks: two blocks' own joins and their pair (both
+    sides offered), with or without the own joins' thresholds as floors,
+    merge to the self-join of both blocks; the floors keep fewer keys."""
+    from allknn.engines.exact.plans import PairPlan, SelfJoinPlan
+    from allknn.kernels.topk import floored_state, without_placeholders
+
+    X = clustered_with_duplicates(700, 10, seed=8)
+    k, cut = 5, 300
+    whole = ENGINES["exact"].search(_job(X, k)).keys
+    rows = normalize_rows(X, name="X", block_rows=64, invalid="raise")
+    own, floors = [], []
+    for a, b in ((0, cut), (cut, 700)):
+        keys, thresholds = new_state(b - a, k)
+        SelfJoinPlan(rows.rows[a:b], rows.norms[a:b], block_rows=64).run(keys, thresholds, threads=1)
+        keys[keys != EMPTY_KEY] -= a  # local id j is row a + j: the key's low half is 2**32 - 1 - id
+        own.append(keys)
+        floors.append(thresholds)
+    kept = {}
+    for floored in (False, True):
+        keys, thresholds = floored_state(np.concatenate(floors), k) if floored else new_state(700, k)
+        PairPlan(rows.rows[:cut], rows.rows[cut:], rows.norms[:cut], rows.norms[cut:], block_rows=64).run(
+            keys, thresholds, threads=2)
+        without_placeholders(keys)
+        assert np.array_equal(_sorted(merge_states(np.concatenate(own), keys)), _sorted(whole))
+        kept[floored] = int((keys != EMPTY_KEY).sum())
+    assert kept[True] < kept[False]

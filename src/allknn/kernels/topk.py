@@ -56,6 +56,38 @@ def new_state(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full((n, k), EMPTY_KEY, dtype=np.int64), np.full(n, -np.inf, dtype=np.float32)
 
 
+def floored_state(floors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """A top-k state whose rows hold ``k`` placeholders at ``floors``.
+
+    A placeholder has the row's floor as similarity and id ``EMPTY_ID``,
+    the lowest key of that similarity, so exactly the candidates at least
+    as similar as the floor enter. With floors that are lower bounds of the
+    rows' final k-th similarities (the threshold of another partial state
+    of the same rows), the state misses no candidate of the final top-k,
+    and skips the many below. Remove the placeholders left with
+    :func:`without_placeholders` before merging.
+
+    Parameters
+    ----------
+    floors : ndarray of shape (n,), float32
+        ``-inf``: no floor.
+    k : int
+    """
+    floors = np.asarray(floors, dtype=np.float32)
+    bits = floors.view(np.int32).astype(np.int64)
+    bits[bits == -(2**31)] = 0  # -0.0 ranks as +0.0
+    order = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    keys = np.repeat((order << 32)[:, None], k, axis=1)
+    return np.ascontiguousarray(keys), floors.copy()
+
+
+def without_placeholders(keys: np.ndarray) -> np.ndarray:
+    """Replace the placeholders of :func:`floored_state` left in ``keys``
+    by empty slots (in place; returns ``keys``)."""
+    keys[key_ids(keys) == EMPTY_ID] = EMPTY_KEY
+    return keys
+
+
 def key_similarities(keys: np.ndarray) -> np.ndarray:
     """The float32 similarities packed in keys (``-inf`` for empty slots)."""
     order = keys >> 32

@@ -43,7 +43,15 @@ from allknn._memory import (
     tile_scratch_bytes,
 )
 from allknn._optional import optional
-from allknn.engines.dask.tasks import Block, JoinSpec, finish_task, merge_task, pair_task, scan_block
+from allknn.engines.dask.tasks import (
+    Block,
+    JoinSpec,
+    finish_task,
+    floors_task,
+    merge_task,
+    pair_task,
+    scan_block,
+)
 from allknn.engines.schedule import block_bounds
 from allknn.readers.sources import open_source
 from allknn.topk.result import TopK
@@ -234,15 +242,20 @@ def dask_neighbors(
     partials: dict[int, list[Any]] = {b: [] for b in range(len(query.blocks)) if b not in done}
     pair_futures = {}
     if self_join:
-        for i in range(len(corpus.blocks)):
-            for j in range(i, len(corpus.blocks)):
+        blocks, data = corpus.blocks, corpus.data
+        own = [client.submit(pair_task, spec, blocks[i], None, data[i], key=f"allknn-pair-{i}-{i}-{token}",
+                             retries=RETRIES) for i in range(len(blocks))]
+        floors = [client.submit(floors_task, own[i], key=f"allknn-floors-{i}-{token}", retries=RETRIES)
+                  for i in range(len(blocks))]
+        for i in range(len(blocks)):
+            for j in range(i, len(blocks)):
                 if i in done and j in done:
                     continue
-                second = None if i == j else corpus.blocks[j]
-                future = client.submit(pair_task, spec, corpus.blocks[i], second, corpus.data[i],
-                                       None if i == j else corpus.data[j], key=f"allknn-pair-{i}-{j}-{token}",
-                                       retries=RETRIES)
-                pair_futures[future.key] = (future, _pairs(corpus.blocks[i], second))
+                second = None if i == j else blocks[j]
+                future = own[i] if i == j else client.submit(
+                    pair_task, spec, blocks[i], blocks[j], data[i], data[j], floors=(floors[i], floors[j]),
+                    key=f"allknn-pair-{i}-{j}-{token}", retries=RETRIES)
+                pair_futures[future.key] = (future, _pairs(blocks[i], second))
                 if i not in done:
                     partials[i].append((future, 0))
                 if j not in done and i != j:

@@ -20,7 +20,15 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from allknn.engines.exact.plans import PairPlan, QueryJoinPlan, SelfJoinPlan
-from allknn.kernels.topk import EMPTY_KEY, key_ids, merge_states, new_state
+from allknn.kernels.topk import (
+    EMPTY_KEY,
+    floored_state,
+    key_ids,
+    merge_states,
+    new_state,
+    thresholds_of,
+    without_placeholders,
+)
 from allknn.readers.sources import RowSource
 from allknn.rows.dense import normalize_dense_rows, row_norms
 from allknn.topk.finish import sorted_neighbours
@@ -99,13 +107,18 @@ def _to_global(keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 def pair_task(spec: JoinSpec, first: Block, second: Block | None, first_data: np.ndarray | None = None,
               second_data: np.ndarray | None = None, query: Block | None = None,
-              query_data: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+              query_data: np.ndarray | None = None,
+              floors: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, ...]:
     """Partial top-k states of one task, keys by global row number.
 
     Self-join: ``second=None`` joins block ``first`` with itself and
     returns its state; otherwise the two blocks against each other,
-    returning both states. Query form: ``query`` rows against corpus block
-    ``first``, returning the query block's state.
+    returning both states, starting from ``floors`` (the thresholds of the
+    blocks' own joins, :func:`floors_task`: lower bounds of the final k-th
+    similarities, so that only candidates that can still make the top-k are
+    kept; see :func:`allknn.kernels.topk.floored_state`). Query form:
+    ``query`` rows against corpus block ``first``, returning the query
+    block's state.
 
     Returns
     -------
@@ -127,12 +140,20 @@ def pair_task(spec: JoinSpec, first: Block, second: Block | None, first_data: np
                     keys, thresholds, threads=spec.threads)
             return (_to_global(keys, ids),)
         other, other_norms, other_ids = _normalised(second, second_data, spec.block_rows)
-        keys, thresholds = new_state(rows.shape[0] + other.shape[0], spec.k)
+        if floors is None:
+            keys, thresholds = new_state(rows.shape[0] + other.shape[0], spec.k)
+        else:
+            keys, thresholds = floored_state(np.concatenate(floors), spec.k)
         if rows.shape[0] and other.shape[0]:
             PairPlan(rows, other, norms, other_norms, block_rows=spec.block_rows).run(
                 keys, thresholds, threads=spec.threads)
-        keys = _to_global(keys, np.concatenate([ids, other_ids]))
+        keys = _to_global(without_placeholders(keys), np.concatenate([ids, other_ids]))
         return keys[: rows.shape[0]], keys[rows.shape[0] :]
+
+
+def floors_task(own: tuple[np.ndarray]) -> np.ndarray:
+    """The thresholds of a block's own join (a diagonal :func:`pair_task`)."""
+    return thresholds_of(own[0])
 
 
 def merge_task(*parts: tuple[tuple[np.ndarray, ...], int] | np.ndarray) -> np.ndarray:
