@@ -174,9 +174,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cluster(args: argparse.Namespace):
     """A client of the ``--scheduler``, or of a new ``--workers N`` cluster here."""
-    from allknn._optional import optional
-
-    distributed = optional("distributed", "running on a Dask cluster")
+    try:
+        import distributed
+    except ImportError:
+        raise CliError("running on a Dask cluster needs dask.distributed, which is not installed; "
+                       "pip install 'allknn[dask]'") from None
     if args.workers is not None:
         if args.workers < 1:
             raise CliError(f"--workers must be at least 1, got {args.workers}")
@@ -192,8 +194,6 @@ def _cluster(args: argparse.Namespace):
 
 
 def _cmd_run_on_cluster(args: argparse.Namespace) -> int:
-    from allknn.engines.dask import dask_neighbors
-
     output = Path(args.output)
     if output.suffix in OUTPUT_SUFFIXES:
         raise CliError(f"with a cluster the output is a folder of parquet parts; give a folder name, "
@@ -210,7 +210,7 @@ def _cmd_run_on_cluster(args: argparse.Namespace) -> int:
                   f"{client.dashboard_link}", file=sys.stderr)
         bar, on_tile = _progress(None, args.quiet, "allknn")
         with bar:
-            dask_neighbors(args.input, args.k, client=client, queries=args.queries,
+            allknn.dask_neighbors(args.input, args.k, client=client, queries=args.queries,
                            max_memory=args.max_memory, invalid=args.invalid,
                            min_similarity=args.min_similarity, task_rows=args.task_rows,
                            column=args.column, output=output, resume=args.resume,

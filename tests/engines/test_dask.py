@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 import allknn
-import allknn.engines.dask
 from conftest import Interrupt, assert_same_result, clustered_with_duplicates
 
 distributed = pytest.importorskip("distributed")
@@ -89,7 +88,7 @@ def test_parquet_folder_and_dask_array_sources(client, tmp_path, data):
     local = allknn.neighbors(clean, 4)
     folder = _parquet_folder(tmp_path / "emb", clean, parts=3)
     assert_same_result(allknn.neighbors(folder, 4, client=client, task_rows=320), local)
-    assert_same_result(allknn.engines.dask.dask_neighbors(str(folder / "p*.parquet"), 4, client=client,
+    assert_same_result(allknn.dask_neighbors(str(folder / "p*.parquet"), 4, client=client,
                                                           task_rows=320, column="emb"), local)
     assert_same_result(allknn.neighbors(da.from_array(clean, chunks=(100, 20)), 4, client=client,
                                         task_rows=192), local)
@@ -141,7 +140,7 @@ def test_a_killed_worker_costs_only_its_tasks(client, npy, data):
             os.kill(victim, signal.SIGKILL)
             killed.append(victim)
 
-    remote = allknn.engines.dask.dask_neighbors(npy, 6, client=client, task_rows=128, invalid="drop",
+    remote = allknn.dask_neighbors(npy, 6, client=client, task_rows=128, invalid="drop",
                                                 on_task=kill_one)
     assert killed
     assert_same_result(remote, local)
@@ -160,20 +159,20 @@ def test_parts_folder_reads_as_one_table_and_resumes(client, npy, data, tmp_path
                 raise Interrupt
 
     with pytest.raises(Interrupt):
-        allknn.engines.dask.dask_neighbors(npy, 6, client=client, task_rows=128, invalid="drop", output=out,
+        allknn.dask_neighbors(npy, 6, client=client, task_rows=128, invalid="drop", output=out,
                                            on_task=die_after_two_parts)
     manifest = json.loads((out / "_manifest.json").read_text())
     assert len(manifest["parts"]) == 2 and not manifest["complete"]
     with pytest.raises(ValueError, match=r"unfinished: .* --resume"):
         allknn.load_result(out)
     with pytest.raises(ValueError, match="holds the output of an earlier run; pass resume=True"):
-        allknn.engines.dask.dask_neighbors(npy, 6, client=client, task_rows=128, invalid="drop", output=out)
+        allknn.dask_neighbors(npy, 6, client=client, task_rows=128, invalid="drop", output=out)
     with pytest.raises(ValueError, match=r"different run \(k: the folder has 6, this run has 5"):
-        allknn.engines.dask.dask_neighbors(npy, 5, client=client, task_rows=128, invalid="drop", output=out,
+        allknn.dask_neighbors(npy, 5, client=client, task_rows=128, invalid="drop", output=out,
                                            resume=True)
     recorded = {entry["file"]: os.stat(out / entry["file"]).st_mtime_ns
                 for entry in manifest["parts"].values()}
-    allknn.engines.dask.dask_neighbors(npy, 6, client=client, task_rows=128, invalid="drop", output=out,
+    allknn.dask_neighbors(npy, 6, client=client, task_rows=128, invalid="drop", output=out,
                                        resume=True)
     assert all(os.stat(out / name).st_mtime_ns == mtime for name, mtime in recorded.items())  # kept
     assert_same_result(allknn.load_result(out), local)

@@ -65,12 +65,36 @@ def finish(keys: np.ndarray, queries: NormalizedRows, corpus: NormalizedRows, *,
     if corpus.kept is not None:
         present = indices >= 0
         indices[present] = corpus.kept[indices[present]]
-    if queries.kept is not None:
-        full_indices = np.full((queries.n_original, indices.shape[1]), -1, dtype=np.int64)
-        full_similarities = np.full((queries.n_original, indices.shape[1]), np.nan, dtype=np.float32)
-        full_indices[queries.kept] = indices
-        full_similarities[queries.kept] = similarities
-        indices, similarities = full_indices, full_similarities
+    indices, similarities = place_rows(indices, similarities, queries.kept, queries.n_original)
+    return mask_below(indices, similarities, min_similarity)
+
+
+def place_rows(indices: np.ndarray, similarities: np.ndarray, kept: np.ndarray | None,
+               n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Put the results of kept query rows at their input rows; dropped rows
+    get index -1 and similarity NaN.
+
+    Parameters
+    ----------
+    indices, similarities : ndarray of shape (len(kept), k)
+    kept : ndarray of int64 or None
+        Input row of each result row; None: all rows were kept.
+    n_rows : int
+        Input rows.
+    """
+    if kept is None:
+        return indices, similarities
+    full_indices = np.full((n_rows, indices.shape[1]), -1, dtype=np.int64)
+    full_similarities = np.full((n_rows, indices.shape[1]), np.nan, dtype=np.float32)
+    full_indices[kept] = indices
+    full_similarities[kept] = similarities
+    return full_indices, full_similarities
+
+
+def mask_below(indices: np.ndarray, similarities: np.ndarray,
+               min_similarity: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """Mask neighbours less similar than ``min_similarity`` (index -1,
+    similarity NaN), in place."""
     if min_similarity is not None:
         below = ~(similarities >= min_similarity)  # NaN padding stays masked
         indices[below] = -1

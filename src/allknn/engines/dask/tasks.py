@@ -31,7 +31,7 @@ from allknn.kernels.topk import (
 )
 from allknn.readers.sources import RowSource
 from allknn.rows.dense import normalize_dense_rows, row_norms
-from allknn.topk.finish import sorted_neighbours
+from allknn.topk.finish import mask_below, place_rows, sorted_neighbours
 from allknn.writers.parts import write_part
 
 
@@ -172,16 +172,9 @@ def finish_task(keys: np.ndarray, block: Block, bad_rows: np.ndarray, *, min_sim
     """A row block's result from its merged state: its part written to
     ``folder`` (returning the manifest entry), or its arrays."""
     indices, similarities = sorted_neighbours(keys.copy())
-    n, k = block.stop - block.start, keys.shape[1]
-    if bad_rows.size:
-        kept = np.setdiff1d(np.arange(block.start, block.stop), bad_rows) - block.start
-        full_indices = np.full((n, k), -1, dtype=np.int64)
-        full_similarities = np.full((n, k), np.nan, dtype=np.float32)
-        full_indices[kept], full_similarities[kept] = indices, similarities
-        indices, similarities = full_indices, full_similarities
-    if min_similarity is not None:
-        below = ~(similarities >= min_similarity)
-        indices[below], similarities[below] = -1, np.nan
+    kept = np.setdiff1d(np.arange(block.start, block.stop), bad_rows) - block.start if bad_rows.size else None
+    indices, similarities = place_rows(indices, similarities, kept, block.stop - block.start)
+    indices, similarities = mask_below(indices, similarities, min_similarity)
     if folder is None:
         return indices, similarities
     return write_part(folder, part, block.start, indices, similarities, n_corpus=n_corpus, params=params)
