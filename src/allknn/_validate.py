@@ -96,6 +96,25 @@ def check_threads(threads: object) -> int:
     return int(threads)
 
 
+BACKENDS = ("numba", "torch")
+
+
+def check_backend(backend: object, device: object, method: str) -> str:
+    """The engine ``method`` a backend and device select: ``"torch"`` for
+    ``backend="torch"`` or a CUDA device (with ``method`` ``"exact"`` or
+    ``"auto"``), else ``method`` itself."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    cuda = isinstance(device, str) and device.startswith("cuda")
+    if backend == "numba" and not cuda:
+        if device not in (None, "cpu"):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+        return method
+    if method not in ("exact", "auto", "torch"):
+        raise ValueError(f"backend='torch' runs the exact engine; method={method!r} does not run on it")
+    return "torch"
+
+
 def check_invalid_choice(invalid: object) -> str:
     """Check the ``invalid=`` option."""
     if invalid not in INVALID_CHOICES:

@@ -14,6 +14,7 @@ from allknn import _validate
 from allknn._memory import cap_block_rows, check_block_rows, choose_block_rows, parse_memory
 from allknn.engines import Job, check_method, check_options, choose
 from allknn.engines.base import ProgressCallback
+from allknn.engines.dask import dask_neighbors
 from allknn.kernels.topk import MAX_ROWS
 from allknn.rows import is_sparse, normalize_rows
 from allknn.topk.finish import finish
@@ -45,6 +46,9 @@ def neighbors(
     on_tile: ProgressCallback | None = None,
     client=None,
     task_rows: int | None = None,
+    backend: str = "numba",
+    device: str | None = None,
+    precision: str | None = None,
 ) -> TopK:
     """Find the ``k`` most cosine-similar rows of ``X`` for every row.
 
@@ -136,6 +140,17 @@ def neighbors(
         the local one bit for bit. ``None``: this machine.
     task_rows : int, optional
         With ``client``: rows per task block (default from ``max_memory``).
+    backend : {"numba", "torch"}
+        ``"torch"``: the exact engine's tiles with products by torch
+        (:mod:`allknn.engines.torch`, ``method="torch"``), the same result
+        bit for bit; needs ``allknn[gpu]``.
+    device : str, optional
+        ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` for the torch backend (a CUDA
+        device implies ``backend="torch"``); default ``"cpu"``.
+    precision : {"auto", "fp32", "tf32", "bf16", "fp16"}, optional
+        Precision of the torch backend's products (``"auto"``: fp32 on CPU,
+        bf16 on CUDA); the certificate's bound follows it, so the result
+        does not depend on it.
 
     Returns
     -------
@@ -167,9 +182,10 @@ def neighbors(
     n_threads = _validate.check_threads(threads)
     invalid = _validate.check_invalid_choice(invalid)
     budget = parse_memory(max_memory)
+    method = _validate.check_backend(backend, device, method)
     check_method(method, checkpoint=checkpoint is not None)
     options = check_options({"recall_target": recall_target, "probes": probes, "refine": refine,
-                             "cells": cells})
+                             "cells": cells, "device": device, "precision": precision})
     min_similarity = _validate.check_min_similarity(min_similarity)
     block_rows = _block_rows(block_rows, corpus, query_matrix, budget, n_threads)
 
@@ -208,8 +224,6 @@ def neighbors(
 
 def _on_cluster(X, k, *, client, method: str, checkpoint, **options) -> TopK:
     """``neighbors`` on a Dask cluster (exact only; the cluster retries lost work)."""
-    from allknn.engines.dask import dask_neighbors
-
     if method not in ("exact", "auto"):
         raise ValueError(f"with client=, method must be 'exact' (or 'auto'), got {method!r}; the approximate "
                          f"engine runs on this machine only so far")

@@ -53,6 +53,16 @@ def _add_input_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--id-column", help="id column (parquet)")
 
 
+def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
+    cluster = parser.add_mutually_exclusive_group()
+    cluster.add_argument("--scheduler", metavar="ADDRESS",
+                         help="run on this Dask scheduler (e.g. tcp://127.0.0.1:8786); INPUT must be "
+                              "readable by every worker at the same path")
+    cluster.add_argument("--workers", type=int, metavar="N",
+                         help="start a Dask cluster of N worker processes on this machine and run on it")
+    parser.add_argument("--task-rows", type=int, default=None, help="with a cluster: rows per task block")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``allknn`` command."""
     parser = argparse.ArgumentParser(
@@ -74,24 +84,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="exact (default), approx (cells; recall measured and printed) or auto")
     run.add_argument("--recall-target", type=float, default=0.95,
                      help="recall@k an approximate run aims for (default 0.95)")
+    run.add_argument("--backend", choices=("numba", "torch"), default="numba",
+                     help="numba (default) or torch: the exact engine's tiles with products by torch")
+    run.add_argument("--device", default=None,
+                     help="cpu, cuda or cuda:N (torch; cuda implies --backend torch)")
+    run.add_argument("--precision", choices=("auto", "fp32", "tf32", "bf16", "fp16"), default=None,
+                     help="torch products' precision (the result is the same in all)")
     run.add_argument("--invalid", choices=("raise", "drop"), default="raise",
                      help="zero or NaN/Inf rows: stop with an error (default) or drop them")
     run.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoint")
     run.add_argument("--checkpoint-every", type=float, default=5.0, metavar="SECONDS",
                      help="seconds between two saves of the progress (default 5)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
-    cluster = run.add_mutually_exclusive_group()
-    cluster.add_argument("--scheduler", metavar="ADDRESS",
-                         help="run on this Dask scheduler (e.g. tcp://127.0.0.1:8786); INPUT must be "
-                              "readable by every worker at the same path")
-    cluster.add_argument("--workers", type=int, metavar="N",
-                         help="start a Dask cluster of N worker processes on this machine and run on it")
-    run.add_argument("--task-rows", type=int, default=None, help="with a cluster: rows per task block")
+    _add_cluster_options(run)
 
     info = commands.add_parser("info", help="shape, problems, estimated time and memory of a file")
     info.add_argument("input")
     _add_search_options(info)
     _add_input_options(info)
+    _add_cluster_options(info)
 
     demo = commands.add_parser("demo", help="run on a built-in clustered example")
     demo.add_argument("-n", type=int, default=50_000, help="rows (default 50000)")
@@ -153,7 +164,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         result = allknn.neighbors(
             data.matrix, args.k, queries=queries, max_memory=args.max_memory, threads=args.threads,
             invalid=args.invalid, min_similarity=args.min_similarity, method=args.method,
-            recall_target=args.recall_target,
+            recall_target=args.recall_target, backend=args.backend, device=args.device,
+            precision=args.precision,
             checkpoint=None if args.method == "approx" else checkpoint,
             checkpoint_every=args.checkpoint_every, on_tile=on_tile,
         )
@@ -226,6 +238,8 @@ def _cmd_run_on_cluster(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    if args.scheduler is not None or args.workers is not None:
+        return _cmd_info_on_cluster(args)
     named = Path(args.input).suffix.lower() in (".npz", ".h5", ".hdf5")
     found = allknn.inspect(args.input, args.k, max_memory=args.max_memory, threads=args.threads,
                            column=None if named else args.column, dataset=args.column if named else None,
@@ -250,6 +264,24 @@ def _cmd_info(args: argparse.Namespace) -> int:
               f"thread(s) ({how if name == 'exact' else 'modelled from the same speed'})")
         print(f"memory:      about {estimate.memory_bytes / 1e6:.0f} MB beyond the input "
               f"(block_rows={found.block_rows})")
+    return 0
+
+
+def _cmd_info_on_cluster(args: argparse.Namespace) -> int:
+    from allknn.engines.dask import estimate_dask_seconds
+
+    client, cluster = _cluster(args)
+    try:
+        threads = sum(w["nthreads"] for w in client.scheduler_info()["workers"].values())
+        seconds, timed = estimate_dask_seconds(args.input, args.k, client=client, max_memory=args.max_memory,
+                                               task_rows=args.task_rows, column=args.column)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    print(f"file:        {args.input}")
+    print(f"estimate:    {seconds:.1f} s for the exact self-join with k={args.k} on {threads} worker "
+          f"thread(s) (from {timed} tasks timed on the cluster)")
     return 0
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import allknn
+import allknn.cli
 from conftest import Interrupt, assert_same_result, clustered_with_duplicates
 
 distributed = pytest.importorskip("distributed")
@@ -208,3 +209,15 @@ def test_cli_names_an_unreachable_scheduler(tmp_path, npy):
                           timeout=120)
     assert done.returncode == 1
     assert "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in done.stderr
+
+
+def test_cli_info_estimates_from_tasks_timed_on_the_cluster(cluster, npy, data, tmp_path, capsys):
+    clean = np.nan_to_num(data, nan=1.0)
+    clean[7] = 1.0
+    np.save(tmp_path / "clean.npy", clean)
+    assert allknn.cli.main(["info", str(tmp_path / "clean.npy"), "-k", "5", "--task-rows", "256",
+                            "--scheduler", cluster.scheduler_address]) == 0
+    shown = capsys.readouterr().out
+    assert "on 2 worker thread(s) (from 6 tasks timed on the cluster)" in shown
+    seconds = float(shown.split("estimate:")[1].split()[0])
+    assert seconds > 0

@@ -9,12 +9,14 @@ from typing import Any
 from allknn.engines.approx import ApproxEngine
 from allknn.engines.base import Engine, Found, Job
 from allknn.engines.exact import ExactEngine
+from allknn.engines.torch import TorchEngine
 
 __all__ = ["ENGINES", "Engine", "Found", "Job", "check_method", "check_options", "choose"]
 
 logger = logging.getLogger("allknn")
 
-ENGINES: dict[str, Engine] = {engine.name: engine for engine in (ExactEngine(), ApproxEngine())}
+ENGINES: dict[str, Engine] = {engine.name: engine
+                              for engine in (ExactEngine(), ApproxEngine(), TorchEngine())}
 """Registered engines by ``method=`` name."""
 
 AUTO_EXACT_SECONDS = 60.0
@@ -55,7 +57,8 @@ def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def choose(method: str, job: Job) -> Engine:
-    """The engine ``method`` names, or for ``"auto"`` an exact engine that
+    """The engine ``method`` names, or for ``"auto"`` (among the engines it
+    may choose, :attr:`~allknn.engines.base.Engine.auto`) an exact engine that
     can run the job in under ``AUTO_EXACT_SECONDS`` (else the fastest
     approximate one that can run it, else the fastest exact one).
 
@@ -71,7 +74,7 @@ def choose(method: str, job: Job) -> Engine:
         if reason is not None:
             raise ValueError(f"method={method!r} {reason}")
         return engine
-    able = [engine for engine in ENGINES.values() if engine.refusal(job) is None]
+    able = [engine for engine in ENGINES.values() if engine.auto and engine.refusal(job) is None]
     exact = [engine for engine in able if engine.exact]
     if len(able) == 1:
         return able[0]

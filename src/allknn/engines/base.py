@@ -112,6 +112,9 @@ class Engine(ABC):
     exact: ClassVar[bool]
     """Whether it returns the exact result (``method="auto"`` prefers it when fast enough)."""
 
+    auto: ClassVar[bool] = True
+    """Whether ``method="auto"`` may choose it (an engine for a device is chosen by name)."""
+
     options: ClassVar[Mapping[str, Callable[[Any], Any]]] = {}
     """Its own options: name -> checker returning the clean value (None: the default)."""
 

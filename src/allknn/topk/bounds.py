@@ -32,6 +32,9 @@ def product_error(terms: int, precision: str = "fp32") -> float:
     |a| |b|``. The reference divides the exact dot product (to float64
     rounding) by ``|a| |b|``, which lies within ``(1 +- u)**2``: another
     ``3u`` at most. Subnormal products add at most ``terms 2**-149``.
+    fp16 inputs below its normal range (``2**-14``) are rounded to an
+    absolute ``2**-25``, which adds ``2 sqrt(terms) 2**-25 (1 + u) + terms
+    2**-50`` (Cauchy-Schwarz over the rounding errors).
 
     Parameters
     ----------
@@ -50,7 +53,9 @@ def product_error(terms: int, precision: str = "fp32") -> float:
     gamma = m * _FP32 / (1 - m * _FP32)
     v = UNIT_ROUNDOFF[precision] if precision != "fp32" else 0.0
     scale = (1 + _FP32) ** 2
-    return (gamma + 2 * v + v * v) * scale * (1 + gamma) + 4 * _FP32 + m * 2.0**-149
+    underflow = 2 * np.sqrt(m) * 2.0**-25 * (1 + _FP32) + m * 2.0**-50 if precision == "fp16" else 0.0
+    return (gamma + 2 * v + v * v) * scale * (1 + gamma) + (underflow * (1 + gamma)) + 4 * _FP32 \
+        + m * 2.0**-149
 
 
 def nomination_margin(terms: int, precision: str = "fp32") -> np.float32:

@@ -4,6 +4,7 @@
 never imports this package's client side.
 """
 
+from allknn.engines.dask.estimate import estimate_dask_seconds
 from allknn.engines.dask.run import TASK_ROWS, dask_neighbors, task_rows_for
 
-__all__ = ["TASK_ROWS", "dask_neighbors", "task_rows_for"]
+__all__ = ["TASK_ROWS", "dask_neighbors", "estimate_dask_seconds", "task_rows_for"]

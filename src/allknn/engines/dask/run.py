@@ -75,7 +75,7 @@ TaskCallback = Callable[[str, int], None]
 """Called on the client as tasks finish: ``("pair", pairs)`` or ``("part", rows)``."""
 
 
-class _Input:
+class Input:
     """One side of the join: a source on shared storage, or a dask array."""
 
     def __init__(self, data: Any, *, name: str, column: str | None):
@@ -181,8 +181,8 @@ def dask_neighbors(
         engine's.
     """
     self_join = queries is None
-    corpus = _Input(X, name="X", column=column)
-    query = corpus if self_join else _Input(queries, name="queries", column=column)
+    corpus = Input(X, name="X", column=column)
+    query = corpus if self_join else Input(queries, name="queries", column=column)
     _validate.check_same_width(np.empty((0, corpus.shape[1])), np.empty((0, query.shape[1])))
     invalid = _validate.check_invalid_choice(invalid)
     min_similarity = _validate.check_min_similarity(min_similarity)
@@ -327,3 +327,4 @@ def _digest(scans) -> str:
     for scan in scans:
         digest.update(scan.digest.encode())
     return digest.hexdigest()
+

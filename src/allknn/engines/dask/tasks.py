@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,9 +152,30 @@ def pair_task(spec: JoinSpec, first: Block, second: Block | None, first_data: np
         return keys[: rows.shape[0]], keys[rows.shape[0] :]
 
 
+def timed_pair_task(spec: JoinSpec, first: Block, second: Block | None,
+                    floors: tuple[np.ndarray, np.ndarray] | None = None
+                    ) -> tuple[tuple[np.ndarray, ...], float]:
+    """:func:`pair_task` and the seconds it took where it ran (for estimates)."""
+    started = time.perf_counter()
+    result = pair_task(spec, first, second, floors=floors)
+    return result, time.perf_counter() - started
+
+
 def floors_task(own: tuple[np.ndarray]) -> np.ndarray:
     """The thresholds of a block's own join (a diagonal :func:`pair_task`)."""
     return thresholds_of(own[0])
+
+
+def timed_floors_task(own: tuple[tuple[np.ndarray], float]) -> np.ndarray:
+    """:func:`floors_task` of a :func:`timed_pair_task`."""
+    return floors_task(own[0])
+
+
+def warm_up(spec: JoinSpec) -> None:
+    """Load the compiled kernels in this worker (outside any timing)."""
+    rows = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
+    source = np.asarray(rows)
+    pair_task(spec, Block(None, 0, 150), Block(None, 150, 300), source[:150], source[150:])
 
 
 def merge_task(*parts: tuple[tuple[np.ndarray, ...], int] | np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ import numpy as np
 
 from allknn._memory import tile_scratch_bytes
 from allknn.engines.base import Job
+from allknn.engines.exact.blocks import Product
 from allknn.engines.exact.estimate import (
     estimate_sparse_self_join_seconds,
     seconds_per_tile,
@@ -79,10 +80,18 @@ class ExactEngine(TiledEngine):
             layout = SparseLayout.from_state(saved or {}) or sparse_layout(
                 queries.rows, corpus.rows, job.k, skip_self=job.skip_self, budget=job.budget,
                 threads=job.threads)
+        product, precision = self.product(job)
         with corpus.reordered(order):
             if job.self_join:
                 yield SelfJoinPlan(corpus.rows, corpus.norms, block_rows=job.block_rows,
-                                   skip_self=job.skip_self, ids=order, layout=layout)
+                                   skip_self=job.skip_self, ids=order, layout=layout, product=product,
+                                   precision=precision)
             else:
                 yield QueryJoinPlan(queries.rows, corpus.rows, queries.norms, corpus.norms,
-                                    block_rows=job.block_rows, layout=layout)
+                                    block_rows=job.block_rows, layout=layout, product=product,
+                                    precision=precision)
+
+    def product(self, job: Job) -> tuple[Product | None, str]:
+        """The dense tile product and its precision: BLAS float32 (an
+        engine with other products overrides this)."""
+        return None, "fp32"

@@ -24,7 +24,7 @@ from threadpoolctl import threadpool_limits
 
 from allknn._memory import round_block_rows
 from allknn.engines.base import ProgressCallback
-from allknn.engines.exact.blocks import Blocks, dense_tile
+from allknn.engines.exact.blocks import Blocks, Product, dense_tile
 from allknn.engines.exact.sparse_blocks import (
     SparseBlocks,
     accumulate_tile,
@@ -41,13 +41,13 @@ from allknn.topk.bounds import nomination_margin
 from allknn.topk.scoring import scoring_rows
 
 
-def _product(a, i: int, b, j: int, buffer: np.ndarray) -> np.ndarray:
+def _product(a, i: int, b, j: int, buffer: np.ndarray, product: Product | None) -> np.ndarray:
     """Block ``i`` of ``a`` times block ``j`` of ``b`` transposed, in ``buffer``
     (:func:`~allknn.engines.exact.blocks.dense_tile` or
     :func:`~allknn.engines.exact.sparse_blocks.sparse_product`)."""
     if isinstance(a, SparseBlocks):
         return sparse_product(a, i, b, j, buffer)
-    return dense_tile(a, i, b, j, buffer)
+    return dense_tile(a, i, b, j, buffer, product)
 
 
 def _scoring(matrix, blocks, norms: np.ndarray) -> tuple:
@@ -55,7 +55,7 @@ def _scoring(matrix, blocks, norms: np.ndarray) -> tuple:
     return scoring_rows(blocks.full if isinstance(blocks, SparseBlocks) else matrix, norms)
 
 
-def _margin(*matrices) -> np.float32:
+def _margin(*matrices, precision: str = "fp32") -> np.float32:
     """The nomination margin of products of these unit-normalised matrices:
     a sparse similarity has at most as many non-zero terms as the shorter
     row of the pair."""
@@ -63,7 +63,7 @@ def _margin(*matrices) -> np.float32:
         terms = min(int(np.diff(m.indptr).max(initial=0)) for m in matrices)
     else:
         terms = matrices[0].shape[1]
-    return nomination_margin(terms)
+    return nomination_margin(terms, precision)
 
 
 def _blocks(matrix, block_rows: int, layout: SparseLayout | None):
@@ -151,6 +151,11 @@ class SelfJoinPlan(TilePlan):
     layout : allknn.engines.exact.sparse_layout.SparseLayout, optional
         For a sparse ``normed``: how its columns are split (default none
         set apart, each tile choosing; see :class:`SparseBlocks`).
+    product : callable, optional
+        Dense tile product (default
+        :func:`~allknn.engines.exact.blocks.dense_product`, BLAS float32).
+    precision : {"fp32", "tf32", "bf16", "fp16"}
+        The precision of ``product``, for the nomination margin.
     """
 
     def __init__(
@@ -162,6 +167,8 @@ class SelfJoinPlan(TilePlan):
         skip_self: bool = True,
         ids: np.ndarray | None = None,
         layout: SparseLayout | None = None,
+        product: Product | None = None,
+        precision: str = "fp32",
     ):
         if ids is not None and scipy.sparse.issparse(normed):
             raise ValueError("sparse rows are joined in their own order; ids must be None")
@@ -175,7 +182,8 @@ class SelfJoinPlan(TilePlan):
         self.accumulated = accumulated_tiles(self.blocks, self.blocks)
         rows = _scoring(normed, self.blocks, norms)
         self.scoring = (rows, rows)
-        self.margin = _margin(normed)
+        self.product = product
+        self.margin = _margin(normed, precision=precision)
         self.after_tiles = untouched_pass(self.blocks, self.blocks, self.accumulated, self.scoring,
                                           skip_self=skip_self, margin=self.margin)
 
@@ -190,7 +198,7 @@ class SelfJoinPlan(TilePlan):
                         both_sides=tile[0] != tile[1], margin=self.margin)
             return
         (i0, _), (j0, _) = self.blocks.bounds[tile[0]], self.blocks.bounds[tile[1]]
-        product = _product(self.blocks, tile[0], self.blocks, tile[1], buffer)
+        product = _product(self.blocks, tile[0], self.blocks, tile[1], buffer, self.product)
         if tile[0] == tile[1]:
             merge_rows(product, i0, j0, self.row_ids, self.row_ids, keys, thresholds, self.skip_self, False,
                        self.scoring[0], self.scoring[1], self.margin)
@@ -222,6 +230,11 @@ class QueryJoinPlan(TilePlan):
     layout : allknn.engines.exact.sparse_layout.SparseLayout, optional
         For sparse rows: how the columns are split (default none set
         apart, each tile choosing; see :class:`SparseBlocks`).
+    product : callable, optional
+        Dense tile product (default
+        :func:`~allknn.engines.exact.blocks.dense_product`, BLAS float32).
+    precision : {"fp32", "tf32", "bf16", "fp16"}
+        The precision of ``product``, for the nomination margin.
     """
 
     def __init__(
@@ -234,9 +247,12 @@ class QueryJoinPlan(TilePlan):
         block_rows: int,
         skip_self: bool = False,
         layout: SparseLayout | None = None,
+        product: Product | None = None,
+        precision: str = "fp32",
     ):
         self.skip_self = skip_self
         self.layout = layout
+        self.product = product
         self.query_ids = np.arange(queries_normed.shape[0], dtype=np.int64)
         self.corpus_ids = np.arange(normed.shape[0], dtype=np.int64)
         self.n_queries = queries_normed.shape[0]
@@ -247,7 +263,7 @@ class QueryJoinPlan(TilePlan):
         self.accumulated = accumulated_tiles(self.query_blocks, self.corpus_blocks)
         self.scoring = (_scoring(queries_normed, self.query_blocks, query_norms),
                         _scoring(normed, self.corpus_blocks, norms))
-        self.margin = _margin(queries_normed, normed)
+        self.margin = _margin(queries_normed, normed, precision=precision)
         self.after_tiles = untouched_pass(self.query_blocks, self.corpus_blocks, self.accumulated,
                                           self.scoring, skip_self=skip_self, margin=self.margin)
 
@@ -261,7 +277,7 @@ class QueryJoinPlan(TilePlan):
                         both_sides=False, margin=self.margin)
             return
         i0, j0 = self.query_blocks.bounds[tile[0]][0], self.corpus_blocks.bounds[tile[1]][0]
-        product = _product(self.query_blocks, tile[0], self.corpus_blocks, tile[1], buffer)
+        product = _product(self.query_blocks, tile[0], self.corpus_blocks, tile[1], buffer, self.product)
         merge_rows(product, i0, j0, self.query_ids, self.corpus_ids, keys, thresholds,
                    self.skip_self, False, self.scoring[0], self.scoring[1], self.margin)
 

@@ -1,0 +1,54 @@
+"""How long the exact self-join would take on a cluster: a few tasks timed there."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from allknn._memory import choose_block_rows, parse_memory, round_block_rows
+from allknn.engines.dask.run import Input, task_rows_for
+from allknn.engines.dask.tasks import Block, JoinSpec, timed_floors_task, timed_pair_task, warm_up
+from allknn.engines.schedule import block_bounds
+
+
+def estimate_dask_seconds(X: Any, k: int, *, client, max_memory: str | int = "1GB",
+                          task_rows: int | None = None, column: str | None = None,
+                          samples: int = 3) -> tuple[float, int]:
+    """Seconds the exact self-join of ``X`` would take on the cluster, from a few timed tasks.
+
+    The own joins of ``samples`` blocks spread over the input, then the
+    block pairs among them (floored, as in a run), each timed where it ran,
+    all at once on the cluster's threads; the mean task times are scaled to
+    all tasks over the worker threads.
+
+    Returns
+    -------
+    seconds : float
+    timed : int
+        Tasks timed.
+    """
+    corpus = Input(X, name="X", column=column)
+    if corpus.source is None:
+        raise TypeError("the estimate reads a source on shared storage; pass a path")
+    budget = parse_memory(max_memory)
+    dim, n = corpus.shape[1], corpus.shape[0]
+    block_rows = choose_block_rows(budget // 2, dim, 1)
+    rows = task_rows_for(budget, dim, k, block_rows, n) if task_rows is None else round_block_rows(task_rows)
+    spec = JoinSpec(k=k, skip_self=True, block_rows=min(block_rows, rows), threads=1)
+    bounds = block_bounds(n, rows)
+    picks = sorted({int(p) for p in np.linspace(0, len(bounds) - 1, min(samples, len(bounds)))})
+    client.run(warm_up, spec)
+    blocks = {i: Block(corpus.source, *bounds[i]) for i in picks}
+    own = {i: client.submit(timed_pair_task, spec, blocks[i], None, pure=False) for i in picks}
+    floors = {i: client.submit(timed_floors_task, own[i], pure=False) for i in picks}
+    pairs = [client.submit(timed_pair_task, spec, blocks[i], blocks[j], (floors[i], floors[j]), pure=False)
+             for a, i in enumerate(picks) for j in picks[a + 1 :]]
+    own_seconds = [seconds for _, seconds in client.gather(list(own.values()))]
+    pair_seconds = [seconds for _, seconds in client.gather(pairs)]
+    threads = sum(worker["nthreads"] for worker in client.scheduler_info()["workers"].values())
+    n_blocks = len(bounds)
+    total = n_blocks * float(np.mean(own_seconds))
+    if pair_seconds:
+        total += n_blocks * (n_blocks - 1) / 2 * float(np.mean(pair_seconds))
+    return total / max(threads, 1), len(own_seconds) + len(pair_seconds)

@@ -1,0 +1,89 @@
+"""The torch engine: the exact engine's tiles with products in torch, on CPU or a GPU.
+
+The plan, the schedule, the fused selection and the certificate are the
+exact engine's; only the tile product differs (:mod:`.product`): torch on
+``device``, in ``precision``, with the nomination margin of that precision.
+So the result equals the exact engine's, bit for bit, in every precision.
+Select it with ``backend="torch"`` or a ``device=``; ``method="auto"`` never
+picks it. torch is the optional extra ``allknn[gpu]``; nothing else imports
+it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import numpy as np
+
+from allknn.engines.base import Job
+from allknn.engines.exact import ExactEngine
+from allknn.engines.exact.blocks import Product
+from allknn.engines.exact.plans import TilePlan
+from allknn.engines.torch.product import PRECISIONS, torch_product
+
+
+def _check_device(value: object) -> str:
+    if not isinstance(value, str) or not (value == "cpu" or value == "cuda" or value.startswith("cuda:")):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+    return value
+
+
+def _check_precision(value: object) -> str:
+    if value != "auto" and value not in PRECISIONS:
+        names = ", ".join(map(repr, PRECISIONS))
+        raise ValueError(f"precision must be 'auto' or one of {names}, got {value!r}")
+    return str(value)
+
+
+class TorchEngine(ExactEngine):
+    """Exact tiles, products by torch (see the module docstring)."""
+
+    name: ClassVar[str] = "torch"
+    auto: ClassVar[bool] = False
+    options: ClassVar[Mapping[str, Any]] = {"device": _check_device, "precision": _check_precision}
+
+    def refusal(self, job: Job) -> str | None:
+        if job.sparse:
+            return "supports dense rows only; use backend='numba' (the default) for sparse input"
+        if importlib.util.find_spec("torch") is None:
+            return "needs torch, which is not installed; pip install 'allknn[gpu]' (or torch itself)"
+        if self._device(job).startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                return "found no CUDA device (torch.cuda.is_available() is False); use device='cpu'"
+        return None
+
+    def _device(self, job: Job) -> str:
+        return job.options.get("device") or "cpu"
+
+    def _precision(self, job: Job) -> str:
+        precision = job.options.get("precision") or "auto"
+        if precision == "auto":
+            return "fp32" if self._device(job) == "cpu" else "bf16"
+        return precision
+
+    def product(self, job: Job) -> tuple[Product | None, str]:
+        precision = self._precision(job)
+        return torch_product(self._device(job), precision), precision
+
+    @contextmanager
+    def plan(self, job: Job, saved: Mapping[str, np.ndarray] | None) -> Iterator[TilePlan]:
+        """The exact engine's plan; torch runs one thread per tile worker."""
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with super().plan(job, saved) as plan:
+                yield plan
+        finally:
+            torch.set_num_threads(threads)
+
+    def search(self, job: Job, **options):
+        found = super().search(job, **options)
+        found.params.update(device=self._device(job), precision=self._precision(job))
+        return found

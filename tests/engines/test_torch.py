@@ -1,0 +1,103 @@
+"""The torch engine (CPU torch in CI): the exact engine's result, bit for
+bit, in every product precision; the certificate's bound is what makes it so."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import allknn
+from allknn.engines import ENGINES, choose
+from conftest import REAL, assert_same_result, clustered_with_duplicates
+
+torch = pytest.importorskip("torch")
+
+from allknn.engines.torch.product import PRECISIONS, rounded, torch_product  # noqa: E402
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+
+
+@pytest.fixture(scope="module")
+def real():
+    return np.load(REAL)[:2500].astype(np.float32)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_every_precision_is_the_exact_result(real, precision):
+    exact = allknn.neighbors(real, 10)
+    res = allknn.neighbors(real, 10, backend="torch", precision=precision)
+    assert_same_result(res, exact)
+    assert res.params["method"] == "torch" and res.params["precision"] == precision
+    assert res.params["device"] == "cpu"
+    Q = real[::7] * np.float32(3.0)
+    res = allknn.neighbors(real, 6, queries=Q, backend="torch", precision=precision, block_rows=128)
+    assert_same_result(res, allknn.neighbors(real, 6, queries=Q))
+
+
+def test_duplicates_ties_and_dropped_rows(rng):
+    X = clustered_with_duplicates(900, 12, seed=4)
+    X[[5, 6]] = 0
+    for precision in ("bf16", "fp16"):
+        assert_same_result(allknn.neighbors(X, 7, backend="torch", precision=precision, invalid="drop",
+                                            min_similarity=0.2, threads=2, block_rows=64),
+                           allknn.neighbors(X, 7, invalid="drop", min_similarity=0.2))
+
+
+def test_the_margin_of_the_precision_is_needed(real, monkeypatch):
+    """bf16 products with the fp32 margin lose neighbours: the bound of the
+    precision is what keeps the result exact."""
+    import allknn.engines.torch as engine
+
+    exact = allknn.neighbors(real, 10)
+    monkeypatch.setattr(engine.TorchEngine, "product",
+                        lambda self, job: (torch_product("cpu", "bf16"), "fp32"))
+    wrong = allknn.neighbors(real, 10, backend="torch")
+    assert not np.array_equal(wrong.indices, exact.indices)
+
+
+def test_rounding_to_each_precision():
+    values = torch.from_numpy(np.random.default_rng(0).standard_normal(10_000).astype(np.float32) / 30)
+    for precision, mantissa in (("tf32", 10), ("bf16", 7), ("fp16", 10)):
+        out = rounded(values.clone(), precision).numpy().astype(np.float64)
+        original = values.numpy().astype(np.float64)
+        normal = np.abs(original) >= (2.0**-14 if precision == "fp16" else 2.0**-126)
+        spacing = 2.0 ** (np.floor(np.log2(np.abs(original[normal]))) - mantissa)
+        assert (np.abs(out[normal] - original[normal]) <= spacing / 2).all()  # to nearest
+        scaled = out[normal] / spacing
+        np.testing.assert_array_equal(scaled, np.round(scaled))  # on the format's grid
+    assert rounded(values, "fp32") is values
+
+
+def test_refusals_and_bad_options(real):
+    with pytest.raises(ValueError, match="method='torch' supports dense rows only; use backend='numba'"):
+        allknn.neighbors(sp.csr_matrix(real[:100]), 3, backend="torch")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        allknn.neighbors(real, 3, backend="jax")
+    with pytest.raises(ValueError, match="precision must be 'auto' or one of 'fp32', 'tf32', 'bf16', 'fp16'"):
+        allknn.neighbors(real, 3, backend="torch", precision="fp8")
+    with pytest.raises(ValueError, match="device must be 'cpu', 'cuda' or 'cuda:N', got 'tpu'"):
+        allknn.neighbors(real, 3, device="tpu")
+    with pytest.raises(ValueError, match="backend='torch' runs the exact engine; method='approx'"):
+        allknn.neighbors(real, 3, backend="torch", method="approx")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"found no CUDA device \(torch\.cuda\.is_available\(\) is"):
+            allknn.neighbors(real, 3, device="cuda")
+
+
+def test_auto_never_picks_the_torch_engine(real):
+    from allknn.engines import Job, check_options
+    from allknn.rows import normalize_rows
+
+    rows = normalize_rows(real, name="X", block_rows=64, invalid="raise")
+    job = Job(queries=rows, corpus=rows, k=5, self_join=True, exclude_self=True, threads=1, budget=2**28,
+              block_rows=64, options=check_options({}))
+    assert not ENGINES["torch"].auto
+    assert choose("auto", job).name != "torch"
+
+
+@cuda
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_cuda_is_the_exact_result(real, precision):
+    res = allknn.neighbors(real, 10, device="cuda", precision=precision)
+    assert_same_result(res, allknn.neighbors(real, 10))
