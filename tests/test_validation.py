@@ -184,12 +184,6 @@ def test_k_limit_counts_kept_rows_after_drop(X):
         allknn.neighbors(X, 38, invalid="drop")
 
 
-def test_one_row_self_join_has_no_candidates():
-    """A single row has no other rows."""
-    with pytest.raises(ValueError, match=r"k=1 is too large.*only 0 candidate"):
-        allknn.neighbors(np.ones((1, 3)), 1)
-
-
 # --------------------------------------------------------------------------- options
 
 
@@ -319,3 +313,21 @@ def test_more_rows_than_ids_can_hold_is_refused(monkeypatch):
     with pytest.raises(ValueError, match="queries has 100 rows"):
         allknn.neighbors(X[:50], 3, queries=X)
     assert allknn.neighbors(X[:99], 3).indices.shape == (99, 3)
+
+
+@pytest.mark.parametrize("value", [2, 1.0001, -1.5])
+def test_min_similarity_outside_the_cosine_range_is_refused(value):
+    X = np.random.default_rng(0).standard_normal((20, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match=rf"min_similarity={value!r} is outside \[-1, 1\]"):
+        allknn.neighbors(X, 3, min_similarity=value)
+    assert allknn.neighbors(X, 3, min_similarity=1.0).indices.shape == (20, 3)
+
+
+def test_a_one_row_self_join_says_it_needs_two_rows():
+    with pytest.raises(ValueError, match="a self-join needs at least two"):
+        allknn.neighbors(np.ones((1, 4), np.float32), 1)
+    X = np.ones((3, 4), np.float32)
+    X[1:] = 0
+    with pytest.raises(ValueError, match="a self-join needs at least two"):
+        allknn.neighbors(X, 1, invalid="drop")
+    assert allknn.neighbors(np.ones((1, 4), np.float32), 1, exclude_self=False).indices.tolist() == [[0]]

@@ -78,6 +78,9 @@ def check_k(k: object, n_candidates: int, *, self_join: bool) -> int:
     k = int(k)
     if k < 1:
         raise ValueError(f"k must be at least 1, got k={k}")
+    if n_candidates == 0 and self_join:
+        raise ValueError("a self-join needs at least two (valid) rows: each row's neighbours are the other "
+                         "rows; add rows, or search it against a corpus with queries=")
     if k > n_candidates:
         where = "other rows (self excluded)" if self_join else "corpus rows"
         raise ValueError(
@@ -211,6 +214,9 @@ def check_min_similarity(value: object) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
         raise ValueError(f"min_similarity must be a finite number or None, got {value!r}")
+    if not -1.0 <= value <= 1.0:
+        raise ValueError(f"min_similarity={value!r} is outside [-1, 1], where cosine similarities lie; "
+                         f"it would keep {'no' if value > 1 else 'every'} neighbour")
     return float(value)
 
 

@@ -233,7 +233,7 @@ def test_auto_keeps_sparse_rows_exact(monkeypatch):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"method": "fast"}, "method must be 'exact', 'approx' or 'auto', got 'fast'"),
+        ({"method": "fast"}, "method must be 'exact', 'approx', 'torch' or 'auto', got 'fast'"),
         ({"method": "approx", "recall_target": 1.5}, r"recall_target must be a number in \(0, 1\], got 1.5"),
         ({"method": "approx", "probes": 0}, "probes must be a positive integer or None, got 0"),
         ({"method": "approx", "cells": -2}, "cells must be a positive integer or None, got -2"),

@@ -101,3 +101,22 @@ def test_auto_never_picks_the_torch_engine(real):
 def test_cuda_is_the_exact_result(real, precision):
     res = allknn.neighbors(real, 10, device="cuda", precision=precision)
     assert_same_result(res, allknn.neighbors(real, 10))
+
+
+def test_cli_runs_the_torch_backend(tmp_path, real):
+    import allknn.cli
+
+    np.save(tmp_path / "x.npy", real[:800])
+    assert allknn.cli.main(["run", str(tmp_path / "x.npy"), "-k", "5", "-o", str(tmp_path / "n.npz"),
+                            "--backend", "torch", "--precision", "fp16", "-q"]) == 0
+    assert_same_result(allknn.load_result(tmp_path / "n.npz"), allknn.neighbors(real[:800], 5))
+
+
+def test_checkpoints_resume_on_the_torch_engine(tmp_path, real):
+    from conftest import Interrupt, interrupt_after
+
+    options = {"backend": "torch", "precision": "tf32", "block_rows": 128, "threads": 1,
+               "checkpoint": tmp_path / "t.ckpt", "checkpoint_every": 0.0}
+    with pytest.raises(Interrupt):
+        allknn.neighbors(real, 5, on_tile=interrupt_after(60), **options)
+    assert_same_result(allknn.neighbors(real, 5, **options), allknn.neighbors(real, 5))
