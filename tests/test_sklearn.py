@@ -12,20 +12,39 @@ from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 from allknn.datasets import make_clustered  # noqa: E402
 from allknn.sklearn import CosineNeighbors  # noqa: E402
 
-NOT_APPLICABLE = {
-    "check_estimators_dtypes": (
-        "feeds integer data with all-zero rows; a zero vector has no cosine similarity and allknn "
-        "raises a ValueError naming the rows instead of inventing a distance of 1 as sklearn does"
-    ),
-}
 
-
-@parametrize_with_checks(
-    [CosineNeighbors(), CosineNeighbors(mode="connectivity", n_neighbors=3)],
-    expected_failed_checks=lambda estimator: NOT_APPLICABLE,
-)
+@parametrize_with_checks([CosineNeighbors(), CosineNeighbors(mode="connectivity", n_neighbors=3)])
 def test_sklearn_estimator_checks(estimator, check):
+    """scikit-learn's own checks pass whole (zero rows included)."""
     check(estimator)
+
+
+@pytest.mark.parametrize("queries", [False, True])
+def test_users_without_interactions_as_in_sklearn(queries):
+    """The seed case: NearestNeighbors(metric="cosine") on a user x item
+    matrix where some users have no interactions. Zero rows are at distance
+    1 from everyone, ties by smaller index."""
+    import scipy.sparse as sp
+    from sklearn.neighbors import NearestNeighbors
+
+    rng = np.random.default_rng(3)
+    M = sp.random(2000, 500, density=0.01, random_state=3, format="lil", dtype=np.float64)
+    empty = rng.choice(2000, 100, replace=False)
+    M[empty] = 0
+    M = M.tocsr()
+    M.eliminate_zeros()
+    Q = M[:300] if queries else None
+    want_d, want_i = NearestNeighbors(n_neighbors=10, metric="cosine", algorithm="brute").fit(M).kneighbors(Q)
+    got_d, got_i = CosineNeighbors(n_neighbors=10).fit(M).kneighbors(Q)
+    np.testing.assert_allclose(got_d, want_d, atol=1e-6)
+    for row in range(got_i.shape[0]):  # the same neighbours wherever the distance decides
+        clear = want_d[row] < want_d[row, -1] - 1e-6
+        assert set(got_i[row][clear]) == set(want_i[row][clear])
+    zero_queries = np.intersect1d(empty, np.arange(got_i.shape[0]))
+    for row in zero_queries:  # distance 1 to all: the first rows, itself excluded without queries
+        expected = [j for j in range(12) if queries or j != row][:10]
+        assert got_i[row].tolist() == expected
+        assert (got_d[row] == 1.0).all()
 
 
 def _assert_same_neighbours(dist, ind, want_dist, want_ind, atol=1e-5):

@@ -7,6 +7,12 @@
 ``transform`` adds one neighbour in ``"distance"`` mode for the sample
 itself), so it plugs into pipelines, ``Isomap``, ``TSNE(metric="precomputed")``,
 ``DBSCAN``, HDBSCAN and UMAP. Requires the ``sklearn`` extra.
+
+All-zero samples (users without interactions in a user x item matrix) are
+treated as scikit-learn treats them for cosine: similarity 0, distance 1,
+to every sample (themselves included), ties by smaller index. This is the
+estimator's convention only; :func:`allknn.neighbors` keeps refusing zero
+rows by default, since they have no direction.
 """
 
 from __future__ import annotations
@@ -33,6 +39,51 @@ def _another_object(X):
     if scipy.sparse.issparse(X):
         return scipy.sparse.csr_matrix((X.data, X.indices, X.indptr), shape=X.shape)
     return X.view()
+
+
+def _zero_rows(X) -> np.ndarray:
+    """Row numbers of the all-zero rows, shape (z,), int64."""
+    if scipy.sparse.issparse(X):
+        counts = np.asarray((X != 0).sum(axis=1)).ravel()
+        return np.flatnonzero(counts == 0).astype(np.int64)
+    return np.flatnonzero(~np.asarray(X != 0).any(axis=1)).astype(np.int64)
+
+
+def _with_zero_rows(indices: np.ndarray, similarities: np.ndarray, zero_fit: np.ndarray,
+                    zero_queries: np.ndarray, *, self_join: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Merge the zero training rows in as similarity-0 candidates of every
+    query row; a zero query row is at similarity 0 from every training row,
+    so its candidates are the first rows.
+
+    Parameters
+    ----------
+    indices, similarities : ndarray of shape (nq, k)
+        The search without zero rows (-1 / NaN where a row found fewer).
+    zero_fit, zero_queries : ndarray of int64
+        The zero training rows and query rows, ascending.
+    self_join : bool
+        Query ``i`` is training row ``i``: never its own neighbour.
+
+    Returns
+    -------
+    indices, similarities : ndarray of shape (nq, k)
+        Best first; equal similarities by smaller index.
+    """
+    nq, k = indices.shape
+    zeros = zero_fit[: k + 1]
+    extra = np.full((nq, k + 1), -1, dtype=np.int64)
+    extra[:, : zeros.size] = zeros
+    extra[zero_queries] = np.arange(k + 1)
+    if self_join:
+        extra[extra == np.arange(nq)[:, None]] = -1  # a row is not its own neighbour
+    candidates = np.concatenate([indices, extra], axis=1)
+    values = np.concatenate([similarities, np.zeros(extra.shape, np.float32)], axis=1)
+    values = np.where(candidates < 0, -np.inf, values)
+    order = np.lexsort((np.where(candidates < 0, np.iinfo(np.int64).max, candidates), -values), axis=1)[:, :k]
+    picked = np.take_along_axis(candidates, order, axis=1)
+    chosen = np.take_along_axis(values, order, axis=1).astype(np.float32)
+    chosen[picked < 0] = np.nan
+    return picked, chosen
 
 
 class CosineNeighbors(TransformerMixin, BaseEstimator):
@@ -72,6 +123,7 @@ class CosineNeighbors(TransformerMixin, BaseEstimator):
         """
         X = validate_data(self, X, dtype=[np.float64, np.float32], accept_sparse="csr")
         self._fit_X = X
+        self._zero_fit = _zero_rows(X)
         self.n_samples_fit_ = X.shape[0]
         return self
 
@@ -108,7 +160,9 @@ class CosineNeighbors(TransformerMixin, BaseEstimator):
                     f"Expected n_neighbors < n_samples_fit, but n_neighbors = {k}, "
                     f"n_samples_fit = {self.n_samples_fit_}, n_samples = {self.n_samples_fit_}"
                 )
-            result = neighbors(self._fit_X, int(k), max_memory=self.max_memory, threads=self._threads())
+            result = neighbors(self._fit_X, int(k), max_memory=self.max_memory, threads=self._threads(),
+                               invalid=self._invalid(self._fit_X))
+            zero_queries = self._zero_fit
         else:
             X = validate_data(self, X, dtype=[np.float64, np.float32], accept_sparse="csr",
                               reset=False)
@@ -118,12 +172,23 @@ class CosineNeighbors(TransformerMixin, BaseEstimator):
                     f"n_samples_fit = {self.n_samples_fit_}, n_samples = {X.shape[0]}"
                 )
             result = neighbors(self._fit_X, int(k), queries=_another_object(X),
-                               max_memory=self.max_memory, threads=self._threads())
+                               max_memory=self.max_memory, threads=self._threads(),
+                               invalid=self._invalid(self._fit_X, X))
+            zero_queries = _zero_rows(X)
+        indices, similarities = result.indices, result.similarities
+        if self._zero_fit.size or zero_queries.size:
+            indices, similarities = _with_zero_rows(indices, similarities, self._zero_fit, zero_queries,
+                                                    self_join=X is None)
         if not return_distance:
-            return result.indices
-        distances = (1.0 - result.similarities.astype(np.float64)).astype(self._fit_X.dtype)
+            return indices
+        distances = (1.0 - similarities.astype(np.float64)).astype(self._fit_X.dtype)
         np.maximum(distances, 0.0, out=distances)
-        return distances, result.indices
+        return distances, indices
+
+    def _invalid(self, *matrices) -> str:
+        """Drop the zero rows from the search when there are any (they are
+        added back as similarity-0 candidates)."""
+        return "drop" if any(_zero_rows(m).size for m in matrices) else "raise"
 
     def kneighbors_graph(self, X=None, n_neighbors: int | None = None, mode: str = "connectivity"):
         """The kNN graph as a sparse matrix.
