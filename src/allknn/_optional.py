@@ -6,7 +6,8 @@ import importlib
 from pathlib import Path
 from types import ModuleType
 
-_EXTRA = {"pyarrow": "parquet", "pyarrow.parquet": "parquet", "h5py": "hdf5", "distributed": "dask"}
+_EXTRA = {"pyarrow": "parquet", "pyarrow.parquet": "parquet", "h5py": "hdf5", "distributed": "dask",
+          "networkx": "graph"}
 
 
 def optional(module: str, purpose: str) -> ModuleType:

@@ -1,4 +1,4 @@
-"""Command line: ``allknn run``, ``allknn info`` and ``allknn demo``.
+"""Command line: ``allknn run``, ``allknn info``, ``allknn graph`` and ``allknn demo``.
 
 The CLI owns the terminal: a progress bar on stderr (when it is a terminal
 and ``--quiet`` is not given), results and summaries on stdout, and errors
@@ -103,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_search_options(info)
     _add_input_options(info)
     _add_cluster_options(info)
+
+    graph = commands.add_parser("graph", help="an edge list of a result's graph: knn, mutual or union")
+    graph.add_argument("result", help="a result written by allknn run (.parquet, .npz or a parts folder)")
+    graph.add_argument("-o", "--output", required=True, help="edge list: .parquet")
+    graph.add_argument("--kind", choices=("knn", "mutual", "union"), default="knn",
+                       help="knn (each row to its neighbours, default), mutual or union (symmetric)")
+    graph.add_argument("--weight", choices=("similarity", "distance", "connectivity"), default="similarity")
 
     demo = commands.add_parser("demo", help="run on a built-in clustered example")
     demo.add_argument("-n", type=int, default=50_000, help="rows (default 50000)")
@@ -285,6 +292,22 @@ def _cmd_info_on_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_graph(args: argparse.Namespace) -> int:
+    output = Path(args.output)
+    if output.suffix != ".parquet":
+        raise CliError(f"output {output} must end in .parquet")
+    result = allknn.load_result(args.result)
+    edges = result.graph(args.kind, args.weight).tocoo()
+    if args.kind != "knn":  # each undirected edge once
+        keep = edges.row < edges.col
+        edges = type(edges)((edges.data[keep], (edges.row[keep], edges.col[keep])), shape=edges.shape)
+    from allknn.writers import save_edges
+
+    save_edges(output, edges.row, edges.col, edges.data, weight=args.weight)
+    print(f"wrote {edges.nnz} {args.kind} edges to {output}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from allknn.datasets import make_clustered
 
@@ -311,7 +334,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``allknn`` command."""
     args = build_parser().parse_args(argv)
-    command = {"run": _cmd_run, "info": _cmd_info, "demo": _cmd_demo}[args.command]
+    command = {"run": _cmd_run, "info": _cmd_info, "graph": _cmd_graph, "demo": _cmd_demo}[args.command]
     try:
         return command(args)
     except KeyboardInterrupt:

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from allknn.topk.graph import Hubs, duplicate_groups, hubs, in_degree, knn_graph
+
 if TYPE_CHECKING:
     import pandas as pd
     import scipy.sparse
@@ -148,6 +150,79 @@ class TopK:
             (self.similarities[present], self.indices[present], indptr),
             shape=(len(self), self.n_corpus),
         )
+
+
+    @property
+    def _self_join(self) -> bool:
+        return bool(self.params.get("self_join", len(self) == self.n_corpus))
+
+    def graph(self, kind: str = "knn", weight: str = "similarity", *, combine: str = "max"
+              ) -> scipy.sparse.csr_matrix:
+        """The kNN graph as a sparse matrix, in the form clustering, UMAP or matching want.
+
+        Parameters
+        ----------
+        kind : {"knn", "mutual", "union"}
+            ``"knn"``: row i's edges to its neighbours (directed, shape
+            (n, n_corpus)). ``"mutual"``: i-j only when each is in the
+            other's list. ``"union"``: i-j when either lists the other (the
+            symmetrised graph). The last two need a self-join and are
+            symmetric.
+        weight : {"similarity", "distance", "connectivity"}
+            Edge values: the similarity, ``1 - similarity`` (explicit zeros
+            kept for duplicates), or 1.
+        combine : {"max", "mean"}
+            For ``"union"``: how the two ends' values of an edge combine
+            (they are equal, the similarity being symmetric, unless the
+            result was edited).
+
+        Returns
+        -------
+        scipy.sparse.csr_matrix, float64, sorted indices
+        """
+        return knn_graph(self.indices, self.similarities, self.n_corpus, kind=kind, weight=weight,
+                         combine=combine, self_join=self._self_join)
+
+    def duplicate_groups(self, threshold: float = 1.0) -> list[np.ndarray]:
+        """Groups of rows that are duplicates (similarity 1, the default) or
+        near-duplicates (at least ``threshold``): the connected components
+        of those edges, largest first (ties by smallest row), rows ascending.
+
+        The graph only holds each row's ``k`` nearest, so a group of more
+        than ``k + 1`` rows is found whole only through chains of edges: with
+        many identical rows, a member may link to k others only. Raise ``k``
+        to see large groups completely.
+
+        Returns
+        -------
+        list of ndarray of int64
+        """
+        return duplicate_groups(self.indices, self.similarities, threshold=threshold,
+                                self_join=self._self_join)
+
+    def in_degree(self) -> np.ndarray:
+        """How often each corpus row is someone's neighbour, shape (n_corpus,), int64."""
+        return in_degree(self.indices, self.n_corpus)
+
+    def hubs(self, top: int = 20) -> Hubs:
+        """The ``top`` rows most often someone's neighbour, and the skewness
+        of the in-degree distribution (see :class:`allknn.topk.graph.Hubs`)."""
+        return hubs(self.indices, self.n_corpus, top=top)
+
+    def to_networkx(self, kind: str = "knn", weight: str = "similarity", *,
+                    ids: Sequence[Any] | np.ndarray | None = None):
+        """The graph as a networkx graph (``DiGraph`` for ``"knn"``, ``Graph``
+        for ``"mutual"``/``"union"``), edge attribute ``weight``, nodes
+        labelled by ``ids`` when given. Needs networkx."""
+        from allknn._optional import optional
+
+        networkx = optional("networkx", "to_networkx")
+        graph = self.graph(kind, weight)
+        out = networkx.from_scipy_sparse_array(
+            graph, create_using=networkx.DiGraph if kind == "knn" else networkx.Graph)
+        if ids is not None:
+            out = networkx.relabel_nodes(out, dict(enumerate(_labels(ids, self.n_corpus, "ids").tolist())))
+        return out
 
 
 def _labels(values: Sequence[Any] | np.ndarray, expected: int, name: str) -> np.ndarray:

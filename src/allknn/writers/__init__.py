@@ -2,6 +2,6 @@
 atomically, and the checkpoints of resumable runs."""
 
 from allknn.writers.neighbor_table import ParquetNeighborWriter
-from allknn.writers.results import load_result, save_result
+from allknn.writers.results import load_result, save_edges, save_result
 
-__all__ = ["ParquetNeighborWriter", "load_result", "save_result"]
+__all__ = ["ParquetNeighborWriter", "load_result", "save_edges", "save_result"]
