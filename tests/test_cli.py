@@ -77,7 +77,8 @@ def test_min_similarity_leaves_out_weak_neighbours(embeddings, tmp_path):
     [
         (["run", "{missing}", "-k", "5", "-o", "{out}"], "missing.npy"),
         (["run", "{input}", "-k", "5000", "-o", "{out}"], "k=5000 is too large"),
-        (["run", "{input}", "-k", "5", "-o", "{tmp}/out.csv"], "must end in one of .parquet, .npz"),
+        (["run", "{input}", "-k", "5", "-o", "{tmp}/out.xlsx"],
+         "must end in one of .parquet, .npz, .csv, .tsv"),
         (["run", "{input}", "-k", "5", "-o", "{tmp}/nowhere/out.npz"], "does not exist"),
         (["run", "{input}", "-k", "5", "-o", "{out}", "--max-memory", "lots"], "is not a size"),
     ],

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import allknn
 
-OUTPUT_SUFFIXES = (".parquet", ".npz")
+OUTPUT_SUFFIXES = (".parquet", ".npz", ".csv", ".tsv")
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 
@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="compute the kNN graph of a file")
     run.add_argument("input", help="embeddings: .npy, .npz, .parquet, .h5/.hdf5 or .fvecs")
     run.add_argument("-o", "--output", required=True,
-                     help="result file: .parquet or .npz; with a cluster, a folder of parquet parts")
+                     help="result file: .parquet, .npz, or .csv/.tsv for a spreadsheet (small results); "
+                          "with a cluster, a folder of parquet parts")
     _add_search_options(run)
     _add_input_options(run)
     run.add_argument("--ids", help="text file with one id per input row")
@@ -137,6 +138,7 @@ def _load(path: str, args: argparse.Namespace):
 def _cmd_run(args: argparse.Namespace) -> int:
     from allknn.readers import read_ids
     from allknn.writers import save_result
+    from allknn.writers.results import TEXT_MAX_ENTRIES, TEXT_SUFFIXES, text_too_large
 
     if args.scheduler is not None or args.workers is not None:
         return _cmd_run_on_cluster(args)
@@ -163,6 +165,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         query_data = _load(args.queries, args)
         queries, query_ids = query_data.matrix, query_data.ids
     n_queries = data.matrix.shape[0] if queries is None else queries.shape[0]
+    if output.suffix in TEXT_SUFFIXES and n_queries * args.k > TEXT_MAX_ENTRIES:  # before any work
+        raise CliError(text_too_large(output, n_queries * args.k))
     total = _self_join_pairs(n_queries) if queries is None else n_queries * data.matrix.shape[0]
 
     started = time.perf_counter()

@@ -248,8 +248,8 @@ def test_writer_needs_the_corpus_size(tmp_path):
 
 
 def test_unknown_extensions_and_foreign_files(tmp_path, self_join):
-    with pytest.raises(ValueError, match=r"cannot write .*out\.csv: the extension must be one of \.npz"):
-        save_result(self_join, tmp_path / "out.csv")
+    with pytest.raises(ValueError, match=r"cannot write .*out\.xlsx: the extension must be one of \.npz"):
+        save_result(self_join, tmp_path / "out.xlsx")
     with pytest.raises(FileNotFoundError, match=r"no such file: .*gone\.npz"):
         load_result(tmp_path / "gone.npz")
     foreign = tmp_path / "foreign.parquet"
@@ -270,3 +270,28 @@ def test_bad_ids_and_metadata(tmp_path, self_join):
     with pytest.raises(TypeError, match=r"cannot store a set .*use numbers, strings, lists and dicts"):
         save_result(self_join, tmp_path / "out.npz", metadata={"tags": {"a"}})
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("suffix, sep", [(".csv", ","), (".tsv", "\t")])
+def test_text_tables_for_spreadsheets(tmp_path, self_join, suffix, sep):
+    import pandas as pd
+
+    path = tmp_path / f"out{suffix}"
+    ids = [f"item-{i}" for i in range(self_join.n_corpus)]
+    save_result(self_join, path, ids=ids, min_similarity=0.5)
+    table = pd.read_csv(path, sep=sep)
+    want = self_join.to_pandas(ids)
+    want = want[want["similarity"] >= 0.5].reset_index(drop=True)
+    assert list(table.columns) == ["id", "neighbor_id", "rank", "similarity"]
+    pd.testing.assert_frame_equal(table[["id", "neighbor_id", "rank"]], want[["id", "neighbor_id", "rank"]],
+                                  check_dtype=False)
+    np.testing.assert_array_equal(table["similarity"].to_numpy(np.float32), want["similarity"].to_numpy())
+
+
+def test_text_tables_are_refused_beyond_a_spreadsheet(tmp_path, monkeypatch, self_join):
+    import allknn.writers.results as results
+
+    monkeypatch.setattr(results, "TEXT_MAX_ENTRIES", 10)
+    with pytest.raises(ValueError, match=r"too many for a text table \(at most 10, .*\.parquet instead"):
+        save_result(self_join, tmp_path / "out.csv")
+    assert not list(tmp_path.iterdir())

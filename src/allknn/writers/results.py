@@ -32,6 +32,11 @@ from allknn.writers.neighbor_table import Labels, ParquetNeighborWriter, read_ne
 from allknn.writers.parts import read_parts
 
 SUFFIXES = (".npz", ".parquet")
+TEXT_SUFFIXES = {".csv": ",", ".tsv": "\t"}
+"""Write-only text tables, for spreadsheets."""
+TEXT_MAX_ENTRIES = 2_000_000
+"""Most neighbour entries written as text: a spreadsheet opens about a
+million rows, and text files beyond that are slow and large for no reader."""
 _ENTRIES_PER_BLOCK = 2**20
 _NPZ_KEYS = ("indices", "similarities", "n_corpus", "params")
 
@@ -56,7 +61,10 @@ def save_result(
         The result, ``indices`` (n, k) and ``similarities`` (n, k).
     path : path-like
         Output file; the extension picks the format (see the module
-        docstring). Its folder must exist.
+        docstring; ``.csv``/``.tsv`` write the long table of
+        :meth:`TopK.to_pandas` for spreadsheets, up to
+        ``TEXT_MAX_ENTRIES`` neighbours, and cannot be read back). Its
+        folder must exist.
     ids : sequence of length n_corpus, optional
         Unique corpus labels (integers or strings). In parquet they replace
         row numbers in ``neighbor_id``, and in ``id`` too in a self-join
@@ -84,8 +92,11 @@ def save_result(
         _save_parquet(topk, path, ids, query_ids, min_similarity, metadata)
     elif suffix == ".npz":
         _save_npz(topk, path, ids, query_ids, min_similarity, metadata)
+    elif suffix in TEXT_SUFFIXES:
+        _save_text(topk, path, ids, query_ids, min_similarity)
     else:
-        raise ValueError(f"cannot write {path}: the extension must be one of {', '.join(SUFFIXES)}")
+        raise ValueError(f"cannot write {path}: the extension must be one of "
+                         f"{', '.join((*SUFFIXES, *TEXT_SUFFIXES))}")
 
 
 def load_result(
@@ -129,6 +140,24 @@ def load_result(
     if ids is not None or query_ids is not None:
         raise ValueError(f"{path} keeps its own ids; pass ids= and query_ids= only for .parquet files")
     return _load_npz(path)
+
+
+def text_too_large(path: Path, entries: int) -> str:
+    """The message for a text table of ``entries`` neighbours over the limit."""
+    return (f"cannot write {path}: {entries:,} neighbours are too many for a text table (at most "
+            f"{TEXT_MAX_ENTRIES:,}, which a spreadsheet can still open); write .parquet instead")
+
+
+def _save_text(topk: TopK, path: Path, ids: Labels | None, query_ids: Labels | None,
+               min_similarity: float | None) -> None:
+    entries = int((topk.indices >= 0).sum())
+    if entries > TEXT_MAX_ENTRIES:
+        raise ValueError(text_too_large(path, entries))
+    table = topk.to_pandas(ids, query_ids=query_ids)
+    if min_similarity is not None:
+        table = table[table["similarity"] >= min_similarity]
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, sep=TEXT_SUFFIXES[path.suffix.lower()], index=False)
 
 
 def _save_parquet(
