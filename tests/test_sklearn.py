@@ -110,3 +110,29 @@ def test_sparse_input_equals_sklearn():
     theirs = NearestNeighbors(n_neighbors=6, metric="cosine", algorithm="brute").fit(X)
     want_dist, want_ind = theirs.kneighbors()
     _assert_same_neighbours(dist, ind, want_dist, want_ind)
+
+
+@pytest.mark.parametrize("queries", [False, True])
+def test_radius_neighbors_as_in_sklearn(queries):
+    """Every neighbour within the radius, however many (growing k), as
+    NearestNeighbors(metric="cosine").radius_neighbors; zero rows at
+    distance 1."""
+    X = make_clustered(600, 12, seed=5).astype(np.float64)
+    X[[10, 11, 12, 13]] = X[10]  # duplicates at distance 0
+    X[[20, 21]] = 0.0
+    Q = X[::6] if queries else None
+    for radius in (0.05, 0.4, 1.0):
+        ours = CosineNeighbors(n_neighbors=3).fit(X)
+        want_d, want_i = NearestNeighbors(radius=radius, metric="cosine", algorithm="brute").fit(
+            X).radius_neighbors(Q)
+        got_d, got_i = ours.radius_neighbors(Q, radius=radius)
+        assert got_i.shape == want_i.shape
+        for row in range(got_i.shape[0]):
+            far = np.abs(want_d[row] - radius) > 1e-6  # clear of the boundary
+            assert set(want_i[row][far]) <= set(got_i[row])
+            assert np.all(np.diff(got_d[row]) >= 0) and np.all(got_d[row] <= radius)
+            assert len(got_i[row]) - len(want_i[row][far]) <= (~far).sum()
+        graph = ours.radius_neighbors_graph(Q, radius=radius, mode="distance")
+        assert graph.nnz == sum(len(i) for i in got_i)
+    many = CosineNeighbors(n_neighbors=2).fit(X).radius_neighbors(Q, radius=2.0, return_distance=False)
+    assert all(len(i) == X.shape[0] - (0 if queries else 1) for i in many)  # all, past any k

@@ -93,6 +93,8 @@ class CosineNeighbors(TransformerMixin, BaseEstimator):
     ----------
     n_neighbors : int, default=5
         Neighbours per sample for :meth:`kneighbors` and :meth:`transform`.
+    radius : float, default=1.0
+        Cosine distance of :meth:`radius_neighbors` (``1 - similarity``).
     mode : {"distance", "connectivity"}, default="distance"
         Graph type returned by :meth:`transform`.
     max_memory : str or int, default="1GB"
@@ -106,9 +108,10 @@ class CosineNeighbors(TransformerMixin, BaseEstimator):
     n_samples_fit_ : int
     """
 
-    def __init__(self, n_neighbors: int = 5, *, mode: str = "distance", max_memory: str | int = "1GB",
-                 n_jobs: int | None = None):
+    def __init__(self, n_neighbors: int = 5, *, radius: float = 1.0, mode: str = "distance",
+                 max_memory: str | int = "1GB", n_jobs: int | None = None):
         self.n_neighbors = n_neighbors
+        self.radius = radius
         self.mode = mode
         self.max_memory = max_memory
         self.n_jobs = n_jobs
@@ -160,8 +163,6 @@ class CosineNeighbors(TransformerMixin, BaseEstimator):
                     f"Expected n_neighbors < n_samples_fit, but n_neighbors = {k}, "
                     f"n_samples_fit = {self.n_samples_fit_}, n_samples = {self.n_samples_fit_}"
                 )
-            result = neighbors(self._fit_X, int(k), max_memory=self.max_memory, threads=self._threads(),
-                               invalid=self._invalid(self._fit_X))
             zero_queries = self._zero_fit
         else:
             X = validate_data(self, X, dtype=[np.float64, np.float32], accept_sparse="csr",
@@ -171,11 +172,8 @@ class CosineNeighbors(TransformerMixin, BaseEstimator):
                     f"Expected n_neighbors <= n_samples_fit, but n_neighbors = {k}, "
                     f"n_samples_fit = {self.n_samples_fit_}, n_samples = {X.shape[0]}"
                 )
-            result = neighbors(self._fit_X, int(k), queries=_another_object(X),
-                               max_memory=self.max_memory, threads=self._threads(),
-                               invalid=self._invalid(self._fit_X, X))
             zero_queries = _zero_rows(X)
-        indices, similarities = result.indices, result.similarities
+        indices, similarities = self._search(X, int(k), zero_queries)
         if self._zero_fit.size or zero_queries.size:
             indices, similarities = _with_zero_rows(indices, similarities, self._zero_fit, zero_queries,
                                                     self_join=X is None)
@@ -185,10 +183,22 @@ class CosineNeighbors(TransformerMixin, BaseEstimator):
         np.maximum(distances, 0.0, out=distances)
         return distances, indices
 
-    def _invalid(self, *matrices) -> str:
-        """Drop the zero rows from the search when there are any (they are
-        added back as similarity-0 candidates)."""
-        return "drop" if any(_zero_rows(m).size for m in matrices) else "raise"
+    def _search(self, X, k: int, zero_queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """allknn's search among the non-zero rows (zero rows dropped, added
+        back as similarity-0 candidates by :func:`_with_zero_rows`), ``k``
+        columns, -1 / NaN where there are fewer candidates."""
+        n_queries = self.n_samples_fit_ if X is None else X.shape[0]
+        candidates = self.n_samples_fit_ - self._zero_fit.size - (1 if X is None else 0)
+        found = min(k, candidates)
+        indices = np.full((n_queries, k), -1, dtype=np.int64)
+        similarities = np.full((n_queries, k), np.nan, dtype=np.float32)
+        if found < 1 or zero_queries.size == n_queries:
+            return indices, similarities
+        invalid = "drop" if self._zero_fit.size or zero_queries.size else "raise"
+        result = neighbors(self._fit_X, found, queries=None if X is None else _another_object(X),
+                           max_memory=self.max_memory, threads=self._threads(), invalid=invalid)
+        indices[:, :found], similarities[:, :found] = result.indices, result.similarities
+        return indices, similarities
 
     def kneighbors_graph(self, X=None, n_neighbors: int | None = None, mode: str = "connectivity"):
         """The kNN graph as a sparse matrix.
@@ -208,6 +218,78 @@ class CosineNeighbors(TransformerMixin, BaseEstimator):
         indptr = np.arange(0, n_queries * indices.shape[1] + 1, indices.shape[1])
         shape = (n_queries, self.n_samples_fit_)
         return scipy.sparse.csr_matrix((data, indices.ravel(), indptr), shape=shape)
+
+    def radius_neighbors(self, X=None, radius: float | None = None, return_distance: bool = True,
+                         sort_results: bool = False):
+        """Every training sample within cosine distance ``radius`` of each query sample.
+
+        Exact: each row is searched with a growing ``k`` (doubling, from
+        ``max(n_neighbors, 16)``) until its list reaches past the radius.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features), optional
+            ``None``: the training samples, each excluding itself.
+        radius : float, optional
+            Default ``self.radius``; neighbours at a distance ``<= radius``.
+        return_distance : bool
+        sort_results : bool
+            Accepted for scikit-learn's signature; results are always
+            sorted by distance (ties by smaller index).
+
+        Returns
+        -------
+        neigh_dist : ndarray of shape (n_queries,), object
+            Arrays of distances (only with ``return_distance``).
+        neigh_ind : ndarray of shape (n_queries,), object
+            Arrays of int64 indices.
+        """
+        check_is_fitted(self, "_fit_X")
+        radius = self.radius if radius is None else radius
+        if isinstance(radius, bool) or not isinstance(radius, int | float | np.number) or not radius >= 0:
+            raise ValueError(f"radius must be a non-negative number, got {radius!r}")
+        if X is not None:
+            X = validate_data(self, X, dtype=[np.float64, np.float32], accept_sparse="csr", reset=False)
+        n_queries = self.n_samples_fit_ if X is None else X.shape[0]
+        most = self.n_samples_fit_ - 1 if X is None else self.n_samples_fit_
+        distances = np.empty(n_queries, dtype=object)
+        indices = np.empty(n_queries, dtype=object)
+        todo = np.arange(n_queries)
+        k = min(most, max(self.n_neighbors, 16))
+        while todo.size:
+            dist, ind = self._rows_kneighbors(X, todo, k)
+            complete = (dist[:, -1] > radius) | (k >= most)
+            for row, d, i in zip(todo[complete], dist[complete], ind[complete], strict=True):
+                inside = d <= radius
+                distances[row], indices[row] = d[inside], i[inside]
+            todo = todo[~complete]
+            k = min(most, 2 * k)
+        return (distances, indices) if return_distance else indices
+
+    def _rows_kneighbors(self, X, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`kneighbors` of some query rows (training rows for ``X=None``, each itself excluded)."""
+        if X is not None:
+            return self.kneighbors(X[rows], k)
+        if rows.size == self.n_samples_fit_:
+            return self.kneighbors(None, k)
+        dist, ind = self.kneighbors(self._fit_X[rows], min(k + 1, self.n_samples_fit_))
+        other = ind != rows[:, None]
+        keep = np.cumsum(other, axis=1) <= k  # the first k entries that are not the row itself
+        chosen = other & keep
+        return dist[chosen].reshape(rows.size, k), ind[chosen].reshape(rows.size, k)
+
+    def radius_neighbors_graph(self, X=None, radius: float | None = None, mode: str = "connectivity",
+                               sort_results: bool = False):
+        """:meth:`radius_neighbors` as a sparse matrix of shape (n_queries, n_samples_fit):
+        distances (``mode="distance"``, explicit zeros kept) or ones."""
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        distances, indices = self.radius_neighbors(X, radius, return_distance=True)
+        lengths = np.array([i.size for i in indices], dtype=np.int64)
+        indptr = np.concatenate([[0], np.cumsum(lengths)])
+        columns = np.concatenate([*indices, np.zeros(0, np.int64)])
+        data = np.concatenate([*distances, np.zeros(0)]) if mode == "distance" else np.ones(columns.size)
+        return scipy.sparse.csr_matrix((data, columns, indptr), shape=(indices.size, self.n_samples_fit_))
 
     def transform(self, X):
         """Graph of each sample's neighbours among the training samples.
