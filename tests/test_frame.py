@@ -95,3 +95,14 @@ def test_bad_ids_and_columns(frame):
         neighbors_frame(frame, embedding="vector")
     with pytest.raises(TypeError, match=r"for queries use allknn.neighbors"):
         neighbors_frame(frame, embedding="emb", queries=np.zeros((2, 8)))
+
+
+@pytest.mark.parametrize("library", ["polars", "pyarrow"])
+def test_polars_and_arrow_tables_get_their_own_kind_back(frame, library):
+    module = pytest.importorskip(library)
+    plain = frame.reset_index(drop=True)
+    want = neighbors_frame(plain, embedding="emb", id="item_id", k=4)
+    table = module.from_pandas(plain) if library == "polars" else module.Table.from_pandas(plain)
+    got = neighbors_frame(table, embedding="emb", id="item_id", k=4)
+    assert type(got).__module__.split(".")[0] == library
+    pd.testing.assert_frame_equal(got.to_pandas(), want, check_dtype=False)

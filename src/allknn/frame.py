@@ -22,8 +22,10 @@ def neighbors_frame(
 
     Parameters
     ----------
-    df : pandas.DataFrame
-        One row per item.
+    df : pandas.DataFrame, polars.DataFrame or pyarrow.Table
+        One row per item. A polars DataFrame or a pyarrow Table (which
+        have no index: give ``id``, or rows are numbered) gets its result
+        in its own kind.
     embedding : str
         Column holding one vector per row (a list or 1-D array of numbers,
         all of the same length); stacked into an (n, d) float32 matrix.
@@ -37,7 +39,7 @@ def neighbors_frame(
 
     Returns
     -------
-    pandas.DataFrame
+    pandas.DataFrame (or the kind of ``df``)
         Columns ``<id>`` (``id`` when ``id`` is None), ``neighbor_id``,
         ``rank`` (int32, 1 = most similar) and ``similarity`` (float32);
         one row per (item, neighbour), missing neighbours left out.
@@ -55,6 +57,16 @@ def neighbors_frame(
     """
     if "queries" in kwargs:
         raise TypeError("neighbors_frame joins df with itself; for queries use allknn.neighbors")
+    kind = type(df).__module__.split(".")[0]
+    if kind in ("polars", "pyarrow"):
+        table = neighbors_frame(df.to_pandas(), embedding=embedding, id=id, k=k, **kwargs)
+        if kind == "polars":
+            import polars
+
+            return polars.from_pandas(table)
+        import pyarrow
+
+        return pyarrow.Table.from_pandas(table, preserve_index=False)
     for name in (embedding, id):
         if name is not None and name not in df.columns:
             raise KeyError(f"df has no column {name!r}; its columns are: {', '.join(map(str, df.columns))}")
