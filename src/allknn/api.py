@@ -15,6 +15,7 @@ from allknn._memory import cap_block_rows, check_block_rows, choose_block_rows, 
 from allknn.engines import Job, check_method, check_options, choose
 from allknn.engines.base import ProgressCallback
 from allknn.engines.dask import dask_neighbors
+from allknn.engines.dask.approx import dask_approx_neighbors
 from allknn.kernels.topk import MAX_ROWS
 from allknn.rows import is_sparse, normalize_rows
 from allknn.topk.finish import finish
@@ -133,7 +134,8 @@ def neighbors(
         ``on_tile(tile, pairs)`` after each finished tile (for progress),
         including, at the start, each tile restored from a checkpoint.
     client : distributed.Client, optional
-        Run on this Dask cluster (exact engine; :mod:`allknn.engines.dask`):
+        Run on this Dask cluster (:mod:`allknn.engines.dask`; with
+        ``method="approx"``, :mod:`allknn.engines.dask.approx`, self-join):
         ``X`` and ``queries`` are then paths every worker can read
         (``.npy``, ``.parquet``, a folder or glob of ``.parquet`` files) or
         dask arrays, ``max_memory`` bounds each task, and the result equals
@@ -170,7 +172,8 @@ def neighbors(
     if client is not None:
         return _on_cluster(X, k, client=client, queries=queries, exclude_self=exclude_self,
                            max_memory=max_memory, invalid=invalid, min_similarity=min_similarity,
-                           method=method, block_rows=block_rows, task_rows=task_rows, checkpoint=checkpoint)
+                           method=method, block_rows=block_rows, task_rows=task_rows, checkpoint=checkpoint,
+                           approx={"probes": probes, "cells": cells, "seed": seed})
     self_join = queries is None or queries is X
     corpus = _validate.as_matrix(X, "X")
     query_matrix = corpus if self_join else _validate.as_matrix(queries, "queries")
@@ -222,14 +225,18 @@ def neighbors(
                 params={**params, **found.params}, recall=found.recall)
 
 
-def _on_cluster(X, k, *, client, method: str, checkpoint, **options) -> TopK:
-    """``neighbors`` on a Dask cluster (exact only; the cluster retries lost work)."""
-    if method not in ("exact", "auto"):
-        raise ValueError(f"with client=, method must be 'exact' (or 'auto'), got {method!r}; the approximate "
-                         f"engine runs on this machine only so far")
+def _on_cluster(X, k, *, client, method: str, checkpoint, approx: dict, **options) -> TopK:
+    """``neighbors`` on a Dask cluster (the cluster retries lost work)."""
+    if method not in ("exact", "auto", "approx"):
+        raise ValueError(f"with client=, method must be 'exact', 'approx' or 'auto', got {method!r}")
     if checkpoint is not None:
         raise ValueError("checkpoint= is for local runs; on a cluster, write a parts folder with "
                          "allknn run -o FOLDER --scheduler ... and --resume it")
+    if method == "approx":
+        if options.pop("queries") is not None or not options.pop("exclude_self"):
+            raise ValueError("the approximate engine on a cluster runs the self-join with self excluded only")
+        options.pop("block_rows")
+        return dask_approx_neighbors(X, k, client=client, **approx, **options)
     return dask_neighbors(X, k, client=client, **options)
 
 

@@ -16,7 +16,7 @@ import pytest
 
 import allknn
 import allknn.cli
-from conftest import Interrupt, assert_same_result, clustered_with_duplicates
+from conftest import REAL, Interrupt, assert_same_result, clustered_with_duplicates
 
 distributed = pytest.importorskip("distributed")
 pa = pytest.importorskip("pyarrow")
@@ -107,8 +107,10 @@ def test_bad_input_gets_the_local_messages(client, npy, data, tmp_path):
         allknn.neighbors(tmp_path / "missing.npy", 3, client=client)
     with pytest.raises(TypeError, match="must be a path every worker can read"):
         allknn.neighbors(data, 3, client=client)
-    with pytest.raises(ValueError, match="with client=, method must be 'exact'"):
-        allknn.neighbors(npy, 3, client=client, method="approx")
+    with pytest.raises(ValueError, match="method must be 'exact', 'approx' or 'auto', got 'torch'"):
+        allknn.neighbors(npy, 3, client=client, method="torch")
+    with pytest.raises(ValueError, match="the approximate engine on a cluster runs the self-join"):
+        allknn.neighbors(npy, 3, client=client, method="approx", queries=npy)
 
 
 def test_a_worker_that_cannot_read_names_the_path_and_itself(client, tmp_path, data):
@@ -221,3 +223,27 @@ def test_cli_info_estimates_from_tasks_timed_on_the_cluster(cluster, npy, data, 
     assert "on 2 worker thread(s) (from 6 tasks timed on the cluster)" in shown
     seconds = float(shown.split("estimate:")[1].split()[0])
     assert seconds > 0
+
+
+def test_approximate_engine_meets_its_floor_and_its_interval_holds(client, tmp_path):
+    """Real rows: cells fitted on a sample, shards by group of cells,
+    probing tasks; the audited recall's interval contains the true recall
+    (against the exact graph), and no row lists itself."""
+    X = np.load(REAL).astype(np.float32)
+    X[11] = 0.0
+    np.save(tmp_path / "real.npy", X)
+    exact = allknn.neighbors(X, 10, invalid="drop")
+    res = allknn.neighbors(tmp_path / "real.npy", 10, client=client, method="approx", invalid="drop",
+                           task_rows=1024, seed=3)
+    kept = np.flatnonzero(exact.indices[:, 0] >= 0)
+    hits = np.nan_to_num(res.similarities[kept], nan=-np.inf) >= exact.similarities[kept, -1:] - 1e-6
+    true = hits.mean()
+    low, high = res.recall.interval
+    assert true >= 0.9 and res.recall.estimate >= 0.9
+    assert low <= true <= high
+    assert (res.indices[11] == -1).all() and not np.isin(res.indices, [11]).any()
+    assert not (res.indices == np.arange(X.shape[0])[:, None]).any()
+    assert res.params["method"] == "approx" and res.params["engine"] == "dask"
+    again = allknn.neighbors(tmp_path / "real.npy", 10, client=client, method="approx", invalid="drop",
+                             task_rows=1024, seed=3)
+    assert_same_result(again, res)  # equal seeds, equal results

@@ -203,22 +203,9 @@ def dask_neighbors(
         raise ValueError(f"{output} holds the output of an earlier run; pass resume=True (--resume) to "
                          f"continue it, or write to another folder")
 
-    sides = list({id(corpus): corpus, id(query): query}.values())
-    run = uuid.uuid4().hex[:8]
-    scans = {side.name: client.gather([client.submit(scan_block, block, data, retries=RETRIES,
-                                                     key=f"allknn-scan-{side.name}-{i}-{run}")
-                                       for i, (block, data) in enumerate(zip(side.blocks, side.data,
-                                                                             strict=True))])
-             for side in sides}
-    bad = {}
-    for side in sides:
-        zeros = np.concatenate([scan.zero_rows for scan in scans[side.name]])
-        nonfinite = np.concatenate([scan.nonfinite_rows for scan in scans[side.name]])
-        if invalid == "raise":
-            _validate.raise_for_bad_rows(side.name, zeros, nonfinite)
-        if zeros.size + nonfinite.size == side.shape[0]:
-            _validate.raise_if_no_valid_rows(side.name, side.shape[0])
-        bad[side.name] = np.union1d(zeros, nonfinite)
+    scans, bad = {}, {}
+    for side in {id(corpus): corpus, id(query): query}.values():
+        scans[side.name], bad[side.name] = scan(client, side, invalid)
     n_candidates = corpus.shape[0] - bad["X"].size - (1 if self_join and exclude_self else 0)
     k = _validate.check_k(k, n_candidates, self_join=self_join and exclude_self)
 
@@ -287,6 +274,22 @@ def dask_neighbors(
         finishes[future.key] = (future, b)
 
     return _collect(client, pair_futures, finishes, manifest, query, corpus, k, params, on_task)
+
+
+def scan(client, side: Input, invalid: str) -> tuple[list, np.ndarray]:
+    """Scan every block of ``side`` on the cluster: the scans, and the bad
+    rows (raising for them with ``invalid="raise"``, as locally)."""
+    run = uuid.uuid4().hex[:8]
+    scans = client.gather([client.submit(scan_block, block, data, retries=RETRIES,
+                                         key=f"allknn-scan-{side.name}-{i}-{run}")
+                           for i, (block, data) in enumerate(zip(side.blocks, side.data, strict=True))])
+    zeros = np.concatenate([found.zero_rows for found in scans])
+    nonfinite = np.concatenate([found.nonfinite_rows for found in scans])
+    if invalid == "raise":
+        _validate.raise_for_bad_rows(side.name, zeros, nonfinite)
+    if zeros.size + nonfinite.size == side.shape[0]:
+        _validate.raise_if_no_valid_rows(side.name, side.shape[0])
+    return scans, np.union1d(zeros, nonfinite)
 
 
 def _collect(client, pair_futures, finishes, manifest, query, corpus, k, params, on_task) -> TopK | None:
