@@ -247,3 +247,10 @@ def test_approximate_engine_meets_its_floor_and_its_interval_holds(client, tmp_p
     again = allknn.neighbors(tmp_path / "real.npy", 10, client=client, method="approx", invalid="drop",
                              task_rows=1024, seed=3)
     assert_same_result(again, res)  # equal seeds, equal results
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    from allknn.engines.dask.approx import dask_approx_neighbors
+
+    assert_same_result(dask_approx_neighbors(tmp_path / "real.npy", 10, client=client, invalid="drop",
+                                             task_rows=1024, seed=3, scratch=scratch), res)
+    assert not list(scratch.iterdir())  # the shards are removed

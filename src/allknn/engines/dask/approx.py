@@ -24,6 +24,7 @@ here yet: the audit reports what the chosen breadth reached.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -63,8 +64,9 @@ def dask_approx_neighbors(X: Any, k: int, *, client, probes: int | None = None, 
     seed : int
         Seed of the samples (cells and audit).
     scratch : path-like, optional
-        A folder every worker can read and write for the shards; default a
-        new temporary folder on this machine (enough for a local cluster).
+        A folder every worker can read and write, where the shards live
+        (in a new subfolder, removed at the end); default this machine's
+        temporary folder (enough for a cluster on one machine).
 
     Returns
     -------
@@ -86,11 +88,22 @@ def dask_approx_neighbors(X: Any, k: int, *, client, probes: int | None = None, 
         raise TypeError("the approximate engine on a cluster reads a source on shared storage; pass a path")
     _, bad = scan(client, corpus, invalid)
     k = _validate.check_k(k, n - bad.size - 1, self_join=True)
-    kept_rows = np.setdiff1d(np.arange(n), bad)
-    folder = tempfile.mkdtemp(prefix="allknn-shards-") if scratch is None else os.fspath(scratch)
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(seed)
+    folder = tempfile.mkdtemp(prefix="allknn-shards-") if scratch is None else tempfile.mkdtemp(
+        prefix="allknn-shards-", dir=os.fspath(scratch))
+    try:
+        return _search(client, corpus, k, bad, folder, probes=probes, cells=cells, seed=seed, budget=budget,
+                       rows=rows, block_rows=block_rows, invalid=invalid, min_similarity=min_similarity)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
+
+def _search(client, corpus: Input, k: int, bad: np.ndarray, folder: str, *, probes: int, cells: int | None,
+            seed: int, budget: int, rows: int, block_rows: int, invalid: str,
+            min_similarity: float | None) -> TopK:
+    """The stages 2 to 6 of the module docstring, shards in ``folder``."""
+    n = corpus.shape[0]
+    kept_rows = np.setdiff1d(np.arange(n), bad)
+    rng = np.random.default_rng(seed)
     # cells, fitted on a sample read by tasks
     sample = np.sort(rng.choice(kept_rows, min(_SAMPLE_ROWS, kept_rows.size), replace=False))
     parts = client.gather([client.submit(sample_task, block, sample, block_rows, pure=False)
