@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="knn (each row to its neighbours, default), mutual or union (symmetric)")
     graph.add_argument("--weight", choices=("similarity", "distance", "connectivity"), default="similarity")
 
+    report = commands.add_parser("report", help="a one-page HTML report of a result")
+    report.add_argument("result", help="a result written by allknn run (.parquet, .npz or a parts folder)")
+    report.add_argument("-o", "--output", required=True, help="the page: .html")
+
     demo = commands.add_parser("demo", help="run on a built-in clustered example")
     demo.add_argument("-n", type=int, default=50_000, help="rows (default 50000)")
     demo.add_argument("-d", type=int, default=100, help="dimensions (default 100)")
@@ -312,6 +316,15 @@ def _cmd_graph(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    output = Path(args.output)
+    if output.suffix.lower() not in (".html", ".htm"):
+        raise CliError(f"output {output} must end in .html")
+    allknn.load_result(args.result).report(output, title=f"allknn: {args.result}")
+    print(f"wrote the report of {args.result} to {output}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from allknn.datasets import make_clustered
 
@@ -338,7 +351,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``allknn`` command."""
     args = build_parser().parse_args(argv)
-    command = {"run": _cmd_run, "info": _cmd_info, "graph": _cmd_graph, "demo": _cmd_demo}[args.command]
+    command = {"run": _cmd_run, "info": _cmd_info, "graph": _cmd_graph, "report": _cmd_report,
+               "demo": _cmd_demo}[args.command]
     try:
         return command(args)
     except KeyboardInterrupt:

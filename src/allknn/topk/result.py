@@ -209,6 +209,14 @@ class TopK:
         of the in-degree distribution (see :class:`allknn.topk.graph.Hubs`)."""
         return hubs(self.indices, self.n_corpus, top=top)
 
+    def report(self, path: str | os.PathLike[str], *, ids: Sequence[Any] | np.ndarray | None = None,
+               title: str = "allknn run") -> None:
+        """Write a self-contained one-page HTML report of the run (see
+        :mod:`allknn.writers.report`; needs matplotlib)."""
+        from allknn.writers.report import write_report
+
+        write_report(self, path, ids=ids, title=title)
+
     def to_networkx(self, kind: str = "knn", weight: str = "similarity", *,
                     ids: Sequence[Any] | np.ndarray | None = None):
         """The graph as a networkx graph (``DiGraph`` for ``"knn"``, ``Graph``
