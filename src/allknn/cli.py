@@ -300,6 +300,13 @@ def _cmd_info_on_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stored_ids(path: str) -> object:
+    """The ids a parquet result keeps (None for other results, or row numbers)."""
+    from allknn.writers.neighbor_table import stored_ids
+
+    return stored_ids(path) if Path(path).suffix.lower() == ".parquet" else None
+
+
 def _cmd_graph(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.suffix != ".parquet":
@@ -311,7 +318,9 @@ def _cmd_graph(args: argparse.Namespace) -> int:
         edges = type(edges)((edges.data[keep], (edges.row[keep], edges.col[keep])), shape=edges.shape)
     from allknn.writers import save_edges
 
-    save_edges(output, edges.row, edges.col, edges.data, weight=args.weight)
+    ids = _stored_ids(args.result)
+    save_edges(output, edges.row if ids is None else ids[edges.row],
+               edges.col if ids is None else ids[edges.col], edges.data, weight=args.weight)
     print(f"wrote {edges.nnz} {args.kind} edges to {output}")
     return 0
 
@@ -320,7 +329,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.suffix.lower() not in (".html", ".htm"):
         raise CliError(f"output {output} must end in .html")
-    allknn.load_result(args.result).report(output, title=f"allknn: {args.result}")
+    allknn.load_result(args.result).report(output, ids=_stored_ids(args.result),
+                                           title=f"allknn: {args.result}")
     print(f"wrote the report of {args.result} to {output}")
     return 0
 

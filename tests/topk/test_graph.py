@@ -123,3 +123,18 @@ def test_cli_writes_the_edge_list(tmp_path, result):
         assert len(edges) == int(once.sum())
         assert set(zip(edges.source, edges.target, strict=True)) == set(zip(want.row[once], want.col[once],
                                                                              strict=True))
+
+
+def test_cli_edge_lists_carry_the_ids_a_parquet_result_keeps(tmp_path, result):
+    pytest.importorskip("pyarrow")
+    import pandas as pd
+
+    import allknn.cli
+
+    ids = [f"item-{i}" for i in range(result.n_corpus)]
+    result.save(tmp_path / "n.parquet", ids=ids)
+    assert allknn.cli.main(["graph", str(tmp_path / "n.parquet"), "-o", str(tmp_path / "e.parquet")]) == 0
+    edges = pd.read_parquet(tmp_path / "e.parquet")
+    want = result.graph().tocoo()
+    assert set(zip(edges.source, edges.target, strict=True)) == {
+        (ids[i], ids[j]) for i, j in zip(want.row, want.col, strict=True)}

@@ -418,3 +418,18 @@ def _positions(
     if positions.null_count:
         raise ValueError(f"{path} has ids that are not among its stored {name}; it is corrupt")
     return positions.to_numpy().astype(np.int64)
+
+
+def stored_ids(path: str | os.PathLike[str]) -> np.ndarray | None:
+    """The corpus ids a neighbour table keeps in its metadata (None: row
+    numbers, or ids too many to keep), as an array."""
+    import pyarrow as pa
+
+    metadata = open_parquet(Path(path)).schema_arrow.metadata or {}
+    if HEADER_KEY not in metadata:
+        return None
+    spec = json.loads(metadata[HEADER_KEY])["labels"]["neighbor_id"]
+    if spec is None or not spec["stored"]:
+        return None
+    encoded = metadata[f"allknn.{spec['labels']}".encode()]
+    return pa.ipc.open_stream(base64.b64decode(encoded)).read_all().column(0).to_numpy(zero_copy_only=False)

@@ -227,12 +227,13 @@ def _load_npz(path: Path) -> TopK:
 def save_edges(path: str | os.PathLike[str], sources: np.ndarray, targets: np.ndarray, weights: np.ndarray, *,
                weight: str) -> None:
     """Write an edge list atomically as parquet: columns ``source``,
-    ``target`` (int64 row numbers) and the weight's name (float32)."""
+    ``target`` (int64 row numbers, or the result's ids) and the weight's
+    name (float32)."""
     from allknn._optional import optional
 
     pa = optional("pyarrow", "writing .parquet files")
     pq = optional("pyarrow.parquet", "writing .parquet files")
-    table = pa.table({"source": np.asarray(sources, np.int64), "target": np.asarray(targets, np.int64),
+    table = pa.table({"source": np.asarray(sources), "target": np.asarray(targets),
                       weight: np.asarray(weights, np.float32)})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
