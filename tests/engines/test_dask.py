@@ -254,3 +254,41 @@ def test_approximate_engine_meets_its_floor_and_its_interval_holds(client, tmp_p
     assert_same_result(dask_approx_neighbors(tmp_path / "real.npy", 10, client=client, invalid="drop",
                                              task_rows=1024, seed=3, scratch=scratch), res)
     assert not list(scratch.iterdir())  # the shards are removed
+
+
+def test_by_hand_scheduler_and_workers_survive_a_killed_worker(tmp_path):
+    """The README's way: ``dask scheduler`` and ``dask worker`` started by
+    hand, ``allknn run ... --scheduler``; a worker killed mid-run."""
+    dask_cli = os.path.join(os.path.dirname(sys.executable), "dask")
+    X = clustered_with_duplicates(4000, 16, seed=8)
+    np.save(tmp_path / "emb.npy", X)
+    file = tmp_path / "scheduler.json"
+    started = [subprocess.Popen([dask_cli, "scheduler", "--host", "127.0.0.1", "--port", "0",
+                                 "--dashboard-address", ":0", "--scheduler-file", str(file)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        deadline = time.monotonic() + 60
+        while not file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        address = json.loads(file.read_text())["address"]
+        started.append(subprocess.Popen([dask_cli, "worker", address, "--nworkers", "2", "--nthreads", "1",
+                                         "--no-dashboard"], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL))
+        with distributed.Client(address, timeout="30s") as client:
+            client.wait_for_workers(2, timeout=60)
+            run = subprocess.Popen([sys.executable, "-m", "allknn.cli", "run", str(tmp_path / "emb.npy"),
+                                    "-k", "6", "-o", str(tmp_path / "out"), "--scheduler", address,
+                                    "--task-rows", "128", "-q"])
+            busy = []
+            while not busy and run.poll() is None and time.monotonic() < deadline + 120:
+                busy = [worker for worker, keys in client.processing().items()
+                        if any("allknn-pair" in str(key) for key in keys)]
+                time.sleep(0.02)
+            assert busy, "no pair task ran before the run ended"
+            os.kill(client.run(os.getpid, workers=busy[:1])[busy[0]], signal.SIGKILL)  # mid-task
+            assert run.wait(timeout=300) == 0
+        assert_same_result(allknn.load_result(tmp_path / "out"), allknn.neighbors(X, 6))
+    finally:
+        for process in reversed(started):
+            process.terminate()
+            process.wait(timeout=30)
