@@ -13,7 +13,7 @@ from conftest import REAL, assert_same_result, clustered_with_duplicates
 
 torch = pytest.importorskip("torch")
 
-from allknn.engines.torch.product import PRECISIONS, rounded, torch_product  # noqa: E402
+from allknn.engines.torch.product import PRECISIONS, rounded  # noqa: E402
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 
@@ -47,12 +47,12 @@ def test_duplicates_ties_and_dropped_rows(rng):
 def test_the_margin_of_the_precision_is_needed(real, monkeypatch):
     """bf16 products with the fp32 margin lose neighbours: the bound of the
     precision is what keeps the result exact."""
-    import allknn.engines.torch as engine
+    import allknn.engines.exact.plans as plans
 
     exact = allknn.neighbors(real, 10)
-    monkeypatch.setattr(engine.TorchEngine, "product",
-                        lambda self, job: (torch_product("cpu", "bf16"), "fp32"))
-    wrong = allknn.neighbors(real, 10, backend="torch")
+    fp32_margin = plans.nomination_margin
+    monkeypatch.setattr(plans, "nomination_margin", lambda terms, precision="fp32": fp32_margin(terms))
+    wrong = allknn.neighbors(real, 10, backend="torch", precision="bf16")
     assert not np.array_equal(wrong.indices, exact.indices)
 
 
@@ -120,3 +120,18 @@ def test_checkpoints_resume_on_the_torch_engine(tmp_path, real):
     with pytest.raises(Interrupt):
         allknn.neighbors(real, 5, on_tile=interrupt_after(60), **options)
     assert_same_result(allknn.neighbors(real, 5, **options), allknn.neighbors(real, 5))
+
+
+def test_only_nominees_leave_the_device(real, monkeypatch):
+    """The host sees the nominated pairs only, a small share of the pairs
+    (the tiles stay on the device)."""
+    import allknn.engines.torch.plans as plans
+
+    seen = []
+    offer = plans.offer_nominees
+    monkeypatch.setattr(plans, "offer_nominees",
+                        lambda rows, *rest: (seen.append(rows.size), offer(rows, *rest)))
+    res = allknn.neighbors(real, 10, backend="torch", precision="bf16", block_rows=256, threads=1)
+    assert_same_result(res, allknn.neighbors(real, 10))
+    pairs = real.shape[0] * (real.shape[0] - 1) // 2
+    assert 0 < sum(seen) < 0.05 * pairs

@@ -296,6 +296,49 @@ def merge_rows(tile, row0, col0, row_ids, col_ids, keys, thresholds, skip_self, 
                       skip_self, unique, queries, corpus, margin)
 
 
+@njit(nogil=True, cache=True)
+def offer_nominees(tile_rows, tile_cols, row0, col0, row_ids, col_ids, keys, thresholds, skip_self, queries,
+                   corpus, both_sides):
+    """Score nominated pairs of a tile by the reference and offer them.
+
+    The nominations were made elsewhere (on a device, from a tile that
+    never reaches the host); each pair is scored here, so the state holds
+    reference similarities only.
+
+    Parameters
+    ----------
+    tile_rows, tile_cols : ndarray of int64
+        The nominated pairs, as positions in the tile.
+    row0, col0 : int
+        Position of the tile's first row and column.
+    row_ids, col_ids : ndarray of int64
+        Id of each position of the two sides.
+    keys, thresholds : ndarray
+        Top-k state, updated in place.
+    skip_self : bool
+        Never pair ids that are equal.
+    queries, corpus : tuple
+        Scoring rows of the two sides, by position.
+    both_sides : bool
+        Offer each pair to the column's row too (an off-diagonal tile of a
+        self-join).
+    """
+    k = keys.shape[1]
+    threshold_bits = thresholds.view(np.int32)
+    for t in range(tile_rows.shape[0]):
+        i = row0 + tile_rows[t]
+        j = col0 + tile_cols[t]
+        r = row_ids[i]
+        c = col_ids[j]
+        if skip_self and r == c:
+            continue
+        s = similarity(queries, corpus, i, j, r, c)
+        if s >= thresholds[r]:
+            offer_exact(keys, threshold_bits, r, s, c, k, False)
+        if both_sides and s >= thresholds[c]:
+            offer_exact(keys, threshold_bits, c, s, r, k, False)
+
+
 @njit(nogil=True, cache=True, inline="always")
 def _walk_both(row, c0, c1, r, i, row0, col0, ids, keys, thresholds, threshold_bits, k, column_floors,
                rows, margin):

@@ -10,7 +10,6 @@ import numpy as np
 
 from allknn._memory import tile_scratch_bytes
 from allknn.engines.base import Job
-from allknn.engines.exact.blocks import Product
 from allknn.engines.exact.estimate import (
     estimate_sparse_self_join_seconds,
     seconds_per_tile,
@@ -80,18 +79,15 @@ class ExactEngine(TiledEngine):
             layout = SparseLayout.from_state(saved or {}) or sparse_layout(
                 queries.rows, corpus.rows, job.k, skip_self=job.skip_self, budget=job.budget,
                 threads=job.threads)
-        product, precision = self.product(job)
         with corpus.reordered(order):
-            if job.self_join:
-                yield SelfJoinPlan(corpus.rows, corpus.norms, block_rows=job.block_rows,
-                                   skip_self=job.skip_self, ids=order, layout=layout, product=product,
-                                   precision=precision)
-            else:
-                yield QueryJoinPlan(queries.rows, corpus.rows, queries.norms, corpus.norms,
-                                    block_rows=job.block_rows, layout=layout, product=product,
-                                    precision=precision)
+            yield self.make_plan(job, order, layout)
 
-    def product(self, job: Job) -> tuple[Product | None, str]:
-        """The dense tile product and its precision: BLAS float32 (an
-        engine with other products overrides this)."""
-        return None, "fp32"
+    def make_plan(self, job: Job, order: np.ndarray | None, layout: SparseLayout | None) -> TilePlan:
+        """The tile plan of ``job`` with its rows in ``order`` (an engine
+        with other tile products overrides this)."""
+        corpus, queries = job.corpus, job.queries
+        if job.self_join:
+            return SelfJoinPlan(corpus.rows, corpus.norms, block_rows=job.block_rows,
+                                skip_self=job.skip_self, ids=order, layout=layout)
+        return QueryJoinPlan(queries.rows, corpus.rows, queries.norms, corpus.norms,
+                             block_rows=job.block_rows, layout=layout)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
 from allknn._memory import round_block_rows
@@ -46,16 +44,9 @@ def dense_product(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
     np.matmul(a, b.T, out=out)
 
 
-Product = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
-"""``product(a, b, out)``: ``out = a @ b.T`` to within the bound of its
-precision (:func:`allknn.topk.bounds.product_error`)."""
-
-
-def dense_tile(a: Blocks, i: int, b: Blocks, j: int, buffer: np.ndarray,
-               product: Product | None = None) -> np.ndarray:
+def dense_tile(a: Blocks, i: int, b: Blocks, j: int, buffer: np.ndarray) -> np.ndarray:
     """Block ``i`` of ``a`` times block ``j`` of ``b`` transposed, at the
-    front of ``buffer``, shape (rows of i, rows of j), by ``product``
-    (default :func:`dense_product`)."""
+    front of ``buffer``, shape (rows of i, rows of j)."""
     out = buffer[: a.rows(i) * b.rows(j)].reshape(a.rows(i), b.rows(j))
-    (product or dense_product)(a.block(i), b.block(j), out)
+    dense_product(a.block(i), b.block(j), out)
     return out

@@ -24,7 +24,7 @@ from threadpoolctl import threadpool_limits
 
 from allknn._memory import round_block_rows
 from allknn.engines.base import ProgressCallback
-from allknn.engines.exact.blocks import Blocks, Product, dense_tile
+from allknn.engines.exact.blocks import Blocks, dense_tile
 from allknn.engines.exact.sparse_blocks import (
     SparseBlocks,
     accumulate_tile,
@@ -41,13 +41,13 @@ from allknn.topk.bounds import nomination_margin
 from allknn.topk.scoring import scoring_rows
 
 
-def _product(a, i: int, b, j: int, buffer: np.ndarray, product: Product | None) -> np.ndarray:
+def _product(a, i: int, b, j: int, buffer: np.ndarray) -> np.ndarray:
     """Block ``i`` of ``a`` times block ``j`` of ``b`` transposed, in ``buffer``
     (:func:`~allknn.engines.exact.blocks.dense_tile` or
     :func:`~allknn.engines.exact.sparse_blocks.sparse_product`)."""
     if isinstance(a, SparseBlocks):
         return sparse_product(a, i, b, j, buffer)
-    return dense_tile(a, i, b, j, buffer, product)
+    return dense_tile(a, i, b, j, buffer)
 
 
 def _scoring(matrix, blocks, norms: np.ndarray) -> tuple:
@@ -151,11 +151,9 @@ class SelfJoinPlan(TilePlan):
     layout : allknn.engines.exact.sparse_layout.SparseLayout, optional
         For a sparse ``normed``: how its columns are split (default none
         set apart, each tile choosing; see :class:`SparseBlocks`).
-    product : callable, optional
-        Dense tile product (default
-        :func:`~allknn.engines.exact.blocks.dense_product`, BLAS float32).
     precision : {"fp32", "tf32", "bf16", "fp16"}
-        The precision of ``product``, for the nomination margin.
+        The precision of the products (the nomination margin follows it;
+        BLAS here is fp32, a device plan may round its inputs).
     """
 
     def __init__(
@@ -167,7 +165,6 @@ class SelfJoinPlan(TilePlan):
         skip_self: bool = True,
         ids: np.ndarray | None = None,
         layout: SparseLayout | None = None,
-        product: Product | None = None,
         precision: str = "fp32",
     ):
         if ids is not None and scipy.sparse.issparse(normed):
@@ -182,7 +179,6 @@ class SelfJoinPlan(TilePlan):
         self.accumulated = accumulated_tiles(self.blocks, self.blocks)
         rows = _scoring(normed, self.blocks, norms)
         self.scoring = (rows, rows)
-        self.product = product
         self.margin = _margin(normed, precision=precision)
         self.after_tiles = untouched_pass(self.blocks, self.blocks, self.accumulated, self.scoring,
                                           skip_self=skip_self, margin=self.margin)
@@ -198,7 +194,7 @@ class SelfJoinPlan(TilePlan):
                         both_sides=tile[0] != tile[1], margin=self.margin)
             return
         (i0, _), (j0, _) = self.blocks.bounds[tile[0]], self.blocks.bounds[tile[1]]
-        product = _product(self.blocks, tile[0], self.blocks, tile[1], buffer, self.product)
+        product = _product(self.blocks, tile[0], self.blocks, tile[1], buffer)
         if tile[0] == tile[1]:
             merge_rows(product, i0, j0, self.row_ids, self.row_ids, keys, thresholds, self.skip_self, False,
                        self.scoring[0], self.scoring[1], self.margin)
@@ -230,11 +226,9 @@ class QueryJoinPlan(TilePlan):
     layout : allknn.engines.exact.sparse_layout.SparseLayout, optional
         For sparse rows: how the columns are split (default none set
         apart, each tile choosing; see :class:`SparseBlocks`).
-    product : callable, optional
-        Dense tile product (default
-        :func:`~allknn.engines.exact.blocks.dense_product`, BLAS float32).
     precision : {"fp32", "tf32", "bf16", "fp16"}
-        The precision of ``product``, for the nomination margin.
+        The precision of the products (the nomination margin follows it;
+        BLAS here is fp32, a device plan may round its inputs).
     """
 
     def __init__(
@@ -247,12 +241,10 @@ class QueryJoinPlan(TilePlan):
         block_rows: int,
         skip_self: bool = False,
         layout: SparseLayout | None = None,
-        product: Product | None = None,
         precision: str = "fp32",
     ):
         self.skip_self = skip_self
         self.layout = layout
-        self.product = product
         self.query_ids = np.arange(queries_normed.shape[0], dtype=np.int64)
         self.corpus_ids = np.arange(normed.shape[0], dtype=np.int64)
         self.n_queries = queries_normed.shape[0]
@@ -277,7 +269,7 @@ class QueryJoinPlan(TilePlan):
                         both_sides=False, margin=self.margin)
             return
         i0, j0 = self.query_blocks.bounds[tile[0]][0], self.corpus_blocks.bounds[tile[1]][0]
-        product = _product(self.query_blocks, tile[0], self.corpus_blocks, tile[1], buffer, self.product)
+        product = _product(self.query_blocks, tile[0], self.corpus_blocks, tile[1], buffer)
         merge_rows(product, i0, j0, self.query_ids, self.corpus_ids, keys, thresholds,
                    self.skip_self, False, self.scoring[0], self.scoring[1], self.margin)
 

@@ -20,9 +20,9 @@ import numpy as np
 
 from allknn.engines.base import Job
 from allknn.engines.exact import ExactEngine
-from allknn.engines.exact.blocks import Product
 from allknn.engines.exact.plans import TilePlan
-from allknn.engines.torch.product import PRECISIONS, torch_product
+from allknn.engines.torch.plans import DeviceQueryJoinPlan, DeviceSelfJoinPlan
+from allknn.engines.torch.product import PRECISIONS
 
 
 def _check_device(value: object) -> str:
@@ -66,9 +66,15 @@ class TorchEngine(ExactEngine):
             return "fp32" if self._device(job) == "cpu" else "bf16"
         return precision
 
-    def product(self, job: Job) -> tuple[Product | None, str]:
-        precision = self._precision(job)
-        return torch_product(self._device(job), precision), precision
+    def make_plan(self, job: Job, order: np.ndarray | None, layout) -> TilePlan:
+        """Device plans: products and nominations on the device (:mod:`.plans`)."""
+        options = {"device": self._device(job), "precision": self._precision(job), "k": job.k}
+        corpus, queries = job.corpus, job.queries
+        if job.self_join:
+            return DeviceSelfJoinPlan(corpus.rows, corpus.norms, block_rows=job.block_rows,
+                                      skip_self=job.skip_self, ids=order, **options)
+        return DeviceQueryJoinPlan(queries.rows, corpus.rows, queries.norms, corpus.norms,
+                                   block_rows=job.block_rows, **options)
 
     @contextmanager
     def plan(self, job: Job, saved: Mapping[str, np.ndarray] | None) -> Iterator[TilePlan]:

@@ -1,4 +1,4 @@
-"""Tile products in torch, in a chosen precision, within the certificate's bound.
+"""The precisions of the torch engine's products, within the certificate's bound.
 
 Lower precisions round the inputs to that format (round to nearest even)
 and sum in float32, which is what :func:`allknn.topk.bounds.product_error`
@@ -10,10 +10,6 @@ exactly, so the bound of the rounded inputs still holds.
 from __future__ import annotations
 
 from typing import Any
-
-import numpy as np
-
-from allknn.engines.exact.blocks import Product
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 
@@ -35,26 +31,3 @@ def rounded(tensor: Any, precision: str) -> Any:
     half = (1 << (_TF32_DROPPED_BITS - 1)) - 1
     bits = (bits + half + ((bits >> _TF32_DROPPED_BITS) & 1)) & ~((1 << _TF32_DROPPED_BITS) - 1)
     return bits.view(torch.float32)
-
-
-def torch_product(device: str, precision: str) -> Product:
-    """``product(a, b, out)``: ``out = a @ b.T`` by torch on ``device``,
-    inputs rounded to ``precision`` (see the module docstring)."""
-    import torch
-
-    target = torch.device(device)
-
-    def product(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
-        left = rounded(torch.from_numpy(a).to(target), precision)
-        right = rounded(torch.from_numpy(b).to(target), precision)
-        if target.type == "cpu":
-            torch.matmul(left, right.T, out=torch.from_numpy(out))
-            return
-        previous = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
-        try:
-            out[...] = torch.matmul(left, right.T).cpu().numpy()
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = previous
-
-    return product
