@@ -20,7 +20,7 @@ format, float32 sums)."""
 _FP32 = 2.0**-24
 
 
-def product_error(terms: int, precision: str = "fp32") -> float:
+def product_error(terms: int, precision: str = "fp32", *, truncated_sums: bool = False) -> float:
     """Largest distance between a product and the reference similarity.
 
     For unit-normalised float32 rows ``a`` and ``b`` (``|a|, |b| <= 1 + u``
@@ -42,15 +42,19 @@ def product_error(terms: int, precision: str = "fp32") -> float:
         Most non-zero products in one similarity (the dimension; for sparse
         rows, the most stored values a row has).
     precision : {"fp32", "tf32", "bf16", "fp16"}
+    truncated_sums : bool
+        The float32 sums may truncate rather than round (tensor cores
+        accumulating TF32/bf16/fp16 products): ``gamma`` with ``2u``.
 
     Returns
     -------
     float
     """
     m = max(int(terms), 1) + 1
-    if m * _FP32 >= 0.5:
+    unit = 2 * _FP32 if truncated_sums else _FP32
+    if m * unit >= 0.5:
         raise ValueError(f"{terms} terms are too many for a float32 product bound")
-    gamma = m * _FP32 / (1 - m * _FP32)
+    gamma = m * unit / (1 - m * unit)
     v = UNIT_ROUNDOFF[precision] if precision != "fp32" else 0.0
     scale = (1 + _FP32) ** 2
     underflow = 2 * np.sqrt(m) * 2.0**-25 * (1 + _FP32) + m * 2.0**-50 if precision == "fp16" else 0.0
@@ -58,12 +62,12 @@ def product_error(terms: int, precision: str = "fp32") -> float:
         + m * 2.0**-149
 
 
-def nomination_margin(terms: int, precision: str = "fp32") -> np.float32:
+def nomination_margin(terms: int, precision: str = "fp32", *, truncated_sums: bool = False) -> np.float32:
     """How far below a row's threshold a product may lie and still be kept.
 
     :func:`product_error`, plus ``2**-23`` for the float32 rounding of the
     reference and of ``threshold - margin`` itself, rounded up to float32.
     """
-    margin = product_error(terms, precision) + 2.0**-23
+    margin = product_error(terms, precision, truncated_sums=truncated_sums) + 2.0**-23
     rounded = np.float32(margin)
     return rounded if rounded >= margin else np.nextafter(rounded, np.float32(np.inf))

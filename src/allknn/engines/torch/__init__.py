@@ -78,16 +78,20 @@ class TorchEngine(ExactEngine):
 
     @contextmanager
     def plan(self, job: Job, saved: Mapping[str, np.ndarray] | None) -> Iterator[TilePlan]:
-        """The exact engine's plan; torch runs one thread per tile worker."""
+        """The exact engine's plan; torch runs one thread per tile worker, and
+        CUDA matmuls use TF32 tensor cores for the lower precisions (set for
+        the whole run, before any tile, and put back after)."""
         import torch
 
-        threads = torch.get_num_threads()
+        threads, tf32 = torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32
         torch.set_num_threads(1)
+        torch.backends.cuda.matmul.allow_tf32 = self._precision(job) != "fp32"  # once, before any tile
         try:
             with super().plan(job, saved) as plan:
                 yield plan
         finally:
             torch.set_num_threads(threads)
+            torch.backends.cuda.matmul.allow_tf32 = tf32
 
     def search(self, job: Job, **options):
         found = super().search(job, **options)

@@ -21,13 +21,16 @@ from allknn.engines.exact.plans import QueryJoinPlan, SelfJoinPlan
 from allknn.engines.schedule import Tile
 from allknn.engines.torch.product import rounded
 from allknn.kernels.topk import offer_nominees
+from allknn.topk.bounds import nomination_margin
 
 
 class _OnDevice:
     """Rows on the device and the nomination of one tile."""
 
-    def _device_setup(self, device: str, precision: str, k: int) -> None:
+    def _device_setup(self, device: str, precision: str, k: int, dim: int) -> None:
         self.device, self.precision, self.k = device, precision, k
+        if device.startswith("cuda") and precision != "fp32":  # tensor cores may truncate their sums
+            self.margin = nomination_margin(dim, precision, truncated_sums=True)
 
     def _to_device(self, rows: np.ndarray) -> Any:
         import torch
@@ -38,15 +41,7 @@ class _OnDevice:
                   skip_diagonal: bool) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
-        previous = None
-        if a.device.type == "cuda":
-            previous = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = self.precision != "fp32"
-        try:
-            values = a @ b.T
-        finally:
-            if previous is not None:
-                torch.backends.cuda.matmul.allow_tf32 = previous
+        values = a @ b.T  # TF32 tensor cores on CUDA unless fp32 (set once by the engine's plan)
         margin = float(self.margin)
         rows, cols = values.shape
         depth = min(self.k + int(skip_diagonal), cols)  # the row itself may be among the best
@@ -69,7 +64,7 @@ class DeviceSelfJoinPlan(_OnDevice, SelfJoinPlan):
                  ids: np.ndarray | None, device: str, precision: str, k: int):
         super().__init__(normed, norms, block_rows=block_rows, skip_self=skip_self, ids=ids,
                          precision=precision)
-        self._device_setup(device, precision, k)
+        self._device_setup(device, precision, k, normed.shape[1])
         self.on_device = self._to_device(normed)
 
     def _work(self, tile: Tile, buffer: np.ndarray, keys: np.ndarray, thresholds: np.ndarray) -> None:
@@ -90,7 +85,7 @@ class DeviceQueryJoinPlan(_OnDevice, QueryJoinPlan):
                  norms: np.ndarray, *, block_rows: int, device: str, precision: str, k: int):
         super().__init__(queries_normed, normed, query_norms, norms, block_rows=block_rows,
                          precision=precision)
-        self._device_setup(device, precision, k)
+        self._device_setup(device, precision, k, normed.shape[1])
         self.queries_on_device = self._to_device(queries_normed)
         self.corpus_on_device = self._to_device(normed)
 
