@@ -113,7 +113,9 @@ def _search(client, corpus: Input, k: int, bad: np.ndarray, folder: str, *, prob
     centroids = cell_centroids(sample_rows, n_cells, budget=budget, seed=seed)
     n_cells = centroids.shape[0]
     probes = min(probes, n_cells)
-    cells_per_group = max(1, round(rows * n_cells / max(kept_rows.size, 1)))
+    # a group's query shard holds the rows probing any of its cells, about
+    # probes times its own rows: groups of task_rows / probes rows keep it a task's size
+    cells_per_group = max(1, round(rows * n_cells / max(kept_rows.size, 1) / probes))
     centroids_future = client.scatter(centroids, broadcast=True)  # small, and on every worker
 
     # assignment: shards by group of cells
