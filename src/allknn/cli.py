@@ -226,7 +226,8 @@ def _cmd_run_on_cluster(args: argparse.Namespace) -> int:
         raise CliError(f"with a cluster the output is a folder of parquet parts; give a folder name, "
                        f"not {output}")
     if args.method != "exact":
-        raise CliError("a cluster runs the exact engine only so far; leave --method out")
+        raise CliError("the command line runs the exact engine on a cluster; for the approximate one use "
+                       "allknn.neighbors(path, k, client=..., method='approx') from Python")
     if args.ids is not None or args.id_column is not None:
         raise CliError("ids are not supported on a cluster yet; the parts hold row numbers")
     started = time.perf_counter()
