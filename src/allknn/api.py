@@ -50,6 +50,7 @@ def neighbors(
     backend: str = "numba",
     device: str | None = None,
     precision: str | None = None,
+    resident: bool | None = None,
 ) -> TopK:
     """Find the ``k`` most cosine-similar rows of ``X`` for every row.
 
@@ -153,6 +154,10 @@ def neighbors(
         Precision of the torch backend's products (``"auto"``: fp32 on CPU,
         bf16 on CUDA); the certificate's bound follows it, so the result
         does not depend on it.
+    resident : bool, optional
+        Torch backend: keep the rows on the device for the whole run
+        (default: when they take at most half its free memory), or stream
+        them from host memory block by block (``False``).
 
     Returns
     -------
@@ -188,7 +193,7 @@ def neighbors(
     method = _validate.check_backend(backend, device, method)
     check_method(method, checkpoint=checkpoint is not None)
     options = check_options({"recall_target": recall_target, "probes": probes, "refine": refine,
-                             "cells": cells, "device": device, "precision": precision})
+                             "cells": cells, "device": device, "precision": precision, "resident": resident})
     min_similarity = _validate.check_min_similarity(min_similarity)
     block_rows = _block_rows(block_rows, corpus, query_matrix, budget, n_threads)
 

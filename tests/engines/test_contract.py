@@ -123,7 +123,7 @@ def test_refusals_come_from_the_engine_and_name_the_fix(data):
 
 
 def test_unknown_engine_option_is_refused():
-    taken = "cells, device, precision, probes, recall_target, refine"
+    taken = "cells, device, precision, probes, recall_target, refine, resident"
     with pytest.raises(ValueError, match=f"unknown option 'beam'; engines take: {taken}$"):
         check_options({"beam": 3})
 

@@ -135,3 +135,15 @@ def test_only_nominees_leave_the_device(real, monkeypatch):
     assert_same_result(res, allknn.neighbors(real, 10))
     pairs = real.shape[0] * (real.shape[0] - 1) // 2
     assert 0 < sum(seen) < 0.05 * pairs
+
+
+def test_streamed_rows_are_the_resident_result(real):
+    """Rows streamed from host memory block by block (inputs larger than
+    the device) give the same result as rows kept on the device."""
+    exact = allknn.neighbors(real, 8)
+    assert_same_result(allknn.neighbors(real, 8, backend="torch", resident=False, block_rows=512), exact)
+    Q = real[::5] + np.float32(0.01)
+    assert_same_result(allknn.neighbors(real, 4, queries=Q, backend="torch", resident=False, block_rows=256),
+                       allknn.neighbors(real, 4, queries=Q))
+    with pytest.raises(ValueError, match="resident must be True or False"):
+        allknn.neighbors(real, 3, backend="torch", resident="yes")

@@ -31,6 +31,16 @@ def _check_device(value: object) -> str:
     return value
 
 
+def _check_resident(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"resident must be True or False (None: by free device memory), got {value!r}")
+    return value
+
+
+RESIDENT_SHARE = 0.5
+"""The rows stay on the device when they take at most this share of its free memory."""
+
+
 def _check_precision(value: object) -> str:
     if value != "auto" and value not in PRECISIONS:
         names = ", ".join(map(repr, PRECISIONS))
@@ -43,7 +53,8 @@ class TorchEngine(ExactEngine):
 
     name: ClassVar[str] = "torch"
     auto: ClassVar[bool] = False
-    options: ClassVar[Mapping[str, Any]] = {"device": _check_device, "precision": _check_precision}
+    options: ClassVar[Mapping[str, Any]] = {"device": _check_device, "precision": _check_precision,
+                                            "resident": _check_resident}
 
     def refusal(self, job: Job) -> str | None:
         if job.sparse:
@@ -60,6 +71,21 @@ class TorchEngine(ExactEngine):
     def _device(self, job: Job) -> str:
         return job.options.get("device") or "cpu"
 
+    def _resident(self, job: Job) -> bool:
+        """Whether the rows stay on the device: the ``resident`` option, or
+        whether they fit ``RESIDENT_SHARE`` of its free memory (always on CPU)."""
+        chosen = job.options.get("resident")
+        if chosen is not None:
+            return chosen
+        device = self._device(job)
+        if not device.startswith("cuda"):
+            return True
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        size = job.corpus.rows.nbytes + (0 if job.self_join else job.queries.rows.nbytes)
+        return size <= RESIDENT_SHARE * free
+
     def _precision(self, job: Job) -> str:
         precision = job.options.get("precision") or "auto"
         if precision == "auto":
@@ -68,7 +94,8 @@ class TorchEngine(ExactEngine):
 
     def make_plan(self, job: Job, order: np.ndarray | None, layout) -> TilePlan:
         """Device plans: products and nominations on the device (:mod:`.plans`)."""
-        options = {"device": self._device(job), "precision": self._precision(job), "k": job.k}
+        options = {"device": self._device(job), "precision": self._precision(job), "k": job.k,
+                   "resident": self._resident(job)}
         corpus, queries = job.corpus, job.queries
         if job.self_join:
             return DeviceSelfJoinPlan(corpus.rows, corpus.norms, block_rows=job.block_rows,
