@@ -220,14 +220,34 @@ def _cluster(args: argparse.Namespace):
                        f"address") from None
 
 
+def _write_parts(result, output: Path) -> None:
+    """Write a result gathered on the client as a parts folder (one part per task block)."""
+    from allknn.writers.parts import MANIFEST, Manifest, write_part
+
+    if (output / MANIFEST).exists():
+        raise CliError(f"{output} holds the output of an earlier run; write to another folder")
+    output.mkdir(parents=True, exist_ok=True)
+    header = {"k": result.k, "n_rows": len(result), "n_corpus": result.n_corpus, "params": result.params}
+    manifest = Manifest(output, {"params": result.params}, header)
+    rows = int(result.params["task_rows"])
+    for block, start in enumerate(range(0, len(result), rows)):
+        stop = min(start + rows, len(result))
+        manifest.add(block, write_part(output, block, start, result.indices[start:stop],
+                                       result.similarities[start:stop], n_corpus=result.n_corpus,
+                                       params=result.params))
+    manifest.save(complete=True)
+
+
 def _cmd_run_on_cluster(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.suffix in OUTPUT_SUFFIXES:
         raise CliError(f"with a cluster the output is a folder of parquet parts; give a folder name, "
                        f"not {output}")
-    if args.method != "exact":
-        raise CliError("the command line runs the exact engine on a cluster; for the approximate one use "
-                       "allknn.neighbors(path, k, client=..., method='approx') from Python")
+    if args.method == "auto":
+        raise CliError("on a cluster, choose --method exact or --method approx")
+    if args.method == "approx" and (args.resume or args.queries is not None):
+        raise CliError("the approximate engine on a cluster runs the self-join in one go: leave --resume and "
+                       "--queries out")
     if args.ids is not None or args.id_column is not None:
         raise CliError("ids are not supported on a cluster yet; the parts hold row numbers")
     started = time.perf_counter()
@@ -237,12 +257,21 @@ def _cmd_run_on_cluster(args: argparse.Namespace) -> int:
             print(f"cluster: {len(client.scheduler_info()['workers'])} worker(s), dashboard "
                   f"{client.dashboard_link}", file=sys.stderr)
         bar, on_tile = _progress(None, args.quiet, "allknn")
-        with bar:
-            allknn.dask_neighbors(args.input, args.k, client=client, queries=args.queries,
-                           max_memory=args.max_memory, invalid=args.invalid,
-                           min_similarity=args.min_similarity, task_rows=args.task_rows,
-                           column=args.column, output=output, resume=args.resume,
-                           on_task=lambda kind, count: on_tile(None, count) if kind == "pair" else None)
+        if args.method == "approx":
+            result = allknn.neighbors(args.input, args.k, client=client, method="approx",
+                                      max_memory=args.max_memory, invalid=args.invalid,
+                                      min_similarity=args.min_similarity, task_rows=args.task_rows)
+            _write_parts(result, output)
+            if not args.quiet:
+                print(f"measured {result.recall}")
+        else:
+            with bar:
+                allknn.dask_neighbors(args.input, args.k, client=client, queries=args.queries,
+                                      max_memory=args.max_memory, invalid=args.invalid,
+                                      min_similarity=args.min_similarity, task_rows=args.task_rows,
+                                      column=args.column, output=output, resume=args.resume,
+                                      on_task=lambda kind, count: on_tile(None, count) if kind == "pair"
+                                      else None)
     finally:
         client.close()
         if cluster is not None:

@@ -292,3 +292,16 @@ def test_by_hand_scheduler_and_workers_survive_a_killed_worker(tmp_path):
         for process in reversed(started):
             process.terminate()
             process.wait(timeout=30)
+
+
+def test_cli_writes_an_approximate_run_as_parts(cluster, client, tmp_path, capsys):
+    X = np.load(REAL).astype(np.float32)
+    np.save(tmp_path / "real.npy", X)
+    want = allknn.neighbors(tmp_path / "real.npy", 10, client=client, method="approx", task_rows=1024)
+    out = tmp_path / "out"
+    assert allknn.cli.main(["run", str(tmp_path / "real.npy"), "-k", "10", "-o", str(out), "--method",
+                            "approx", "--task-rows", "1024", "--scheduler", cluster.scheduler_address]) == 0
+    assert "measured recall@k" in capsys.readouterr().out
+    assert_same_result(allknn.load_result(out), want)
+    assert allknn.cli.main(["run", str(tmp_path / "real.npy"), "-o", str(out), "--method", "approx",
+                            "--scheduler", cluster.scheduler_address]) == 1  # an earlier run's folder
