@@ -20,7 +20,8 @@ from allknn.kernels.topk import key_ids
 MIN_ROWS = 8192
 """Below this the join is too short for ordering to pay."""
 
-_SAMPLE_ROWS = 16384
+SAMPLE_ROWS = 16384
+"""Rows k-means is fitted on at most."""
 _ITERATIONS = 3
 NEAREST_ROWS = 16384
 """Rows per batch when listing the nearest centroids."""
@@ -45,7 +46,7 @@ def _scratch_bytes(sample_rows: int, n_clusters: int, dim: int) -> int:
 def fit_centroids(rows: np.ndarray, n_clusters: int, *, budget: int, seed: int = 0) -> np.ndarray | None:
     """Spherical k-means centroids fitted on a seeded sample of the rows.
 
-    A few Lloyd iterations on at most ``_SAMPLE_ROWS`` rows; the sample
+    A few Lloyd iterations on at most ``SAMPLE_ROWS`` rows; the sample
     shrinks to keep the scratch memory within ``budget``.
 
     Parameters
@@ -66,7 +67,7 @@ def fit_centroids(rows: np.ndarray, n_clusters: int, *, budget: int, seed: int =
         sample of four rows per cluster.
     """
     n, dim = rows.shape
-    sample_rows = min(n, _SAMPLE_ROWS)
+    sample_rows = min(n, SAMPLE_ROWS)
     while sample_rows >= 4 * n_clusters and _scratch_bytes(sample_rows, n_clusters, dim) > budget:
         sample_rows //= 2
     if sample_rows < min(n, 4 * n_clusters):

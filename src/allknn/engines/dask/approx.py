@@ -34,10 +34,11 @@ from allknn import _validate
 from allknn._memory import choose_block_rows, parse_memory, round_block_rows
 from allknn.engines.approx.cells import cell_centroids, n_cells_for
 from allknn.engines.approx.recall import estimate, row_recall
+from allknn.engines.approx.search import RECALL_SAMPLE_ROWS
 from allknn.engines.dask.approx_tasks import assign_task, gather_block_task, probe_group_task, sample_task
 from allknn.engines.dask.run import RETRIES, Input, scan, task_rows_for
 from allknn.engines.dask.tasks import Block, JoinSpec, finish_task, merge_task, pair_task
-from allknn.engines.kmeans import _SAMPLE_ROWS
+from allknn.engines.kmeans import SAMPLE_ROWS
 from allknn.kernels.topk import key_ids, key_similarities
 from allknn.topk.result import TopK
 
@@ -45,10 +46,6 @@ DEFAULT_PROBES = 32
 """Cells searched per row by default: recall 0.94 at k = 10 on 20,000 real
 rows (Debian package embeddings, 282 cells; 16 probes: 0.90), where the
 local engine adds refinement passes to reach 0.95."""
-
-AUDIT_ROWS = 1000
-"""Rows whose recall is measured against exact answers."""
-
 
 def dask_approx_neighbors(X: Any, k: int, *, client, probes: int | None = None, cells: int | None = None,
                           seed: int = 0, max_memory: str | int = "1GB", invalid: str = "raise",
@@ -105,7 +102,7 @@ def _search(client, corpus: Input, k: int, bad: np.ndarray, folder: str, *, prob
     kept_rows = np.setdiff1d(np.arange(n), bad)
     rng = np.random.default_rng(seed)
     # cells, fitted on a sample read by tasks
-    sample = np.sort(rng.choice(kept_rows, min(_SAMPLE_ROWS, kept_rows.size), replace=False))
+    sample = np.sort(rng.choice(kept_rows, min(SAMPLE_ROWS, kept_rows.size), replace=False))
     parts = client.gather([client.submit(sample_task, block, sample, block_rows, pure=False)
                            for block in corpus.blocks])
     sample_rows = np.concatenate([p[0] for p in parts])
@@ -146,7 +143,7 @@ def _search(client, corpus: Input, k: int, bad: np.ndarray, folder: str, *, prob
                                       folder=None, part=b, n_corpus=n, params=params, pure=False))
 
     # audit: exact neighbours of a sample, joined on the cluster
-    audit = np.sort(rng.choice(kept_rows, min(AUDIT_ROWS, kept_rows.size), replace=False))
+    audit = np.sort(rng.choice(kept_rows, min(RECALL_SAMPLE_ROWS, kept_rows.size), replace=False))
     audit_parts = client.gather([client.submit(sample_task, block, audit, block_rows, pure=False)
                                  for block in corpus.blocks])
     audit_rows = np.concatenate([p[0] for p in audit_parts])

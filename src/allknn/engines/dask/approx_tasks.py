@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from allknn.engines.dask.tasks import Block, _normalised, _to_global
+from allknn.engines.dask.tasks import Block, normalised_block, to_global_ids
 from allknn.engines.exact.plans import QueryJoinPlan
 from allknn.engines.kmeans import nearest_centroids
 from allknn.kernels.topk import EMPTY_KEY, key_ids, merge_states, new_state
@@ -27,7 +27,7 @@ from allknn.writers.atomic import atomic_path
 
 def sample_task(block: Block, wanted: np.ndarray, block_rows: int) -> tuple[np.ndarray, np.ndarray]:
     """The normalised kept rows of ``block`` among global rows ``wanted``, and their ids."""
-    rows, _, ids = _normalised(block, None, block_rows)
+    rows, _, ids = normalised_block(block, None, block_rows)
     keep = np.isin(ids, wanted)
     return rows[keep], ids[keep]
 
@@ -47,7 +47,7 @@ def assign_task(block: Block, index: int, centroids: np.ndarray, probes: int, ce
         The groups it wrote corpus and query shards for.
     """
     with threadpool_limits(limits=1, user_api="blas"):
-        rows, norms, ids = _normalised(block, None, block_rows)
+        rows, norms, ids = normalised_block(block, None, block_rows)
         order = (nearest_centroids(rows, centroids, probes) if rows.shape[0]
                  else np.zeros((0, probes), np.int32))
     labels = order[:, 0] if rows.shape[0] else np.zeros(0, np.int32)
@@ -101,7 +101,7 @@ def probe_group_task(group: int, corpus_blocks: list[int], query_blocks: list[in
                                      np.ascontiguousarray(corpus["rows"][members]), queries["norms"][asking],
                                      corpus["norms"][members], block_rows=block_rows)
                 plan.run(state, thresholds, threads=1)
-                keys[asking] = merge_states(keys[asking], _to_global(state, corpus["ids"][members]))
+                keys[asking] = merge_states(keys[asking], to_global_ids(state, corpus["ids"][members]))
     own = key_ids(keys) == queries["ids"][:, None]
     keys[own] = EMPTY_KEY
     keys = np.sort(keys, axis=1)[:, 1:]  # the row itself, or the worst of k + 1

@@ -86,7 +86,7 @@ def scan_block(block: Block, data: np.ndarray | None = None) -> BlockScan:
                      block.start + np.flatnonzero(~finite), digest.hexdigest())
 
 
-def _normalised(block: Block, data: np.ndarray | None, block_rows: int):
+def normalised_block(block: Block, data: np.ndarray | None, block_rows: int):
     """The block's kept rows, unit-normalised, their norms and global ids."""
     raw = _raw(block, data)
     norms = row_norms(raw, block_rows)
@@ -97,7 +97,7 @@ def _normalised(block: Block, data: np.ndarray | None, block_rows: int):
     return rows.rows, rows.norms, block.start + kept
 
 
-def _to_global(keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
+def to_global_ids(keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Replace local candidate ids by ``ids[local]``. ``ids`` increases, so
     the keys keep their order (ties still go to the smaller row number)."""
     present = keys != EMPTY_KEY
@@ -126,21 +126,21 @@ def pair_task(spec: JoinSpec, first: Block, second: Block | None, first_data: np
     tuple of ndarray of shape (kept rows, k), int64
     """
     with threadpool_limits(limits=1, user_api="blas"):
-        rows, norms, ids = _normalised(first, first_data, spec.block_rows)
+        rows, norms, ids = normalised_block(first, first_data, spec.block_rows)
         if query is not None:
-            q_rows, q_norms, _ = _normalised(query, query_data, spec.block_rows)
+            q_rows, q_norms, _ = normalised_block(query, query_data, spec.block_rows)
             keys, thresholds = new_state(q_rows.shape[0], spec.k)
             if rows.shape[0] and q_rows.shape[0]:
                 QueryJoinPlan(q_rows, rows, q_norms, norms, block_rows=spec.block_rows).run(
                     keys, thresholds, threads=spec.threads)
-            return (_to_global(keys, ids),)
+            return (to_global_ids(keys, ids),)
         if second is None:
             keys, thresholds = new_state(rows.shape[0], spec.k)
             if rows.shape[0]:
                 SelfJoinPlan(rows, norms, block_rows=spec.block_rows, skip_self=spec.skip_self).run(
                     keys, thresholds, threads=spec.threads)
-            return (_to_global(keys, ids),)
-        other, other_norms, other_ids = _normalised(second, second_data, spec.block_rows)
+            return (to_global_ids(keys, ids),)
+        other, other_norms, other_ids = normalised_block(second, second_data, spec.block_rows)
         if floors is None:
             keys, thresholds = new_state(rows.shape[0] + other.shape[0], spec.k)
         else:
@@ -148,7 +148,7 @@ def pair_task(spec: JoinSpec, first: Block, second: Block | None, first_data: np
         if rows.shape[0] and other.shape[0]:
             PairPlan(rows, other, norms, other_norms, block_rows=spec.block_rows).run(
                 keys, thresholds, threads=spec.threads)
-        keys = _to_global(without_placeholders(keys), np.concatenate([ids, other_ids]))
+        keys = to_global_ids(without_placeholders(keys), np.concatenate([ids, other_ids]))
         return keys[: rows.shape[0]], keys[rows.shape[0] :]
 
 
