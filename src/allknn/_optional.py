@@ -7,7 +7,7 @@ from pathlib import Path
 from types import ModuleType
 
 _EXTRA = {"pyarrow": "parquet", "pyarrow.parquet": "parquet", "h5py": "hdf5", "distributed": "dask",
-          "networkx": "graph", "matplotlib": "report"}
+          "networkx": "graph", "matplotlib": "report", "zarr": "zarr"}
 
 
 def optional(module: str, purpose: str) -> ModuleType:

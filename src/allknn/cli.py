@@ -220,22 +220,39 @@ def _cluster(args: argparse.Namespace):
                        f"address") from None
 
 
-def _write_parts(result, output: Path) -> None:
+def _write_parts(result, output: Path, ids) -> None:
     """Write a result gathered on the client as a parts folder (one part per task block)."""
-    from allknn.writers.parts import MANIFEST, Manifest, write_part
+    from allknn.writers.parts import MANIFEST, Manifest, PartLabels, write_part
 
     if (output / MANIFEST).exists():
         raise CliError(f"{output} holds the output of an earlier run; write to another folder")
+    labels = PartLabels.check(ids, None, n_corpus=result.n_corpus, n_rows=len(result), self_join=True)
     output.mkdir(parents=True, exist_ok=True)
-    header = {"k": result.k, "n_rows": len(result), "n_corpus": result.n_corpus, "params": result.params}
-    manifest = Manifest(output, {"params": result.params}, header)
+    header = {"k": result.k, "n_rows": len(result), "n_corpus": result.n_corpus, "params": result.params,
+              "labels": labels.columns}
+    manifest = Manifest(output, {"params": result.params, "labels": labels.digests}, header)
+    labels.write(output)
     rows = int(result.params["task_rows"])
     for block, start in enumerate(range(0, len(result), rows)):
         stop = min(start + rows, len(result))
         manifest.add(block, write_part(output, block, start, result.indices[start:stop],
                                        result.similarities[start:stop], n_corpus=result.n_corpus,
-                                       params=result.params))
+                                       params=result.params, n_rows=len(result), labels=labels.columns))
     manifest.save(complete=True)
+
+
+def _cluster_ids(args: argparse.Namespace):
+    """The ids of the approximate engine's parts: --ids, or --id-column of the parquet input."""
+    if args.ids is not None and args.id_column is not None:
+        raise CliError("give ids either with --id-column or with --ids, not both")
+    if args.id_column is None:
+        return args.ids
+    from allknn.readers.sources import ParquetSource, open_source
+
+    source = open_source(args.input, column=args.column)
+    if not isinstance(source, ParquetSource):
+        raise CliError(f"--id-column reads a column of parquet files, and {args.input} is not; use --ids")
+    return source.read_ids(args.id_column)
 
 
 def _cmd_run_on_cluster(args: argparse.Namespace) -> int:
@@ -248,8 +265,6 @@ def _cmd_run_on_cluster(args: argparse.Namespace) -> int:
     if args.method == "approx" and (args.resume or args.queries is not None):
         raise CliError("the approximate engine on a cluster runs the self-join in one go: leave --resume and "
                        "--queries out")
-    if args.ids is not None or args.id_column is not None:
-        raise CliError("ids are not supported on a cluster yet; the parts hold row numbers")
     started = time.perf_counter()
     client, cluster = _cluster(args)
     try:
@@ -258,10 +273,13 @@ def _cmd_run_on_cluster(args: argparse.Namespace) -> int:
                   f"{client.dashboard_link}", file=sys.stderr)
         bar, on_tile = _progress(None, args.quiet, "allknn")
         if args.method == "approx":
-            result = allknn.neighbors(args.input, args.k, client=client, method="approx",
-                                      max_memory=args.max_memory, invalid=args.invalid,
-                                      min_similarity=args.min_similarity, task_rows=args.task_rows)
-            _write_parts(result, output)
+            from allknn.engines.dask.approx import dask_approx_neighbors
+
+            ids = _cluster_ids(args)
+            result = dask_approx_neighbors(args.input, args.k, client=client, max_memory=args.max_memory,
+                                           invalid=args.invalid, min_similarity=args.min_similarity,
+                                           task_rows=args.task_rows, column=args.column)
+            _write_parts(result, output, ids)
             if not args.quiet:
                 print(f"measured {result.recall}")
         else:
@@ -270,6 +288,7 @@ def _cmd_run_on_cluster(args: argparse.Namespace) -> int:
                                       max_memory=args.max_memory, invalid=args.invalid,
                                       min_similarity=args.min_similarity, task_rows=args.task_rows,
                                       column=args.column, output=output, resume=args.resume,
+                                      ids=args.ids, id_column=args.id_column,
                                       on_task=lambda kind, count: on_tile(None, count) if kind == "pair"
                                       else None)
     finally:
@@ -331,9 +350,12 @@ def _cmd_info_on_cluster(args: argparse.Namespace) -> int:
 
 
 def _stored_ids(path: str) -> object:
-    """The ids a parquet result keeps (None for other results, or row numbers)."""
+    """The ids a parquet result or a parts folder keeps (None for other results, or row numbers)."""
     from allknn.writers.neighbor_table import stored_ids
+    from allknn.writers.parts import folder_labels
 
+    if Path(path).is_dir():
+        return folder_labels(path)["neighbor_id"]
     return stored_ids(path) if Path(path).suffix.lower() == ".parquet" else None
 
 

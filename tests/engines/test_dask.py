@@ -95,6 +95,25 @@ def test_parquet_folder_and_dask_array_sources(client, tmp_path, data):
                                         task_rows=192), local)
 
 
+def test_zarr_arrays_and_groups(client, tmp_path, data):
+    zarr = pytest.importorskip("zarr")
+    local = allknn.neighbors(data, 5, invalid="drop")
+    array = zarr.create_array(str(tmp_path / "x.zarr"), shape=data.shape, chunks=(300, 20), dtype="f4")
+    array[:] = data
+    assert_same_result(allknn.neighbors(tmp_path / "x.zarr", 5, client=client, task_rows=256, invalid="drop"),
+                       local)
+    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    group.create_array("emb", shape=data.shape, chunks=(500, 20), dtype="f8")[:] = data.astype(np.float64)
+    group.create_array("other", shape=(3, 2), dtype="i4")
+    with pytest.raises(ValueError, match=r"holds the arrays \['emb', 'other'\]; name one with column="):
+        allknn.neighbors(tmp_path / "g.zarr", 5, client=client)
+    remote = allknn.dask_neighbors(tmp_path / "g.zarr", 5, client=client, task_rows=320, invalid="drop",
+                                   column="emb")
+    assert_same_result(remote, allknn.neighbors(data.astype(np.float64), 5, invalid="drop"))
+    with pytest.raises(ValueError, match="holds int32 values; store the embeddings as float16"):
+        allknn.dask_neighbors(tmp_path / "g.zarr", 5, client=client, column="other")
+
+
 def test_bad_input_gets_the_local_messages(client, npy, data, tmp_path):
     with pytest.raises(ValueError) as local:
         allknn.neighbors(data, 3)
@@ -183,6 +202,68 @@ def test_parts_folder_reads_as_one_table_and_resumes(client, npy, data, tmp_path
     present = local.indices >= 0
     assert len(table) == present.sum()
     assert sorted(table["id"].unique()) == sorted(np.flatnonzero(present.any(axis=1)))
+
+
+def test_parts_hold_the_ids_as_the_local_parquet_file_does(client, npy, data, tmp_path):
+    import pandas as pd
+
+    labels = np.array([f"item-{i:05d}" for i in np.random.default_rng(5).permutation(data.shape[0])])
+    local = allknn.neighbors(data, 6, invalid="drop")
+    local.save(tmp_path / "local.parquet", ids=labels)
+    allknn.dask_neighbors(npy, 6, client=client, task_rows=256, invalid="drop", output=tmp_path / "out",
+                          ids=labels)
+    expected = pd.read_parquet(tmp_path / "local.parquet")
+    assert expected["id"].iloc[0].startswith("item-") and len(expected) == (local.indices >= 0).sum()
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "out"), expected)
+    assert_same_result(allknn.load_result(tmp_path / "out"), local)
+    with pytest.raises(ValueError, match=r"different run \(labels: the folder has"):
+        allknn.dask_neighbors(npy, 6, client=client, task_rows=256, invalid="drop", output=tmp_path / "out",
+                              ids=labels[::-1], resume=True)
+
+    Q = data[::3] + np.float32(0.5)
+    np.save(tmp_path / "q.npy", Q)
+    query_labels = 10_000 + np.arange(Q.shape[0]) * 7
+    local = allknn.neighbors(data, 4, queries=Q, invalid="drop")
+    local.save(tmp_path / "local_q.parquet", ids=labels, query_ids=query_labels)
+    allknn.dask_neighbors(npy, 4, queries=tmp_path / "q.npy", client=client, task_rows=192, invalid="drop",
+                          output=tmp_path / "out_q", ids=labels, query_ids=query_labels)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "out_q"),
+                                  pd.read_parquet(tmp_path / "local_q.parquet"))
+    assert_same_result(allknn.load_result(tmp_path / "out_q"), local)
+
+    with pytest.raises(ValueError, match=r"without output= the result holds row numbers"):
+        allknn.dask_neighbors(npy, 4, client=client, ids=labels)
+    with pytest.raises(ValueError, match="ids has 10 entries but the matrix has 1500 rows"):
+        allknn.dask_neighbors(npy, 4, client=client, output=tmp_path / "o", ids=labels[:10])
+    with pytest.raises(ValueError, match="id_column= reads a column of parquet files"):
+        allknn.dask_neighbors(npy, 4, client=client, output=tmp_path / "o", id_column="n")
+
+
+def test_cli_takes_the_id_column_of_a_parquet_folder(cluster, tmp_path, data):
+    import pandas as pd
+
+    clean = np.nan_to_num(data, nan=1.0)
+    clean[7] = 1.0
+    folder = _parquet_folder(tmp_path / "emb", clean, parts=3)
+    for path in sorted(folder.glob("*.parquet")):  # the id column "n" holds 0, 1, ... per file
+        table = pq.read_table(path)
+        pq.write_table(table.set_column(1, "n", pa.array(table["n"].to_numpy() * 3 + 1)), path)
+    labels = np.arange(clean.shape[0]) * 3 + 1
+    local = allknn.neighbors(clean, 5)
+    local.save(tmp_path / "local.parquet", ids=labels)
+    for method in ("exact", "approx"):
+        out = tmp_path / f"out-{method}"
+        assert allknn.cli.main(["run", str(folder), "-k", "5", "-o", str(out), "--scheduler",
+                                cluster.scheduler_address, "--id-column", "n", "--column", "emb",
+                                "--method", method, "--task-rows", "512", "-q"]) == 0
+        table = pd.read_parquet(out)
+        result = allknn.load_result(out)  # row numbers again, through the folder's labels
+        rows, ranks = np.nonzero(result.indices >= 0)
+        np.testing.assert_array_equal(table["id"], labels[rows])
+        np.testing.assert_array_equal(table["neighbor_id"], labels[result.indices[rows, ranks]])
+        if method == "exact":
+            pd.testing.assert_frame_equal(table, pd.read_parquet(tmp_path / "local.parquet"))
+            assert_same_result(result, local)
 
 
 def test_cli_on_a_scheduler_resumes_after_the_client_is_killed(cluster, tmp_path):

@@ -71,16 +71,30 @@ def read_parquet(
         matrix = _read_float_columns(parquet, columns, n_rows, source)
     ids = None
     if id_column is not None:
-        values = parquet.read(columns=[id_column]).column(0)
-        if values.null_count:
-            first = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
-            raise ValueError(
-                f"id column {id_column!r} of {path} has {values.null_count} null(s) (first at row {first}); "
-                f"every row needs an id"
-            )
-        name = f"id column {id_column!r} of {path}"
-        ids = read_ids(values.to_numpy(zero_copy_only=False), n_rows, name=name)
+        ids = read_ids(parquet_id_values(path, id_column), n_rows, name=f"id column {id_column!r} of {path}")
     return matrix, ids, source
+
+
+def parquet_id_values(path: Path, id_column: str) -> np.ndarray:
+    """The values of ``id_column`` of one parquet file, unchecked for uniqueness.
+
+    Raises
+    ------
+    ValueError
+        No such column, or a null id (naming its row).
+    """
+    parquet = open_parquet(path)
+    if id_column not in parquet.schema_arrow.names:
+        raise ValueError(f"{path} has no column {id_column!r}; its columns are: "
+                         f"{', '.join(parquet.schema_arrow.names)}")
+    values = parquet.read(columns=[id_column]).column(0)
+    if values.null_count:
+        first = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
+        raise ValueError(
+            f"id column {id_column!r} of {path} has {values.null_count} null(s) (first at row {first}); "
+            f"every row needs an id"
+        )
+    return values.to_numpy(zero_copy_only=False)
 
 
 def parquet_row_count(path: Path) -> int:

@@ -4,7 +4,8 @@ A source is a small, picklable description of where the rows are (paths,
 shape), never the rows themselves: a task reads its block where it runs, so
 a lost worker loses no data and the client reads no rows. Blocks are row
 ranges of the whole source; a folder or glob of parquet files is one source
-whose rows are the files' rows in file-name order.
+whose rows are the files' rows in file-name order, and a zarr array is
+read chunk-aligned where the blocks fall.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from allknn.readers.parquet import parquet_row_count, read_parquet_rows
-
-SOURCE_SUFFIXES = (".npy", ".parquet")
+from allknn._optional import optional
+from allknn.readers.ids import read_ids
+from allknn.readers.parquet import parquet_id_values, parquet_row_count, read_parquet_rows
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,77 @@ class ParquetSource:
         return self.paths[0] if len(self.paths) == 1 else f"{len(self.paths)} parquet files under " \
             f"{os.path.commonpath(self.paths)}"
 
+    def read_ids(self, id_column: str) -> np.ndarray:
+        """The values of ``id_column`` over all files, one unique id per row.
 
-RowSource = NpySource | ParquetSource
+        Raises
+        ------
+        ValueError
+            A file without the column, a null id, or a repeated id.
+        """
+        values = [parquet_id_values(Path(path), id_column) for path in self.paths]
+        return read_ids(np.concatenate(values), self.shape[0], name=f"id column {id_column!r} of "
+                        f"{self.describe()}")
+
+
+@dataclass(frozen=True)
+class ZarrSource:
+    """A 2-D zarr array (format 2 or 3), in a store folder or inside a group."""
+
+    path: str
+    array: str | None
+    """The array's path inside the group at ``path`` (None: ``path`` is the array)."""
+    shape: tuple[int, int]
+    dtype: str
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop``, shape (stop - start, d), as stored."""
+        return np.asarray(_open_zarr(self.path, self.array)[start:stop])
+
+    def describe(self) -> str:
+        return self.path if self.array is None else f"{self.path} (array {self.array})"
+
+
+RowSource = NpySource | ParquetSource | ZarrSource
+
+
+def _is_zarr(path: Path) -> bool:
+    return path.is_dir() and (path.suffix.lower() == ".zarr" or (path / "zarr.json").is_file()
+                              or (path / ".zarray").is_file() or (path / ".zgroup").is_file())
+
+
+def _open_zarr(path: str, array: str | None):
+    zarr = optional("zarr", "reading zarr arrays")
+    node = zarr.open(path, mode="r")
+    return node if array is None else node[array]
+
+
+def _zarr_source(path: Path, array: str | None, name: str) -> ZarrSource:
+    """Describe the zarr array at ``path`` (an array, or a group holding ``array``)."""
+    zarr = optional("zarr", "reading zarr arrays")
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception as exc:  # zarr raises its own types for unreadable metadata
+        raise ValueError(f"{path} cannot be read as a zarr store ({exc}); check the store") from None
+    if isinstance(node, zarr.Group):
+        arrays = sorted(key for key, value in node.arrays())
+        if array is None:
+            if len(arrays) != 1:
+                raise ValueError(f"the zarr group {path} holds the arrays {arrays}; name one with column= "
+                                 f"(--column)")
+            array = arrays[0]
+        elif array not in arrays:
+            raise ValueError(f"the zarr group {path} has no array {array!r}; it holds {arrays}")
+        node = node[array]
+    elif array is not None:
+        raise ValueError(f"{path} is a zarr array, not a group; leave out column=")
+    if node.ndim != 2 or 0 in node.shape:
+        raise ValueError(f"{name} at {path} has shape {node.shape}; it needs rows x dimensions, both > 0")
+    if np.dtype(node.dtype).kind != "f":
+        raise ValueError(f"{name} at {path} holds {node.dtype} values; store the embeddings as float16, "
+                         f"float32 or float64")
+    return ZarrSource(str(path.resolve()), array, (int(node.shape[0]), int(node.shape[1])),
+                      np.dtype(node.dtype).str)
 
 
 def open_source(source: str | os.PathLike[str], *, column: str | None = None, name: str = "X") -> RowSource:
@@ -74,12 +144,12 @@ def open_source(source: str | os.PathLike[str], *, column: str | None = None, na
     Parameters
     ----------
     source : path-like
-        A ``.npy`` file, a ``.parquet`` file, a folder of ``.parquet`` files
-        or a glob of them; every worker must be able to read it at the same
-        path.
+        A ``.npy`` file, a zarr store (an array, or a group with one), a
+        ``.parquet`` file, a folder of ``.parquet`` files or a glob of them;
+        every worker must be able to read it at the same path.
     column : str, optional
         The parquet embedding column (default: the only list column, else
-        every float column).
+        every float column), or the array of a zarr group.
     name : str
         ``"X"`` or ``"queries"``, for messages.
 
@@ -103,6 +173,8 @@ def open_source(source: str | os.PathLike[str], *, column: str | None = None, na
             raise ValueError(f"{name} at {path} has shape {array.shape}; it needs rows x dimensions, "
                              f"both > 0")
         return NpySource(str(path.resolve()), (int(array.shape[0]), int(array.shape[1])), array.dtype.str)
+    if _is_zarr(path):
+        return _zarr_source(path, column, name)
     if path.is_dir():
         files = sorted(str(p) for p in path.glob("*.parquet"))
     elif any(char in text for char in "*?["):
@@ -110,8 +182,8 @@ def open_source(source: str | os.PathLike[str], *, column: str | None = None, na
     elif path.is_file() and path.suffix.lower() == ".parquet":
         files = [text]
     elif path.exists():
-        raise ValueError(f"{name}={text!r}: a cluster reads .npy files, .parquet files, folders or globs of "
-                         f".parquet files, or a dask array; convert it to .npy")
+        raise ValueError(f"{name}={text!r}: a cluster reads .npy files, zarr arrays, .parquet files, folders "
+                         f"or globs of .parquet files, or a dask array; convert it to .npy")
     else:
         raise FileNotFoundError(f"no such file or folder: {text}; every worker must read {name} at this path")
     if not files:

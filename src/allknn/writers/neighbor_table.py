@@ -80,8 +80,9 @@ class ParquetNeighborWriter:
     ids : sequence of length n_corpus, optional
         Corpus labels for ``neighbor_id``, and for ``id`` in a self-join
         (``params["self_join"]``, as in :meth:`TopK.to_pandas`). Default:
-        row numbers.
-    query_ids : sequence of length n_rows, optional
+        row numbers. A ``pyarrow.Array`` is taken as already checked (the
+        parts writer passes the labels it checked once for all parts).
+    query_ids : sequence of length n_rows (``part_of``), optional
         Query labels for ``id`` (default: row numbers, or ``ids`` in a
         self-join).
     min_similarity : float, optional
@@ -95,6 +96,10 @@ class ParquetNeighborWriter:
         Query row number of this file's row 0, when it holds one part of a
         larger result (row-number ``id`` values are offset by it; see
         :mod:`allknn.writers.parts`).
+    part_of : int, optional
+        The larger result's rows, when this file is one of its parts: the
+        query labels are those of all its rows, and no labels are kept in
+        the file (the parts folder keeps them once).
 
     Raises
     ------
@@ -119,6 +124,7 @@ class ParquetNeighborWriter:
         params: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
         first_row: int = 0,
+        part_of: int | None = None,
     ):
         pa = optional("pyarrow", "writing .parquet files")
         pq = optional("pyarrow.parquet", "writing .parquet files")
@@ -126,32 +132,37 @@ class ParquetNeighborWriter:
             if ids is None:
                 raise ValueError("pass n_corpus= (the number of corpus rows) or ids= to the parquet writer")
             n_corpus = len(ids)
-        corpus = None if ids is None else _arrow_labels(read_ids(ids, n_corpus, name="ids"))
+        corpus = _checked_labels(ids, n_corpus, "ids")
         if n_rows is None:
             n_rows = n_corpus if query_ids is None else len(query_ids)
+        all_rows = n_rows if part_of is None else int(part_of)
+        if part_of is not None and first_row + n_rows > all_rows:
+            raise ValueError(f"rows {first_row}..{first_row + n_rows - 1} are not part of a result of "
+                             f"{all_rows} rows")
         params = params or {}
         if query_ids is not None:
-            queries, query_source = _arrow_labels(read_ids(query_ids, n_rows, name="query_ids")), "query_ids"
+            queries, query_source = _checked_labels(query_ids, all_rows, "query_ids"), "query_ids"
         elif corpus is not None and params.get("self_join", False):
-            if n_rows != n_corpus:
-                raise ValueError(f"a self-join has as many rows as the corpus, got {n_rows} and {n_corpus}")
+            if all_rows != n_corpus:
+                raise ValueError(f"a self-join has as many rows as the corpus, got {all_rows} and {n_corpus}")
             queries, query_source = corpus, "ids"
         else:
             queries, query_source = None, None
+        file_metadata: dict[bytes, bytes] = {}
+        keep = part_of is None  # a part's labels are kept once by its folder
         self.path = Path(path)
         self.k, self.n_rows, self.n_corpus = int(k), int(n_rows), int(n_corpus)
         self._min_similarity = min_similarity
         self._corpus, self._queries = corpus, queries
         self._first_row = int(first_row)
 
-        file_metadata: dict[bytes, bytes] = {}
         header = {
             "format": FORMAT, "k": self.k, "n_rows": self.n_rows, "n_corpus": self.n_corpus,
             "min_similarity": min_similarity, "params": params, "metadata": metadata,
             **({"first_row": int(first_row)} if first_row else {}),
             "labels": {
-                "id": _label_spec(queries, query_source, file_metadata),
-                "neighbor_id": _label_spec(corpus, "ids", file_metadata),
+                "id": _label_spec(queries, query_source, file_metadata, keep=keep),
+                "neighbor_id": _label_spec(corpus, "ids", file_metadata, keep=keep),
             },
         }
         file_metadata[HEADER_KEY] = dumps(header).encode()
@@ -336,7 +347,8 @@ def read_neighbor_table(
     return TopK(indices=indices, similarities=similarities, n_corpus=n_corpus, params=header["params"])
 
 
-def _arrow_labels(labels: np.ndarray) -> pa.Array:
+def arrow_labels(labels: np.ndarray) -> pa.Array:
+    """Checked labels (:func:`allknn.readers.read_ids`) as an Arrow array: int64 or large strings."""
     import pyarrow as pa
 
     return pa.array(labels, type=pa.int64() if labels.dtype.kind == "i" else pa.large_string())
@@ -349,7 +361,7 @@ def _take(labels: pa.Array | None, positions: np.ndarray) -> pa.Array:
     return positions if labels is None else labels.take(positions)
 
 
-def _digest(labels: pa.Array) -> str:
+def labels_digest(labels: pa.Array) -> str:
     """Hash of the labels' values and order (independent of the pyarrow version)."""
     import pyarrow as pa
 
@@ -364,16 +376,30 @@ def _digest(labels: pa.Array) -> str:
     return digest.hexdigest()
 
 
+def _checked_labels(labels: Labels | pa.Array | None, n_rows: int, name: str) -> pa.Array | None:
+    """Labels as an Arrow array, checked (one unique label per row) unless they already are one."""
+    import pyarrow as pa
+
+    if labels is None:
+        return None
+    if isinstance(labels, pa.Array):
+        if len(labels) != n_rows:
+            raise ValueError(f"{name} has {len(labels)} entries but the result has {n_rows} rows")
+        return labels
+    return arrow_labels(read_ids(labels, n_rows, name=name))
+
+
 def _label_spec(
-    labels: pa.Array | None, source: str | None, file_metadata: dict[bytes, bytes]
+    labels: pa.Array | None, source: str | None, file_metadata: dict[bytes, bytes], *, keep: bool
 ) -> dict[str, Any] | None:
-    """Header entry of one label column; keeps the labels in ``file_metadata`` when small enough."""
+    """Header entry of one label column; with ``keep``, keeps the labels in
+    ``file_metadata`` when small enough."""
     import pyarrow as pa
 
     if labels is None:
         return None
     key = f"allknn.{source}".encode()
-    if key not in file_metadata:
+    if keep and key not in file_metadata:
         sink = pa.BufferOutputStream()
         batch = pa.record_batch([labels], names=["label"])
         options = pa.ipc.IpcWriteOptions(compression="zstd")
@@ -382,7 +408,8 @@ def _label_spec(
         encoded = base64.b64encode(sink.getvalue().to_pybytes())
         if len(encoded) <= INLINE_LABELS_LIMIT:
             file_metadata[key] = encoded
-    return {"labels": source, "digest": _digest(labels), "stored": key in file_metadata}
+    digest = labels_digest(labels) if keep else None
+    return {"labels": source, "digest": digest, "stored": key in file_metadata}
 
 
 def _positions(
@@ -399,17 +426,20 @@ def _positions(
     if spec is None:
         return column.to_numpy()
     name = spec["labels"]
+    if spec["digest"] is None:
+        raise ValueError(f"{path} is one part of a parts folder, whose labels the folder keeps; read the "
+                         f"folder with load_result")
     if spec["stored"]:
         encoded = metadata[f"allknn.{name}".encode()]
         labels = pa.ipc.open_stream(base64.b64decode(encoded)).read_all().column(0).combine_chunks()
     elif given[name][0] is not None:
-        labels = _arrow_labels(read_ids(*given[name], name=name))
+        labels = arrow_labels(read_ids(*given[name], name=name))
     else:
         raise ValueError(
             f"{path} lists neighbours by id, and its {name} were too many to keep in the file; "
             f"pass {name}= (the ids it was written with) to load_result"
         )
-    if _digest(labels) != spec["digest"]:
+    if labels_digest(labels) != spec["digest"]:
         raise ValueError(
             f"the {name} do not match those {path} was written with (same values in the same order "
             f"are needed to rebuild row numbers)"

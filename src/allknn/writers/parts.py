@@ -4,12 +4,19 @@ Layout
 ------
 ``part-000000.parquet``, ... : neighbour tables (see
 :mod:`allknn.writers.neighbor_table`) of consecutive row blocks, each with
-row-number ``id`` values of the whole result; each appears only when
-complete (atomic rename).
+the ``id`` values of the whole result (row numbers, or labels); each
+appears only when complete (atomic rename).
+
+``_ids.arrow``, ``_query_ids.arrow`` : the labels of the corpus rows and
+of the query rows, when the parts hold labels instead of row numbers: an
+uncompressed Arrow IPC file each, written once before any part, so that
+the task writing a part memory-maps it and reads only the labels it
+needs.
 
 ``_manifest.json`` : the format, the run's fingerprint (input digests and
-parameters), ``k``, ``n_rows``, ``n_corpus``, the run's ``params`` and the
-finished parts (file, first row, rows). It is rewritten atomically after
+parameters), ``k``, ``n_rows``, ``n_corpus``, the run's ``params``, which labels
+each id column holds (``labels``) and the finished parts (file, first
+row, rows). It is rewritten atomically after
 each part, so a killed run leaves a manifest naming only complete parts,
 and a resumed run skips exactly those. Its name starts with ``_`` so that
 parquet readers (``pandas.read_parquet(folder)``) skip it and read the
@@ -20,19 +27,25 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from allknn._optional import open_parquet
+from allknn.readers.ids import read_ids
 from allknn.topk.result import TopK
 from allknn.writers.atomic import atomic_path
 from allknn.writers.json_text import dumps
-from allknn.writers.neighbor_table import ParquetNeighborWriter
+from allknn.writers.neighbor_table import ParquetNeighborWriter, arrow_labels, labels_digest
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 MANIFEST = "_manifest.json"
 FORMAT = "allknn.parts/1"
+LABEL_FILES = {"ids": "_ids.arrow", "query_ids": "_query_ids.arrow"}
 
 
 def part_name(block: int) -> str:
@@ -40,8 +53,80 @@ def part_name(block: int) -> str:
     return f"part-{block:06d}.parquet"
 
 
+@dataclass(frozen=True)
+class PartLabels:
+    """The labels a parts folder's id columns hold, checked once on the client.
+
+    Attributes
+    ----------
+    arrays : dict
+        ``"ids"`` (corpus labels) and/or ``"query_ids"``, as Arrow arrays.
+    columns : dict
+        Which of them the ``id`` and ``neighbor_id`` columns hold (None:
+        row numbers), as :func:`write_part` takes it.
+    """
+
+    arrays: dict[str, pa.Array]
+    columns: dict[str, str | None]
+
+    @classmethod
+    def check(cls, ids: Any, query_ids: Any, *, n_corpus: int, n_rows: int, self_join: bool) -> PartLabels:
+        """Check the labels (one unique label per row) and say which column holds which.
+
+        Raises
+        ------
+        ValueError, TypeError
+            As :func:`allknn.readers.read_ids`; ``query_ids`` in a self-join.
+        """
+        if self_join and query_ids is not None:
+            raise ValueError("query_ids label the rows of queries=; a self-join takes ids= only")
+        arrays = {}
+        if ids is not None:
+            arrays["ids"] = arrow_labels(read_ids(ids, n_corpus, name="ids"))
+        if query_ids is not None:
+            arrays["query_ids"] = arrow_labels(read_ids(query_ids, n_rows, name="query_ids"))
+        query_column = "query_ids" if query_ids is not None else ("ids" if self_join and ids is not None
+                                                                  else None)
+        return cls(arrays, {"id": query_column, "neighbor_id": "ids" if ids is not None else None})
+
+    @property
+    def digests(self) -> dict[str, str]:
+        """A digest of each label set (values and order), for the run's fingerprint."""
+        return {name: labels_digest(labels) for name, labels in self.arrays.items()}
+
+    def write(self, folder: str | os.PathLike[str]) -> None:
+        """Keep each label set in the folder (uncompressed Arrow IPC), atomically."""
+        import pyarrow as pa
+
+        for name, labels in self.arrays.items():
+            with atomic_path(Path(folder) / LABEL_FILES[name]) as tmp, pa.OSFile(str(tmp), "wb") as sink:
+                table = pa.table({"label": labels})
+                with pa.ipc.new_file(sink, table.schema) as writer:
+                    writer.write_table(table)
+
+
+def read_labels(folder: str | os.PathLike[str], name: str) -> pa.Array:
+    """The labels ``name`` (``"ids"``, ``"query_ids"``) of a parts folder,
+    memory-mapped (reading touches only the labels used).
+
+    Raises
+    ------
+    ValueError
+        If the file is missing or unreadable.
+    """
+    import pyarrow as pa
+
+    path = Path(folder) / LABEL_FILES[name]
+    try:
+        return pa.ipc.open_file(pa.memory_map(str(path))).read_all().column(0).combine_chunks()
+    except (OSError, pa.ArrowException) as exc:
+        raise ValueError(f"{path} cannot be read ({exc}); the folder is incomplete: run again with "
+                         f"--resume") from None
+
+
 def write_part(folder: str | os.PathLike[str], block: int, first_row: int, indices: np.ndarray,
-               similarities: np.ndarray, *, n_corpus: int, params: dict[str, Any]) -> dict[str, int | str]:
+               similarities: np.ndarray, *, n_corpus: int, params: dict[str, Any], n_rows: int,
+               labels: dict[str, str | None] | None = None) -> dict[str, int | str]:
     """Write one row block's neighbours as its part, atomically.
 
     Parameters
@@ -57,15 +142,25 @@ def write_part(folder: str | os.PathLike[str], block: int, first_row: int, indic
     n_corpus : int
     params : dict
         The run's parameters.
+    n_rows : int
+        Rows of the whole result.
+    labels : dict, optional
+        Which labels of the folder (:attr:`PartLabels.columns`) the ``id``
+        and ``neighbor_id`` columns hold (default: row numbers).
 
     Returns
     -------
     dict
         The manifest entry: ``file``, ``first_row``, ``rows``.
     """
+    labels = labels or {}
+    query_labels, corpus_labels = labels.get("id"), labels.get("neighbor_id")
+    ids = None if corpus_labels is None else read_labels(folder, corpus_labels)
+    query_ids = read_labels(folder, query_labels) if query_labels not in (None, "ids") else None
     name = part_name(block)
     with ParquetNeighborWriter(Path(folder) / name, k=indices.shape[1], n_rows=indices.shape[0],
-                               n_corpus=n_corpus, params=params, first_row=first_row) as writer:
+                               n_corpus=n_corpus, ids=ids, query_ids=query_ids, params=params,
+                               first_row=first_row, part_of=n_rows) as writer:
         writer.write_block(0, indices, similarities)
     return {"file": name, "first_row": int(first_row), "rows": int(indices.shape[0])}
 
@@ -143,19 +238,23 @@ def read_parts(folder: str | os.PathLike[str]) -> TopK:
                          f"allknn run with a cluster")
     manifest = _read(path)
     n_rows, k, n_corpus = manifest["n_rows"], manifest["k"], manifest["n_corpus"]
+    labels = {column: None if name is None else read_labels(folder, name)
+              for column, name in manifest.get("labels", {}).items()}
     indices = np.full((n_rows, k), -1, dtype=np.int64)
     similarities = np.full((n_rows, k), np.nan, dtype=np.float32)
     covered = np.zeros(n_rows, dtype=bool)
     for entry in manifest["parts"].values():
         first, rows = entry["first_row"], entry["rows"]
         table = open_parquet(folder / entry["file"]).read(columns=["id", "neighbor_id", "rank", "similarity"])
-        ids = table.column("id").to_numpy()
+        part = folder / entry["file"]
+        ids = _row_numbers(table.column("id"), labels.get("id"), part)
         ranks = table.column("rank").to_numpy().astype(np.int64) - 1
+        neighbours = _row_numbers(table.column("neighbor_id"), labels.get("neighbor_id"), part)
         outside = ids.size and (ids.min() < first or ids.max() >= first + rows or ranks.min() < 0
                                 or ranks.max() >= k)
         if outside:
             raise ValueError(f"{folder / entry['file']} holds rows outside its manifest entry; it is corrupt")
-        indices[ids, ranks] = table.column("neighbor_id").to_numpy()
+        indices[ids, ranks] = neighbours
         similarities[ids, ranks] = table.column("similarity").to_numpy()
         covered[first : first + rows] = True
     if not covered.all():
@@ -163,6 +262,25 @@ def read_parts(folder: str | os.PathLike[str]) -> TopK:
         raise ValueError(f"{folder} is unfinished: rows {missing[0]}..{missing[-1]} have no part yet; run "
                          f"the same command again with --resume to finish it")
     return TopK(indices=indices, similarities=similarities, n_corpus=n_corpus, params=manifest["params"])
+
+
+def folder_labels(folder: str | os.PathLike[str]) -> dict[str, np.ndarray | None]:
+    """The labels of a parts folder's ``id`` and ``neighbor_id`` columns (None: row numbers)."""
+    manifest = _read(Path(folder) / MANIFEST)
+    return {column: None if name is None else read_labels(folder, name).to_numpy(zero_copy_only=False)
+            for column, name in manifest.get("labels", {"id": None, "neighbor_id": None}).items()}
+
+
+def _row_numbers(column: pa.ChunkedArray, labels: pa.Array | None, path: Path) -> np.ndarray:
+    """Row numbers of an id column: the column itself, or each label's place among ``labels``."""
+    import pyarrow.compute as pc
+
+    if labels is None:
+        return column.to_numpy()
+    positions = pc.index_in(column, value_set=labels)
+    if positions.null_count:
+        raise ValueError(f"{path} has ids that are not among its folder's labels; it is corrupt")
+    return positions.to_numpy().astype(np.int64)
 
 
 def _read(path: Path) -> dict[str, Any]:

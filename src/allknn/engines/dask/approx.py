@@ -140,7 +140,8 @@ def _search(client, corpus: Input, k: int, bad: np.ndarray, folder: str, *, prob
                               *[(probed[g], b) for g in assigned[b][1]], pure=False, retries=RETRIES)
         states.append(state)
         finished.append(client.submit(finish_task, state, block, block_bad, min_similarity=min_similarity,
-                                      folder=None, part=b, n_corpus=n, params=params, pure=False))
+                                      folder=None, part=b, n_corpus=n, n_rows=n, labels={}, params=params,
+                                      pure=False))
 
     # audit: exact neighbours of a sample, joined on the cluster
     audit = np.sort(rng.choice(kept_rows, min(RECALL_SAMPLE_ROWS, kept_rows.size), replace=False))

@@ -53,10 +53,10 @@ from allknn.engines.dask.tasks import (
     scan_block,
 )
 from allknn.engines.schedule import block_bounds
-from allknn.readers.sources import open_source
+from allknn.readers.sources import ParquetSource, open_source
 from allknn.topk.result import TopK
 from allknn.writers.json_text import dumps
-from allknn.writers.parts import MANIFEST, Manifest
+from allknn.writers.parts import MANIFEST, Manifest, PartLabels
 
 logger = logging.getLogger("allknn")
 
@@ -90,9 +90,10 @@ class Input:
             self.source = open_source(data, column=column, name=name)
             self.shape, self.description = self.source.shape, self.source.describe()
         else:
-            raise TypeError(f"with client=, {name} must be a path every worker can read (.npy, .parquet, a "
-                            f"folder or glob of .parquet files) or a dask array, got {type(data).__name__}; "
-                            f"save it with numpy.save, or pass client=None to search it here")
+            raise TypeError(f"with client=, {name} must be a path every worker can read (.npy, zarr, "
+                            f".parquet, a folder or glob of .parquet files) or a dask array, got "
+                            f"{type(data).__name__}; save it with numpy.save, or pass client=None to "
+                            f"search it here")
         self.blocks: list[Block] = []
         self.data: list[Any] = []
 
@@ -148,6 +149,9 @@ def dask_neighbors(
     column: str | None = None,
     output: str | os.PathLike[str] | None = None,
     resume: bool = False,
+    ids: Any = None,
+    query_ids: Any = None,
+    id_column: str | None = None,
     on_task: TaskCallback | None = None,
 ) -> TopK | None:
     """The exact top-k of every row of ``X`` (or of ``queries``), on a cluster.
@@ -171,6 +175,13 @@ def dask_neighbors(
     resume : bool
         With ``output``: keep the parts a killed run of the same input and
         parameters recorded, and compute the rest.
+    ids, query_ids : sequence, optional
+        With ``output``: labels of the rows of ``X`` and of ``queries``,
+        written in the parts instead of row numbers (as
+        :meth:`TopK.save` does); the folder keeps them once.
+    id_column : str, optional
+        With ``output``: take the labels from this column of the parquet
+        sources instead.
     on_task : callable, optional
         Progress: ``on_task(kind, count)`` on the client as tasks finish.
 
@@ -199,6 +210,7 @@ def dask_neighbors(
     block_rows = min(block_rows, rows)
     for side in {id(corpus): corpus, id(query): query}.values():
         side.cut(client, rows)
+    labels = _labels(corpus, query, ids, query_ids, id_column, output is not None, self_join)
     if output is not None and not resume and (Path(output) / MANIFEST).exists():
         raise ValueError(f"{output} holds the output of an earlier run; pass resume=True (--resume) to "
                          f"continue it, or write to another folder")
@@ -213,14 +225,17 @@ def dask_neighbors(
               "exclude_self": self_join and bool(exclude_self), "invalid": invalid,
               "min_similarity": min_similarity, "engine": "dask", "task_rows": rows, "block_rows": block_rows}
     fingerprint = {**params, "X": _digest(scans["X"]),
-                   "queries": None if self_join else _digest(scans["queries"])}
+                   "queries": None if self_join else _digest(scans["queries"]),
+                   **({"labels": labels.digests} if labels.arrays else {})}
     manifest = None
     if output is not None:
         Path(output).mkdir(parents=True, exist_ok=True)
-        header = {"k": k, "n_rows": query.shape[0], "n_corpus": corpus.shape[0], "params": params}
+        header = {"k": k, "n_rows": query.shape[0], "n_corpus": corpus.shape[0], "params": params,
+                  "labels": labels.columns}
         manifest = Manifest(output, fingerprint, header)
         if resume:
             manifest.resume()
+        labels.write(output)
         manifest.save()
     done = set() if manifest is None else set(manifest.parts)
     spec = JoinSpec(k=k, skip_self=self_join and bool(exclude_self), block_rows=block_rows, threads=1)
@@ -269,11 +284,31 @@ def dask_neighbors(
         block_bad = bad[query.name][(bad[query.name] >= block.start) & (bad[query.name] < block.stop)]
         future = client.submit(finish_task, state, block, block_bad, min_similarity=min_similarity,
                                folder=None if output is None else str(Path(output).resolve()), part=b,
-                               n_corpus=corpus.shape[0], params=params, key=f"allknn-finish-{b}-{token}",
-                               retries=RETRIES)
+                               n_corpus=corpus.shape[0], n_rows=query.shape[0], labels=labels.columns,
+                               params=params, key=f"allknn-finish-{b}-{token}", retries=RETRIES)
         finishes[future.key] = (future, b)
 
     return _collect(client, pair_futures, finishes, manifest, query, corpus, k, params, on_task)
+
+
+def _labels(corpus: Input, query: Input, ids: Any, query_ids: Any, id_column: str | None, output: bool,
+            self_join: bool) -> PartLabels:
+    """The checked labels of the parts (from ``ids``/``query_ids`` or the sources' ``id_column``)."""
+    given = ids is not None or query_ids is not None
+    if (given or id_column is not None) and not output:
+        raise ValueError("ids label the rows of the parts written to output=; without output= the result "
+                         "holds row numbers: pass the ids to res.to_pandas(ids=...) or res.save(ids=...)")
+    if id_column is not None:
+        if given:
+            raise ValueError("give ids either with id_column= or with ids=/query_ids=, not both")
+        for side in {id(corpus): corpus, id(query): query}.values():
+            if not isinstance(side.source, ParquetSource):
+                raise ValueError(f"id_column= reads a column of parquet files, and {side.name} is "
+                                 f"{side.description}; pass ids= instead")
+        ids = corpus.source.read_ids(id_column)
+        query_ids = None if self_join else query.source.read_ids(id_column)
+    return PartLabels.check(ids, query_ids, n_corpus=corpus.shape[0], n_rows=query.shape[0],
+                            self_join=self_join)
 
 
 def scan(client, side: Input, invalid: str) -> tuple[list, np.ndarray]:

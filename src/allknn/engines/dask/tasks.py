@@ -189,14 +189,16 @@ def merge_task(*parts: tuple[tuple[np.ndarray, ...], int] | np.ndarray) -> np.nd
 
 
 def finish_task(keys: np.ndarray, block: Block, bad_rows: np.ndarray, *, min_similarity: float | None,
-                folder: str | None, part: int, n_corpus: int,
+                folder: str | None, part: int, n_corpus: int, n_rows: int, labels: dict[str, str | None],
                 params: dict) -> tuple[np.ndarray, np.ndarray] | dict:
     """A row block's result from its merged state: its part written to
-    ``folder`` (returning the manifest entry), or its arrays."""
+    ``folder`` with the folder's ``labels`` (returning the manifest entry),
+    or its arrays."""
     indices, similarities = sorted_neighbours(keys.copy())
     kept = np.setdiff1d(np.arange(block.start, block.stop), bad_rows) - block.start if bad_rows.size else None
     indices, similarities = place_rows(indices, similarities, kept, block.stop - block.start)
     indices, similarities = mask_below(indices, similarities, min_similarity)
     if folder is None:
         return indices, similarities
-    return write_part(folder, part, block.start, indices, similarities, n_corpus=n_corpus, params=params)
+    return write_part(folder, part, block.start, indices, similarities, n_corpus=n_corpus, params=params,
+                      n_rows=n_rows, labels=labels)
