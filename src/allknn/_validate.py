@@ -108,10 +108,12 @@ def check_backend(backend: object, device: object, method: str) -> str:
     ``"auto"``), else ``method`` itself."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    cuda = isinstance(device, str) and device.startswith("cuda")
-    if backend == "numba" and not cuda:
-        if device not in (None, "cpu"):
-            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    from allknn.engines.torch.devices import parse_devices  # names only: torch is not imported
+
+    devices = ("cpu",) if device is None else parse_devices(device)
+    if backend == "numba" and devices[0] == "cpu":
+        if devices != ("cpu",):
+            raise ValueError(f"device={device!r} runs on the torch engine; pass backend='torch'")
         return method
     if method not in ("exact", "auto", "torch"):
         raise ValueError(f"backend='torch' runs the exact engine; method={method!r} does not run on it")

@@ -195,6 +195,7 @@ def neighbors(
     options = check_options({"recall_target": recall_target, "probes": probes, "refine": refine,
                              "cells": cells, "device": device, "precision": precision, "resident": resident})
     min_similarity = _validate.check_min_similarity(min_similarity)
+    block_rows_given = block_rows is not None
     block_rows = _block_rows(block_rows, corpus, query_matrix, budget, n_threads)
 
     started = time.perf_counter()
@@ -207,7 +208,7 @@ def neighbors(
     k = _validate.check_k(k, n_candidates, self_join=self_join and exclude_self)
     job = Job(queries=query_rows, corpus=corpus_rows, k=k, self_join=self_join,
               exclude_self=bool(exclude_self), threads=n_threads, budget=budget, block_rows=block_rows,
-              seed=seed, options=options)
+              block_rows_given=block_rows_given, seed=seed, options=options)
     engine = choose(method, job)
     logger.debug("%s %s: %d x %d against %d rows, k=%d, block_rows=%d, threads=%d", engine.name,
                  "self-join" if self_join else "query join", query_rows.rows.shape[0], job.dim,

@@ -15,7 +15,13 @@ torch = pytest.importorskip("torch")
 
 from allknn.engines.torch.product import PRECISIONS, rounded  # noqa: E402
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+
+def cuda(devices: int = 1):
+    """Mark a test ``cuda`` (``pytest -m cuda`` on a GPU machine), skipped without ``devices`` devices."""
+    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    skip = pytest.mark.skipif(found < devices, reason=f"needs {devices} CUDA device(s), this machine has "
+                              f"{found}")
+    return lambda test: pytest.mark.cuda(skip(test))
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +82,13 @@ def test_refusals_and_bad_options(real):
         allknn.neighbors(real, 3, backend="jax")
     with pytest.raises(ValueError, match="precision must be 'auto' or one of 'fp32', 'tf32', 'bf16', 'fp16'"):
         allknn.neighbors(real, 3, backend="torch", precision="fp8")
-    with pytest.raises(ValueError, match="device must be 'cpu', 'cuda' or 'cuda:N', got 'tpu'"):
+    with pytest.raises(ValueError, match=r"device must be 'cpu', 'cuda' or 'cuda:N' \(several: "
+                                         r"'cuda:0,cuda:1'\), got 'tpu'"):
         allknn.neighbors(real, 3, device="tpu")
+    with pytest.raises(ValueError, match=r"device must be .* got 'cuda:x'"):
+        allknn.neighbors(real, 3, device="cuda:x")
+    with pytest.raises(ValueError, match="device= mixes the CPU and CUDA devices"):
+        allknn.neighbors(real, 3, device=["cpu", "cuda:0"])
     with pytest.raises(ValueError, match="backend='torch' runs the exact engine; method='approx'"):
         allknn.neighbors(real, 3, backend="torch", method="approx")
     if not torch.cuda.is_available():
@@ -96,11 +107,30 @@ def test_auto_never_picks_the_torch_engine(real):
     assert choose("auto", job).name != "torch"
 
 
-@cuda
+@cuda()
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_cuda_is_the_exact_result(real, precision):
     res = allknn.neighbors(real, 10, device="cuda", precision=precision)
     assert_same_result(res, allknn.neighbors(real, 10))
+    assert res.params["device"] == "cuda" and res.params["precision"] == precision
+
+
+@cuda()
+def test_cuda_streams_queries_and_sizes_its_tiles(real):
+    Q = real[::3] + np.float32(0.01)
+    expected = allknn.neighbors(real, 6, queries=Q)
+    assert_same_result(allknn.neighbors(real, 6, queries=Q, device="cuda", precision="bf16"), expected)
+    streamed = allknn.neighbors(real, 6, queries=Q, device="cuda", resident=False, block_rows=256)
+    assert_same_result(streamed, expected)
+    assert_same_result(allknn.neighbors(real, 8, device="cuda:0", resident=False, precision="fp16",
+                                        max_memory="64MB"), allknn.neighbors(real, 8))
+
+
+@cuda(devices=2)
+def test_several_cuda_devices_are_the_exact_result(real):
+    devices = ",".join(f"cuda:{i}" for i in range(torch.cuda.device_count()))
+    assert_same_result(allknn.neighbors(real, 10, device=devices, block_rows=256), allknn.neighbors(real, 10))
+
 
 
 def test_cli_runs_the_torch_backend(tmp_path, real):
@@ -147,3 +177,73 @@ def test_streamed_rows_are_the_resident_result(real):
                        allknn.neighbors(real, 4, queries=Q))
     with pytest.raises(ValueError, match="resident must be True or False"):
         allknn.neighbors(real, 3, backend="torch", resident="yes")
+
+
+def test_several_devices_share_the_tiles(real, monkeypatch):
+    """Each device's lanes take tiles as they free up; the result is the
+    one-device result (two CPU devices stand in for two GPUs here)."""
+    import allknn.engines.torch.plans as plans
+
+    used = []
+    work = plans.DeviceSelfJoinPlan._work_on
+    monkeypatch.setattr(plans.DeviceSelfJoinPlan, "_work_on",
+                        lambda self, lane, *rest: (used.append(id(lane)), work(self, lane, *rest)))
+    exact = allknn.neighbors(real, 7)
+    for device in ("cpu,cpu", ["cpu", "cpu"]):
+        res = allknn.neighbors(real, 7, device=device, backend="torch", block_rows=128, threads=1)
+        assert_same_result(res, exact)
+        assert res.params["device"] == "cpu,cpu"
+    assert len(set(used)) == 4  # two lanes per run, both at work
+    Q = real[::4] + np.float32(0.02)
+    assert_same_result(allknn.neighbors(real, 5, queries=Q, device="cpu, cpu", backend="torch",
+                                        resident=False, block_rows=192), allknn.neighbors(real, 5, queries=Q))
+    with pytest.raises(ValueError, match="device='cpu,cpu' runs on the torch engine; pass backend='torch'"):
+        allknn.neighbors(real, 5, device="cpu,cpu")
+
+
+def test_device_tiles_fill_the_free_memory_share():
+    from allknn.engines.torch.devices import (
+        MAX_DEVICE_BLOCK_ROWS,
+        TILE_BYTES_PER_ENTRY,
+        TILE_SHARE,
+        device_block_rows,
+    )
+
+    def lanes_bytes(rows, dim, lanes):
+        return lanes * (TILE_BYTES_PER_ENTRY * rows * rows + 8 * dim * rows)
+
+    for free, dim, lanes in ((8 * 2**30, 768, 2), (40 * 2**30, 100, 2), (3 * 2**30, 1024, 4)):
+        rows = device_block_rows(free, dim, lanes, 10**7, streamed_budget=None)
+        assert rows % 64 == 0 and lanes_bytes(rows, dim, lanes) <= TILE_SHARE * free
+        assert rows == MAX_DEVICE_BLOCK_ROWS or lanes_bytes(rows + 64, dim, lanes) > TILE_SHARE * free
+    assert device_block_rows(140 * 2**30, 768, 2, 10**7, streamed_budget=None) == MAX_DEVICE_BLOCK_ROWS
+    assert device_block_rows(140 * 2**30, 768, 2, 5000, streamed_budget=None) == 5056  # the rows there are
+    streamed = device_block_rows(140 * 2**30, 768, 2, 10**7, streamed_budget=2**28)
+    assert streamed % 64 == 0 and 2 * 2 * 4 * 768 * streamed <= 2**28 < 2 * 2 * 4 * 768 * (streamed + 64)
+    with pytest.raises(ValueError, match=r"too little free memory .* or max_memory is too small for one"):
+        device_block_rows(10**5, 768, 2, 10**6, streamed_budget=None)
+
+
+def test_a_resumed_run_keeps_the_tile_size_it_started_with(tmp_path, real, monkeypatch):
+    """Device tiles are sized from free memory, which a resumed run may not
+    find the same: the checkpoint keeps the tile size (else its finished
+    tiles would name other rows). The CPU stands in for a device whose free
+    memory changed between the runs."""
+    from allknn.engines.torch import TorchEngine
+    from conftest import Interrupt, interrupt_after
+
+    def recording(into, then=None):
+        return lambda tile, pairs: (into.append(pairs), then and then(tile, pairs))
+
+    first, fresh, resumed = [], [], []
+    options = {"backend": "torch", "threads": 1, "checkpoint": tmp_path / "t.ckpt", "checkpoint_every": 0.0}
+    monkeypatch.setattr(TorchEngine, "_free_bytes", lambda self, job: 2 * 2**20)
+    with pytest.raises(Interrupt):
+        allknn.neighbors(real, 6, on_tile=recording(first, interrupt_after(40)), **options)
+    monkeypatch.setattr(TorchEngine, "_free_bytes", lambda self, job: 6 * 2**20)  # larger tiles now
+    allknn.neighbors(real, 6, backend="torch", threads=1, on_tile=recording(fresh))
+    side = round((np.sqrt(1 + 8 * max(first)) - 1) / 2)  # the first tiles were diagonal: side (side + 1) / 2
+    assert max(fresh) > side * side
+    res = allknn.neighbors(real, 6, on_tile=recording(resumed), **options)
+    assert_same_result(res, allknn.neighbors(real, 6))
+    assert max(resumed) == side * side  # the resumed run's tiles are the first run's

@@ -48,6 +48,9 @@ class Job:
         Bytes of working memory allowed (``max_memory``).
     block_rows : int
         Rows per tile side (a multiple of 64).
+    block_rows_given : bool
+        Whether the caller chose ``block_rows`` (else an engine whose tiles
+        live elsewhere, a GPU's, may size its own).
     seed : int
     options : mapping
         The engine's own options, checked by :meth:`Engine.check_options`.
@@ -61,6 +64,7 @@ class Job:
     threads: int
     budget: int
     block_rows: int
+    block_rows_given: bool = False
     seed: int = 0
     options: Mapping[str, Any] = field(default_factory=dict)
 

@@ -80,11 +80,13 @@ class ExactEngine(TiledEngine):
                 queries.rows, corpus.rows, job.k, skip_self=job.skip_self, budget=job.budget,
                 threads=job.threads)
         with corpus.reordered(order):
-            yield self.make_plan(job, order, layout)
+            yield self.make_plan(job, order, layout, saved)
 
-    def make_plan(self, job: Job, order: np.ndarray | None, layout: SparseLayout | None) -> TilePlan:
+    def make_plan(self, job: Job, order: np.ndarray | None, layout: SparseLayout | None,
+                  saved: Mapping[str, np.ndarray] | None) -> TilePlan:
         """The tile plan of ``job`` with its rows in ``order`` (an engine
-        with other tile products overrides this)."""
+        with other tile products overrides this; ``saved`` is the resumed
+        plan's state, whose order and layout are already applied)."""
         corpus, queries = job.corpus, job.queries
         if job.self_join:
             return SelfJoinPlan(corpus.rows, corpus.norms, block_rows=job.block_rows,

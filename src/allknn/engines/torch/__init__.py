@@ -21,14 +21,13 @@ import numpy as np
 from allknn.engines.base import Job
 from allknn.engines.exact import ExactEngine
 from allknn.engines.exact.plans import TilePlan
+from allknn.engines.torch.devices import CUDA_LANES, device_block_rows, lanes_for, parse_devices
 from allknn.engines.torch.plans import DeviceQueryJoinPlan, DeviceSelfJoinPlan
 from allknn.engines.torch.product import PRECISIONS
 
 
 def _check_device(value: object) -> str:
-    if not isinstance(value, str) or not (value == "cpu" or value == "cuda" or value.startswith("cuda:")):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {value!r}")
-    return value
+    return ",".join(parse_devices(value))
 
 
 def _check_resident(value: object) -> bool:
@@ -61,47 +60,73 @@ class TorchEngine(ExactEngine):
             return "supports dense rows only; use backend='numba' (the default) for sparse input"
         if importlib.util.find_spec("torch") is None:
             return "needs torch, which is not installed; pip install 'allknn[gpu]' (or torch itself)"
-        if self._device(job).startswith("cuda"):
+        devices = self._devices(job)
+        if devices[0].startswith("cuda"):
             import torch
 
             if not torch.cuda.is_available():
                 return "found no CUDA device (torch.cuda.is_available() is False); use device='cpu'"
+            missing = [d for d in devices if torch.device(d).index is not None
+                       and torch.device(d).index >= torch.cuda.device_count()]
+            if missing:
+                return (f"found {torch.cuda.device_count()} CUDA device(s), so {', '.join(missing)} does not "
+                        f"exist")
         return None
 
-    def _device(self, job: Job) -> str:
-        return job.options.get("device") or "cpu"
+    def _devices(self, job: Job) -> tuple[str, ...]:
+        return parse_devices(job.options.get("device") or "cpu")
+
+    def _free_bytes(self, job: Job) -> int | None:
+        """Free memory of the CUDA device with the least (None on the CPU)."""
+        devices = self._devices(job)
+        if not devices[0].startswith("cuda"):
+            return None
+        import torch
+
+        return min(torch.cuda.mem_get_info(torch.device(device))[0] for device in devices)
+
+    def _rows_bytes(self, job: Job) -> int:
+        return job.corpus.rows.nbytes + (0 if job.self_join else job.queries.rows.nbytes)
 
     def _resident(self, job: Job) -> bool:
-        """Whether the rows stay on the device: the ``resident`` option, or
-        whether they fit ``RESIDENT_SHARE`` of its free memory (always on CPU)."""
+        """Whether the rows stay on the devices: the ``resident`` option, or
+        whether they fit ``RESIDENT_SHARE`` of the free memory (always on CPU)."""
         chosen = job.options.get("resident")
         if chosen is not None:
             return chosen
-        device = self._device(job)
-        if not device.startswith("cuda"):
-            return True
-        import torch
+        free = self._free_bytes(job)
+        return free is None or self._rows_bytes(job) <= RESIDENT_SHARE * free
 
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        size = job.corpus.rows.nbytes + (0 if job.self_join else job.queries.rows.nbytes)
-        return size <= RESIDENT_SHARE * free
+    def _block_rows(self, job: Job, resident: bool, saved: Mapping[str, np.ndarray] | None) -> int:
+        """The tile side: a resumed plan's; on the CPU the job's (from
+        ``max_memory``); on CUDA from the free device memory
+        (:func:`device_block_rows`), unless ``block_rows=`` was given."""
+        if saved is not None and "block_rows" in saved:
+            return int(saved["block_rows"][0])
+        free = self._free_bytes(job)
+        if free is None or job.block_rows_given:
+            return job.block_rows
+        n_rows = max(job.corpus.rows.shape[0], job.queries.rows.shape[0])
+        return device_block_rows(free - (self._rows_bytes(job) if resident else 0), job.dim, CUDA_LANES,
+                                 n_rows, streamed_budget=None if resident else job.budget)
 
     def _precision(self, job: Job) -> str:
         precision = job.options.get("precision") or "auto"
         if precision == "auto":
-            return "fp32" if self._device(job) == "cpu" else "bf16"
+            return "fp32" if self._devices(job)[0] == "cpu" else "bf16"
         return precision
 
-    def make_plan(self, job: Job, order: np.ndarray | None, layout) -> TilePlan:
-        """Device plans: products and nominations on the device (:mod:`.plans`)."""
-        options = {"device": self._device(job), "precision": self._precision(job), "k": job.k,
-                   "resident": self._resident(job)}
+    def make_plan(self, job: Job, order: np.ndarray | None, layout,
+                  saved: Mapping[str, np.ndarray] | None) -> TilePlan:
+        """Device plans: products and nominations on the devices' lanes (:mod:`.plans`)."""
+        precision, resident = self._precision(job), self._resident(job)
+        options = {"lanes": lanes_for(self._devices(job), precision, job.threads), "precision": precision,
+                   "k": job.k, "resident": resident, "block_rows": self._block_rows(job, resident, saved)}
         corpus, queries = job.corpus, job.queries
         if job.self_join:
-            return DeviceSelfJoinPlan(corpus.rows, corpus.norms, block_rows=job.block_rows,
-                                      skip_self=job.skip_self, ids=order, **options)
-        return DeviceQueryJoinPlan(queries.rows, corpus.rows, queries.norms, corpus.norms,
-                                   block_rows=job.block_rows, **options)
+            return DeviceSelfJoinPlan(corpus.rows, corpus.norms, skip_self=job.skip_self, ids=order,
+                                      **options)
+        return DeviceQueryJoinPlan(queries.rows, corpus.rows, queries.norms, corpus.norms, **options)
 
     @contextmanager
     def plan(self, job: Job, saved: Mapping[str, np.ndarray] | None) -> Iterator[TilePlan]:
@@ -122,5 +147,5 @@ class TorchEngine(ExactEngine):
 
     def search(self, job: Job, **options):
         found = super().search(job, **options)
-        found.params.update(device=self._device(job), precision=self._precision(job))
+        found.params.update(device=",".join(self._devices(job)), precision=self._precision(job))
         return found
