@@ -62,7 +62,7 @@ def run_allknn(X, k, device, precision, counts):
 
     plans.offer_nominees = counting
     try:
-        return allknn.neighbors(X, k, device=device, precision=precision).indices
+        return allknn.neighbors(X, k, backend="torch", device=device, precision=precision).indices
     finally:
         plans.offer_nominees = offer
 
@@ -129,7 +129,7 @@ def main() -> None:
     X = make_clustered(args.n, args.d, seed=0)
     sample = X[: args.check_rows]
     for precision in ("bf16", "tf32", "fp16", "fp32"):
-        got = allknn.neighbors(sample, args.k, device=args.device, precision=precision)
+        got = allknn.neighbors(sample, args.k, backend="torch", device=args.device, precision=precision)
         expected = allknn.neighbors(sample, args.k)
         same = np.array_equal(got.indices, expected.indices) and np.array_equal(got.similarities,
                                                                                 expected.similarities)

@@ -132,6 +132,32 @@ def test_bad_input_gets_the_local_messages(client, npy, data, tmp_path):
         allknn.neighbors(npy, 3, client=client, method="approx", queries=npy)
 
 
+def test_waves_bound_the_unfinished_pair_tasks(client, npy, data):
+    """The client keeps at most ``in_flight`` pair tasks unfinished and
+    finishes row blocks while later pairs are still to come."""
+
+    def unfinished_pairs(dask_scheduler):
+        return sum(1 for task in dask_scheduler.tasks.values()
+                   if str(task.key).startswith("allknn-pair") and task.state in ("waiting", "queued",
+                                                                                  "no-worker", "processing"))
+
+    seen, events = [], []
+
+    def watch(kind, count):
+        events.append(kind)
+        seen.append(client.run_on_scheduler(unfinished_pairs))
+
+    local = allknn.neighbors(data, 5, invalid="drop")
+    for options in ({}, {"queries": npy}):
+        events.clear()
+        remote = allknn.dask_neighbors(npy, 5, client=client, task_rows=192, invalid="drop", in_flight=3,
+                                       on_task=watch, **options)
+        assert_same_result(remote, local if not options else allknn.neighbors(data, 5, queries=data.copy(),
+                                                                              invalid="drop"))
+        assert events.index("part") < 0.75 * events.count("pair")  # the first part long before the last pair
+    assert 0 < max(seen) <= 3
+
+
 def test_a_worker_that_cannot_read_names_the_path_and_itself(client, tmp_path, data):
     path = tmp_path / "gone.npy"
     np.save(path, data)

@@ -8,7 +8,8 @@ blocks of ``task_rows`` (seconds of work per task, a few MB of state);
 2. a pair task per block pair ``(i, j), i <= j`` of the symmetric schedule
    (or per (query block, corpus block) in the query form) reads its blocks
    where it runs, normalises them and joins them with the exact engine's
-   tiles into partial top-k states of both blocks;
+   tiles into partial top-k states of both blocks; the client submits them
+   in waves, row block after row block (:mod:`.waves`);
 3. the partial states of a row block are merged in a tree
    (:func:`allknn.kernels.topk.merge_states`, associative and idempotent);
 4. a finish task per row block decodes its state and writes its parquet
@@ -28,7 +29,7 @@ import logging
 import math
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +43,15 @@ from allknn._memory import (
     round_block_rows,
     tile_scratch_bytes,
 )
-from allknn._optional import optional
 from allknn.engines.dask.tasks import (
     Block,
     JoinSpec,
     finish_task,
     floors_task,
-    merge_task,
     pair_task,
     scan_block,
 )
+from allknn.engines.dask.waves import PairJob, in_flight_for, run_in_waves
 from allknn.engines.schedule import block_bounds
 from allknn.readers.sources import ParquetSource, open_source
 from allknn.topk.result import TopK
@@ -63,9 +63,6 @@ logger = logging.getLogger("allknn")
 TASK_ROWS = 16384
 """Rows per task block at most: a 16k x 16k block pair at 100 dimensions is
 about a second of one core, the size Dask's guidance asks of a task."""
-
-MERGE_FAN_IN = 8
-"""Partial states merged per merge task."""
 
 RETRIES = 3
 """Times a failed task is retried (a task lost with its worker is
@@ -152,6 +149,7 @@ def dask_neighbors(
     ids: Any = None,
     query_ids: Any = None,
     id_column: str | None = None,
+    in_flight: int | None = None,
     on_task: TaskCallback | None = None,
 ) -> TopK | None:
     """The exact top-k of every row of ``X`` (or of ``queries``), on a cluster.
@@ -182,6 +180,10 @@ def dask_neighbors(
     id_column : str, optional
         With ``output``: take the labels from this column of the parquet
         sources instead.
+    in_flight : int, optional
+        Unfinished pair tasks at most; the next are submitted as these
+        finish (default ``IN_FLIGHT_PER_THREAD`` per worker thread, see
+        :mod:`allknn.engines.dask.waves`).
     on_task : callable, optional
         Progress: ``on_task(kind, count)`` on the client as tasks finish.
 
@@ -241,54 +243,88 @@ def dask_neighbors(
     spec = JoinSpec(k=k, skip_self=self_join and bool(exclude_self), block_rows=block_rows, threads=1)
     token = hashlib.blake2b(dumps(fingerprint).encode(), digest_size=8).hexdigest()
 
-    partials: dict[int, list[Any]] = {b: [] for b in range(len(query.blocks)) if b not in done}
-    pair_futures = {}
-    if self_join:
-        blocks, data = corpus.blocks, corpus.data
-        own = [client.submit(pair_task, spec, blocks[i], None, data[i], key=f"allknn-pair-{i}-{i}-{token}",
-                             retries=RETRIES) for i in range(len(blocks))]
-        floors = [client.submit(floors_task, own[i], key=f"allknn-floors-{i}-{token}", retries=RETRIES)
-                  for i in range(len(blocks))]
-        for i in range(len(blocks)):
-            for j in range(i, len(blocks)):
-                if i in done and j in done:
-                    continue
-                second = None if i == j else blocks[j]
-                future = own[i] if i == j else client.submit(
-                    pair_task, spec, blocks[i], blocks[j], data[i], data[j], floors=(floors[i], floors[j]),
-                    key=f"allknn-pair-{i}-{j}-{token}", retries=RETRIES)
-                pair_futures[future.key] = (future, _pairs(blocks[i], second))
-                if i not in done:
-                    partials[i].append((future, 0))
-                if j not in done and i != j:
-                    partials[j].append((future, 1))
+    todo = [b for b in range(len(query.blocks)) if b not in done]
+    submit = _Submitter(client, spec, token)
+    if not todo:
+        jobs, expected = iter(()), {}
+    elif self_join:
+        jobs = submit.self_join_jobs(corpus, set(todo))
+        expected = {b: len(corpus.blocks) for b in todo}
     else:
-        for j, (block, data) in enumerate(zip(corpus.blocks, corpus.data, strict=True)):
-            for i in partials:
-                future = client.submit(pair_task, spec, block, None, data, None, query.blocks[i],
-                                       query.data[i], key=f"allknn-pair-{i}-{j}-{token}", retries=RETRIES)
-                pair_futures[future.key] = (future, _pairs(query.blocks[i], block))
-                partials[i].append((future, 0))
+        jobs = submit.query_join_jobs(query, corpus, todo)
+        expected = {b: len(corpus.blocks) for b in todo}
+    folder = None if output is None else str(Path(output).resolve())
 
-    finishes = {}
-    for b, parts in partials.items():
-        level = 0
-        while len(parts) > 1:
-            parts = [client.submit(merge_task, *parts[s : s + MERGE_FAN_IN], retries=RETRIES,
-                                   key=f"allknn-merge-{b}-{level}-{s}-{token}")
-                     for s in range(0, len(parts), MERGE_FAN_IN)]
-            level += 1
-        state = parts[0] if not isinstance(parts[0], tuple) else client.submit(
-            merge_task, parts[0], key=f"allknn-merge-{b}-{token}", retries=RETRIES)
+    def finish(b: int, state: Any) -> Any:
         block = query.blocks[b]
         block_bad = bad[query.name][(bad[query.name] >= block.start) & (bad[query.name] < block.stop)]
-        future = client.submit(finish_task, state, block, block_bad, min_similarity=min_similarity,
-                               folder=None if output is None else str(Path(output).resolve()), part=b,
-                               n_corpus=corpus.shape[0], n_rows=query.shape[0], labels=labels.columns,
-                               params=params, key=f"allknn-finish-{b}-{token}", retries=RETRIES)
-        finishes[future.key] = (future, b)
+        return client.submit(finish_task, state, block, block_bad, min_similarity=min_similarity,
+                             folder=folder, part=b, n_corpus=corpus.shape[0], n_rows=query.shape[0],
+                             labels=labels.columns, params=params, key=f"allknn-finish-{b}-{token}",
+                             retries=RETRIES)
 
-    return _collect(client, pair_futures, finishes, manifest, query, corpus, k, params, on_task)
+    events = run_in_waves(client, jobs, expected, in_flight=in_flight or in_flight_for(client), finish=finish,
+                          retries=RETRIES, key=token)
+    results = {}
+    for kind, count, value in events:
+        if kind == "pair":
+            if on_task is not None:
+                on_task("pair", count)
+            continue
+        if manifest is not None:
+            manifest.add(count, value)
+        else:
+            results[count] = value
+        if on_task is not None:
+            on_task("part", query.blocks[count].stop - query.blocks[count].start)
+    if manifest is not None:
+        manifest.save(complete=True)
+        return None
+    indices = np.concatenate([results[b][0] for b in range(len(query.blocks))])
+    similarities = np.concatenate([results[b][1] for b in range(len(query.blocks))])
+    return TopK(indices=indices, similarities=similarities, n_corpus=corpus.shape[0], params=params)
+
+
+class _Submitter:
+    """The pair tasks of a run, as :class:`PairJob` s in row-block order."""
+
+    def __init__(self, client, spec: JoinSpec, token: str):
+        self.client, self.spec, self.token = client, spec, token
+
+    def _pair(self, name: str, *args, **kwargs) -> Any:
+        return self.client.submit(pair_task, self.spec, *args, key=f"allknn-pair-{name}-{self.token}",
+                                  retries=RETRIES, **kwargs)
+
+    def self_join_jobs(self, corpus: Input, todo: set[int]) -> Iterator[PairJob]:
+        """Own joins first (their thresholds floor the pairs), then the pairs
+        ``(i, j), i < j`` row by row, skipping those of finished blocks only."""
+        blocks, data = corpus.blocks, corpus.data
+        floors: dict[int, Any] = {}
+
+        def own(i: int) -> Any:
+            future = self._pair(f"{i}-{i}", blocks[i], None, data[i])
+            floors[i] = self.client.submit(floors_task, future, key=f"allknn-floors-{i}-{self.token}",
+                                           retries=RETRIES)
+            return future
+
+        for i in range(len(blocks)):
+            yield PairJob(lambda i=i: own(i), ((i, 0),) if i in todo else (), _pairs(blocks[i], None))
+        for i in range(len(blocks)):
+            for j in range(i + 1, len(blocks)):
+                if i not in todo and j not in todo:
+                    continue
+                targets = tuple((b, side) for side, b in enumerate((i, j)) if b in todo)
+                yield PairJob(lambda i=i, j=j: self._pair(f"{i}-{j}", blocks[i], blocks[j], data[i], data[j],
+                                                          floors=(floors[i], floors[j])),
+                              targets, _pairs(blocks[i], blocks[j]))
+
+    def query_join_jobs(self, query: Input, corpus: Input, todo: list[int]) -> Iterator[PairJob]:
+        """Every (query block, corpus block) task, query block by query block."""
+        for i in todo:
+            for j, (block, data) in enumerate(zip(corpus.blocks, corpus.data, strict=True)):
+                yield PairJob(lambda i=i, j=j, block=block, data=data: self._pair(
+                    f"{i}-{j}", block, None, data, None, query.blocks[i], query.data[i]), ((i, 0),),
+                    _pairs(query.blocks[i], block))
 
 
 def _labels(corpus: Input, query: Input, ids: Any, query_ids: Any, id_column: str | None, output: bool,
@@ -325,34 +361,6 @@ def scan(client, side: Input, invalid: str) -> tuple[list, np.ndarray]:
     if zeros.size + nonfinite.size == side.shape[0]:
         _validate.raise_if_no_valid_rows(side.name, side.shape[0])
     return scans, np.union1d(zeros, nonfinite)
-
-
-def _collect(client, pair_futures, finishes, manifest, query, corpus, k, params, on_task) -> TopK | None:
-    """Wait for the tasks; record parts as they finish, report progress."""
-    as_completed = optional("distributed", "running on a Dask cluster").as_completed
-
-    results = {}
-    futures = [future for future, _ in pair_futures.values()] + [future for future, _ in finishes.values()]
-    for future in as_completed(futures):
-        if future.key in pair_futures:
-            if on_task is not None:
-                on_task("pair", pair_futures[future.key][1])
-            future.release()
-            continue
-        block = finishes[future.key][1]
-        value = future.result()
-        if manifest is not None:
-            manifest.add(block, value)
-        else:
-            results[block] = value
-        if on_task is not None:
-            on_task("part", query.blocks[block].stop - query.blocks[block].start)
-    if manifest is not None:
-        manifest.save(complete=True)
-        return None
-    indices = np.concatenate([results[b][0] for b in range(len(query.blocks))])
-    similarities = np.concatenate([results[b][1] for b in range(len(query.blocks))])
-    return TopK(indices=indices, similarities=similarities, n_corpus=corpus.shape[0], params=params)
 
 
 def _pairs(first: Block, second: Block | None) -> int:

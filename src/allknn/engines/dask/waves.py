@@ -1,0 +1,118 @@
+"""Submitting a run's pair tasks in waves, merging and finishing row blocks as they complete.
+
+A graph of every block pair at once is fine up to a few thousand blocks;
+past that (100M rows are 18M pair tasks at the default size) it would hold
+the scheduler for hours and the client's memory with it. So the client
+keeps at most ``in_flight`` pair tasks unfinished, submitting the next as
+one finishes, in row-block order so that row blocks complete (and their
+parts are written) one after the other. Each pair task's partial states
+join their row blocks' merges as soon as it is submitted, ``MERGE_FAN_IN``
+at a time, and a row block's finish task is submitted with its last pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from allknn._optional import optional
+from allknn.engines.dask.tasks import merge_task
+
+MERGE_FAN_IN = 8
+"""Partial states merged per merge task."""
+
+IN_FLIGHT_PER_THREAD = 8
+"""Unfinished pair tasks per worker thread (at least ``MIN_IN_FLIGHT``):
+enough for the scheduler to keep every thread busy and to steal work."""
+
+MIN_IN_FLIGHT = 64
+
+
+@dataclass(frozen=True)
+class PairJob:
+    """One pair task to submit: ``submit()`` returns its future; its state
+    ``side`` belongs to row block ``block`` for each ``(block, side)`` of
+    ``targets``; it scores ``pairs`` pairs (for progress)."""
+
+    submit: Callable[[], Any]
+    targets: tuple[tuple[int, int], ...]
+    pairs: int
+
+
+def in_flight_for(client) -> int:
+    """Unfinished pair tasks kept on a cluster of this many threads."""
+    threads = sum(worker["nthreads"] for worker in client.scheduler_info()["workers"].values())
+    return max(MIN_IN_FLIGHT, IN_FLIGHT_PER_THREAD * threads)
+
+
+def run_in_waves(client, jobs: Iterable[PairJob], expected: dict[int, int], *, in_flight: int,
+                 finish: Callable[[int, Any], Any], retries: int, key: str) -> Iterator[tuple[str, int, Any]]:
+    """Submit ``jobs`` keeping at most ``in_flight`` unfinished; yield events as tasks finish.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    jobs : iterable of PairJob
+        In the order to run them (row blocks complete in this order).
+    expected : dict
+        For each row block to compute, how many jobs target it.
+    in_flight : int
+    finish : callable
+        ``finish(block, state_future)`` submits a row block's finish task.
+    retries : int
+    key : str
+        Suffix of the merge tasks' keys (the run's token).
+
+    Yields
+    ------
+    tuple
+        ``("pair", pairs, None)`` as a pair task finishes, ``("finish",
+        block, value)`` as a row block's finish task does.
+    """
+    as_completed = optional("distributed", "running on a Dask cluster").as_completed
+    remaining = dict(expected)
+    partials: dict[int, list[Any]] = {block: [] for block in expected}
+    merges = {block: 0 for block in expected}
+    running: dict[str, int] = {}
+    finishing: dict[str, int] = {}
+    queue = as_completed()
+    pending = iter(jobs)
+
+    def merge(block: int, parts: list[Any]) -> Any:
+        merges[block] += 1
+        return client.submit(merge_task, *parts, key=f"allknn-merge-{block}-{merges[block]}-{key}",
+                             retries=retries)
+
+    def submit_next() -> bool:
+        job = next(pending, None)
+        if job is None:
+            return False
+        future = job.submit()
+        running[future.key] = job.pairs
+        queue.add(future)
+        for block, side in job.targets:
+            parts = partials[block]
+            parts.append((future, side))
+            if len(parts) == MERGE_FAN_IN:
+                partials[block] = [merge(block, parts)]
+            remaining[block] -= 1
+            if remaining[block] == 0:
+                parts = partials.pop(block)
+                merged = len(parts) == 1 and not isinstance(parts[0], tuple)
+                state = parts[0] if merged else merge(block, parts)
+                done = finish(block, state)
+                finishing[done.key] = block
+                queue.add(done)
+        return True
+
+    while len(running) < in_flight and submit_next():
+        pass
+    for future in queue:
+        if future.key in running:  # its result stays while a merge still needs it
+            pairs = running.pop(future.key)
+            while len(running) < in_flight and submit_next():
+                pass
+            yield "pair", pairs, None
+        else:
+            yield "finish", finishing.pop(future.key), future.result()
