@@ -178,7 +178,8 @@ def neighbors(
         return _on_cluster(X, k, client=client, queries=queries, exclude_self=exclude_self,
                            max_memory=max_memory, invalid=invalid, min_similarity=min_similarity,
                            method=method, block_rows=block_rows, task_rows=task_rows, checkpoint=checkpoint,
-                           approx={"probes": probes, "cells": cells, "seed": seed})
+                           approx={"probes": probes, "cells": cells, "seed": seed,
+                                   "recall_target": recall_target})
     self_join = queries is None or queries is X
     corpus = _validate.as_matrix(X, "X")
     query_matrix = corpus if self_join else _validate.as_matrix(queries, "queries")

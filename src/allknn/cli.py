@@ -278,7 +278,8 @@ def _cmd_run_on_cluster(args: argparse.Namespace) -> int:
             ids = _cluster_ids(args)
             result = dask_approx_neighbors(args.input, args.k, client=client, max_memory=args.max_memory,
                                            invalid=args.invalid, min_similarity=args.min_similarity,
-                                           task_rows=args.task_rows, column=args.column)
+                                           task_rows=args.task_rows, column=args.column,
+                                           recall_target=args.recall_target)
             _write_parts(result, output, ids)
             if not args.quiet:
                 print(f"measured {result.recall}")

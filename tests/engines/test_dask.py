@@ -333,9 +333,10 @@ def test_cli_info_estimates_from_tasks_timed_on_the_cluster(cluster, npy, data, 
 
 
 def test_approximate_engine_meets_its_floor_and_its_interval_holds(client, tmp_path):
-    """Real rows: cells fitted on a sample, shards by group of cells,
-    probing tasks; the audited recall's interval contains the true recall
-    (against the exact graph), and no row lists itself."""
+    """Real rows: cells fitted on a sample, the breadth chosen by a pilot
+    for the recall target, shards by group of cells, probing tasks; the
+    true recall (against the exact graph) meets the target's floor, the
+    audited interval contains it, and no row lists itself."""
     X = np.load(REAL).astype(np.float32)
     X[11] = 0.0
     np.save(tmp_path / "real.npy", X)
@@ -346,8 +347,9 @@ def test_approximate_engine_meets_its_floor_and_its_interval_holds(client, tmp_p
     hits = np.nan_to_num(res.similarities[kept], nan=-np.inf) >= exact.similarities[kept, -1:] - 1e-6
     true = hits.mean()
     low, high = res.recall.interval
-    assert true >= 0.9 and res.recall.estimate >= 0.9
+    assert true >= 0.94 and res.recall.estimate >= 0.94
     assert low <= true <= high
+    assert res.params["recall_target"] == 0.95 and res.params["pilot_recall"] >= 0.95
     assert (res.indices[11] == -1).all() and not np.isin(res.indices, [11]).any()
     assert not (res.indices == np.arange(X.shape[0])[:, None]).any()
     assert res.params["method"] == "approx" and res.params["engine"] == "dask"
@@ -361,6 +363,16 @@ def test_approximate_engine_meets_its_floor_and_its_interval_holds(client, tmp_p
     assert_same_result(dask_approx_neighbors(tmp_path / "real.npy", 10, client=client, invalid="drop",
                                              task_rows=1024, seed=3, scratch=scratch), res)
     assert not list(scratch.iterdir())  # the shards are removed
+    lower = dask_approx_neighbors(tmp_path / "real.npy", 10, client=client, invalid="drop", task_rows=1024,
+                                  seed=3, recall_target=0.8)
+    assert lower.params["probes"] < res.params["probes"]
+    hits = np.nan_to_num(lower.similarities[kept], nan=-np.inf) >= exact.similarities[kept, -1:] - 1e-6
+    assert 0.78 <= hits.mean() < true
+    fixed = dask_approx_neighbors(tmp_path / "real.npy", 10, client=client, invalid="drop", task_rows=1024,
+                                  seed=3, probes=4)
+    assert fixed.params["probes"] == 4 and "pilot_recall" not in fixed.params
+    with pytest.raises(ValueError, match=r"give recall_target= .* or probes=, not both"):
+        dask_approx_neighbors(tmp_path / "real.npy", 10, client=client, probes=4, recall_target=0.9)
 
 
 def test_by_hand_scheduler_and_workers_survive_a_killed_worker(tmp_path):
