@@ -175,6 +175,9 @@ def neighbors(
         (with ``invalid="raise"``), ``k`` out of range, a budget too small.
     """
     if client is not None:
+        _check_cluster_options({"threads": threads, "refine": refine, "on_tile": on_tile, "device": device,
+                                "precision": precision, "resident": resident,
+                                "backend": None if backend == "numba" else backend})
         return _on_cluster(X, k, client=client, queries=queries, exclude_self=exclude_self,
                            max_memory=max_memory, invalid=invalid, min_similarity=min_similarity,
                            method=method, block_rows=block_rows, task_rows=task_rows, checkpoint=checkpoint,
@@ -194,7 +197,8 @@ def neighbors(
     method = _validate.check_backend(backend, device, method)
     check_method(method, checkpoint=checkpoint is not None)
     options = check_options({"recall_target": recall_target, "probes": probes, "refine": refine,
-                             "cells": cells, "device": device, "precision": precision, "resident": resident})
+                             "cells": cells, "device": device if method == "torch" else None,
+                             "precision": precision, "resident": resident}, method)
     min_similarity = _validate.check_min_similarity(min_similarity)
     block_rows_given = block_rows is not None
     block_rows = _block_rows(block_rows, corpus, query_matrix, budget, n_threads)
@@ -230,6 +234,16 @@ def neighbors(
                 time.perf_counter() - started)
     return TopK(indices=indices, similarities=similarities, n_corpus=corpus.shape[0],
                 params={**params, **found.params}, recall=found.recall)
+
+
+def _check_cluster_options(options: dict) -> None:
+    """Raise for options that only apply to a local run (None: not given)."""
+    given = [name for name, value in options.items() if value is not None]
+    if given:
+        names = ", ".join(f"{name}=" for name in given)
+        raise ValueError(f"{names} apply to local runs only, not with client=: on a cluster every task "
+                         f"runs on one worker thread (start workers with --nthreads to run more at once); "
+                         f"leave {'it' if len(given) == 1 else 'them'} out")
 
 
 def _on_cluster(X, k, *, client, method: str, checkpoint, approx: dict, **options) -> TopK:

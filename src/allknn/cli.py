@@ -59,7 +59,8 @@ def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
                          help="run on this Dask scheduler (e.g. tcp://127.0.0.1:8786); INPUT must be "
                               "readable by every worker at the same path")
     cluster.add_argument("--workers", type=int, metavar="N",
-                         help="start a Dask cluster of N worker processes on this machine and run on it")
+                         help="start a Dask cluster of N worker processes on this machine and run on it "
+                              "(--threads: threads per worker, default 1)")
     parser.add_argument("--task-rows", type=int, default=None, help="with a cluster: rows per task block")
 
 
@@ -83,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--min-similarity", type=float, default=None, help="leave out less similar neighbours")
     run.add_argument("--method", choices=("exact", "approx", "auto"), default="exact",
                      help="exact (default), approx (cells; recall measured and printed) or auto")
-    run.add_argument("--recall-target", type=float, default=0.95,
+    run.add_argument("--recall-target", type=float, default=None,
                      help="recall@k an approximate run aims for (default 0.95)")
     run.add_argument("--backend", choices=("numba", "torch"), default="numba",
                      help="numba (default) or torch: the exact engine's tiles with products by torch")
@@ -209,8 +210,8 @@ def _cluster(args: argparse.Namespace):
     if args.workers is not None:
         if args.workers < 1:
             raise CliError(f"--workers must be at least 1, got {args.workers}")
-        cluster = distributed.LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
-                                           dashboard_address=":0")
+        cluster = distributed.LocalCluster(n_workers=args.workers, threads_per_worker=args.threads or 1,
+                                           processes=True, dashboard_address=":0")
         return distributed.Client(cluster), cluster
     try:
         return distributed.Client(args.scheduler, timeout="10s"), None
@@ -262,6 +263,11 @@ def _cmd_run_on_cluster(args: argparse.Namespace) -> int:
                        f"not {output}")
     if args.method == "auto":
         raise CliError("on a cluster, choose --method exact or --method approx")
+    if args.scheduler is not None and args.threads is not None:
+        raise CliError("--threads does not apply with --scheduler: the workers run as many tasks at once as "
+                       "their --nthreads; leave it out")
+    if args.device is not None or args.backend != "numba":
+        raise CliError("--backend and --device apply to local runs; on a cluster leave them out")
     if args.method == "approx" and (args.resume or args.queries is not None):
         raise CliError("the approximate engine on a cluster runs the self-join in one go: leave --resume and "
                        "--queries out")

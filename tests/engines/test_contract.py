@@ -128,6 +128,19 @@ def test_unknown_engine_option_is_refused():
         check_options({"beam": 3})
 
 
+def test_a_named_engine_refuses_options_that_would_do_nothing():
+    X = np.random.default_rng(2).standard_normal((300, 8)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"^precision= is an option of method='torch', and does nothing with "
+                                         r"method='exact'; leave it out$"):
+        allknn.neighbors(X, 3, precision="bf16")
+    with pytest.raises(ValueError, match=r"^probes= is an option of method='approx'; resident= is an option "
+                                         r"of method='torch', and does nothing with method='exact'"):
+        allknn.neighbors(X, 3, probes=4, resident=False)
+    with pytest.raises(ValueError, match="recall_target= is an option of method='approx'"):
+        allknn.neighbors(X, 3, backend="torch", recall_target=0.9)
+    allknn.neighbors(X, 3, method="auto", probes=4)  # accepted: they apply if approx is chosen
+
+
 def test_engines_agree_with_each_other_on_real_rows():
     X = np.load(REAL)[:1500]
     exact = allknn.neighbors(X, 10)

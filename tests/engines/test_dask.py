@@ -114,7 +114,7 @@ def test_zarr_arrays_and_groups(client, tmp_path, data):
         allknn.dask_neighbors(tmp_path / "g.zarr", 5, client=client, column="other")
 
 
-def test_bad_input_gets_the_local_messages(client, npy, data, tmp_path):
+def test_bad_input_gets_the_local_messages(client, npy, data, tmp_path, capsys):
     with pytest.raises(ValueError) as local:
         allknn.neighbors(data, 3)
     with pytest.raises(ValueError) as remote:
@@ -130,6 +130,12 @@ def test_bad_input_gets_the_local_messages(client, npy, data, tmp_path):
         allknn.neighbors(npy, 3, client=client, method="torch")
     with pytest.raises(ValueError, match="the approximate engine on a cluster runs the self-join"):
         allknn.neighbors(npy, 3, client=client, method="approx", queries=npy)
+    with pytest.raises(ValueError, match=r"threads=, device= apply to local runs only, not with client=: "
+                                         r"on a cluster every task runs on one worker thread"):
+        allknn.neighbors(npy, 3, client=client, threads=4, device="cuda")
+    assert allknn.cli.main(["run", str(npy), "-o", str(tmp_path / "o"), "--scheduler", "tcp://127.0.0.1:9",
+                            "--threads", "2", "-q"]) == 1
+    assert "--threads does not apply with --scheduler" in capsys.readouterr().err
 
 
 def test_waves_bound_the_unfinished_pair_tasks(client, npy, data):

@@ -36,13 +36,19 @@ def check_method(method: object, *, checkpoint: bool = False) -> str:
     return str(method)
 
 
-def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
+def check_options(options: Mapping[str, Any], method: str = "auto") -> dict[str, Any]:
     """Check every engine's own options (before any work), each by the engine that declares it.
+
+    Options are None where not given. With ``method="auto"`` any engine's
+    options may be given (they apply if that engine is chosen); a named
+    engine takes its own only, so that an option that would do nothing
+    (``precision=`` on the CPU engine) is an error rather than ignored.
 
     Raises
     ------
     ValueError
-        For an option no engine declares, or a bad value.
+        For an option no engine declares, one the named engine does not
+        take, or a bad value.
     """
     checked = {}
     for name, value in options.items():
@@ -51,6 +57,14 @@ def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"unknown option {name!r}; engines take: "
                              + ", ".join(sorted(o for e in ENGINES.values() for o in e.options)))
         checked[name] = owner.options[name](value) if value is not None else None
+    if method != "auto":
+        foreign = [name for name, value in checked.items() if value is not None
+                   and name not in ENGINES[method].options]
+        if foreign:
+            owners = {name: next(e.name for e in ENGINES.values() if name in e.options) for name in foreign}
+            raise ValueError("; ".join(f"{name}= is an option of method={owner!r}"
+                                       for name, owner in owners.items())
+                             + f", and does nothing with method={method!r}; leave it out")
     for engine in ENGINES.values():
         engine.check_combination(checked)
     return checked
