@@ -164,6 +164,31 @@ def test_waves_bound_the_unfinished_pair_tasks(client, npy, data):
     assert 0 < max(seen) <= 3
 
 
+def test_workers_reuse_a_run_s_blocks_only_within_the_run(client, tmp_path, data):
+    """Each worker keeps the blocks it read last for the run's next tasks;
+    a later run at the same path reads the file again (it may have been
+    rewritten), and a block past the budget is not kept."""
+    from allknn.engines.dask.tasks import RecentBlocks
+
+    path = tmp_path / "x.npy"
+    first = np.nan_to_num(data, nan=1.0)
+    first[7] = 1.0
+    np.save(path, first)
+    assert_same_result(allknn.neighbors(path, 5, client=client, task_rows=256), allknn.neighbors(first, 5))
+    second = first[::-1].copy()
+    np.save(path, second)  # same shape, same path, other rows
+    assert_same_result(allknn.neighbors(path, 5, client=client, task_rows=256), allknn.neighbors(second, 5))
+
+    source = open_source(path)
+    cache, block = RecentBlocks(), Block(source, 0, 256)
+    spec = JoinSpec(k=5, skip_self=True, block_rows=64, threads=1, cache_bytes=2**20, run="a")
+    rows = cache.get(block, None, spec)
+    assert cache.get(block, None, spec) is rows and not rows[0].flags.writeable
+    assert cache.get(block, None, JoinSpec(**{**spec.__dict__, "run": "b"})) is not rows
+    small = JoinSpec(**{**spec.__dict__, "cache_bytes": 1000, "run": "c"})
+    assert cache.get(block, None, small) is not cache.get(block, None, small)  # too large to keep
+
+
 def test_a_worker_that_cannot_read_names_the_path_and_itself(client, tmp_path, data):
     path = tmp_path / "gone.npy"
     np.save(path, data)

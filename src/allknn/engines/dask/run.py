@@ -24,6 +24,7 @@ records, and every task whose blocks are all recorded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -48,6 +49,7 @@ from allknn.engines.dask.tasks import (
     JoinSpec,
     finish_task,
     floors_task,
+    forget_run,
     pair_task,
     scan_block,
 )
@@ -161,7 +163,9 @@ def dask_neighbors(
         glob of ``.parquet`` files) or a ``dask.array``.
     client : distributed.Client
     max_memory : str or int
-        Working memory of one task (a worker runs one task per thread).
+        Working memory of one task (a worker runs one task per thread);
+        each worker process also keeps up to this much of the blocks it
+        read last, for the run's next tasks on them.
     task_rows : int, optional
         Rows per task block, rounded up to a multiple of 64 (default from
         ``max_memory``, at most ``TASK_ROWS``).
@@ -240,8 +244,10 @@ def dask_neighbors(
         labels.write(output)
         manifest.save()
     done = set() if manifest is None else set(manifest.parts)
-    spec = JoinSpec(k=k, skip_self=self_join and bool(exclude_self), block_rows=block_rows, threads=1)
     token = hashlib.blake2b(dumps(fingerprint).encode(), digest_size=8).hexdigest()
+    run = f"{token}-{uuid.uuid4().hex[:8]}"
+    spec = JoinSpec(k=k, skip_self=self_join and bool(exclude_self), block_rows=block_rows, threads=1,
+                    cache_bytes=budget, run=run)
 
     todo = [b for b in range(len(query.blocks)) if b not in done]
     submit = _Submitter(client, spec, token)
@@ -266,17 +272,21 @@ def dask_neighbors(
     events = run_in_waves(client, jobs, expected, in_flight=in_flight or in_flight_for(client), finish=finish,
                           retries=RETRIES, key=token)
     results = {}
-    for kind, count, value in events:
-        if kind == "pair":
+    try:
+        for kind, count, value in events:
+            if kind == "pair":
+                if on_task is not None:
+                    on_task("pair", count)
+                continue
+            if manifest is not None:
+                manifest.add(count, value)
+            else:
+                results[count] = value
             if on_task is not None:
-                on_task("pair", count)
-            continue
-        if manifest is not None:
-            manifest.add(count, value)
-        else:
-            results[count] = value
-        if on_task is not None:
-            on_task("part", query.blocks[count].stop - query.blocks[count].start)
+                on_task("part", query.blocks[count].stop - query.blocks[count].start)
+    finally:
+        with contextlib.suppress(Exception):  # a lost cluster keeps nothing anyway
+            client.run(forget_run, run)
     if manifest is not None:
         manifest.save(complete=True)
         return None

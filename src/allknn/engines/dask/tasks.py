@@ -14,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +55,13 @@ class JoinSpec:
     skip_self: bool
     block_rows: int
     threads: int
+    cache_bytes: int = 0
+    """Bytes of recently read normalised blocks a worker process keeps
+    (:class:`RecentBlocks`), so that the next task of the run on the same
+    block does not read and normalise it again."""
+    run: str = ""
+    """The run's token: cached blocks serve that run only (a later run may
+    read a rewritten file at the same path)."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,54 @@ def normalised_block(block: Block, data: np.ndarray | None, block_rows: int):
     return rows.rows, rows.norms, block.start + kept
 
 
+class RecentBlocks:
+    """The normalised blocks this worker process read last for a run, least
+    recently used dropped first, within a byte budget; read-only arrays,
+    shared by the process's task threads."""
+
+    def __init__(self) -> None:
+        self._blocks: OrderedDict[tuple[str, Block, int], tuple[np.ndarray, ...]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, block: Block, data: np.ndarray | None, spec: JoinSpec) -> tuple[np.ndarray, ...]:
+        """:func:`normalised_block`, from the cache where it holds the block for this run."""
+        budget = spec.cache_bytes
+        if data is not None or budget <= 0:  # a dask array's block comes with its task
+            return normalised_block(block, data, spec.block_rows)
+        key = (spec.run, block, spec.block_rows)
+        with self._lock:
+            if key in self._blocks:
+                self._blocks.move_to_end(key)
+                return self._blocks[key]
+        found = normalised_block(block, None, spec.block_rows)
+        for array in found:
+            array.flags.writeable = False
+        size = sum(array.nbytes for array in found)
+        with self._lock:
+            if key not in self._blocks and size <= budget:
+                self._blocks[key], self._bytes = found, self._bytes + size
+            while self._bytes > budget:
+                _, dropped = self._blocks.popitem(last=False)
+                self._bytes -= sum(array.nbytes for array in dropped)
+        return found
+
+    def clear(self, run: str) -> None:
+        """Drop the blocks of ``run`` (at its end, on every worker)."""
+        with self._lock:
+            for key in [key for key in self._blocks if key[0] == run]:
+                self._bytes -= sum(array.nbytes for array in self._blocks.pop(key))
+
+
+def forget_run(run: str) -> None:
+    """Drop this worker process's cached blocks of ``run`` (``client.run``)."""
+    RECENT_BLOCKS.clear(run)
+
+
+RECENT_BLOCKS = RecentBlocks()
+"""This worker process's cache of normalised blocks."""
+
+
 def to_global_ids(keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Replace local candidate ids by ``ids[local]``. ``ids`` increases, so
     the keys keep their order (ties still go to the smaller row number)."""
@@ -126,9 +183,9 @@ def pair_task(spec: JoinSpec, first: Block, second: Block | None, first_data: np
     tuple of ndarray of shape (kept rows, k), int64
     """
     with threadpool_limits(limits=1, user_api="blas"):
-        rows, norms, ids = normalised_block(first, first_data, spec.block_rows)
+        rows, norms, ids = RECENT_BLOCKS.get(first, first_data, spec)
         if query is not None:
-            q_rows, q_norms, _ = normalised_block(query, query_data, spec.block_rows)
+            q_rows, q_norms, _ = RECENT_BLOCKS.get(query, query_data, spec)
             keys, thresholds = new_state(q_rows.shape[0], spec.k)
             if rows.shape[0] and q_rows.shape[0]:
                 QueryJoinPlan(q_rows, rows, q_norms, norms, block_rows=spec.block_rows).run(
@@ -140,7 +197,7 @@ def pair_task(spec: JoinSpec, first: Block, second: Block | None, first_data: np
                 SelfJoinPlan(rows, norms, block_rows=spec.block_rows, skip_self=spec.skip_self).run(
                     keys, thresholds, threads=spec.threads)
             return (to_global_ids(keys, ids),)
-        other, other_norms, other_ids = normalised_block(second, second_data, spec.block_rows)
+        other, other_norms, other_ids = RECENT_BLOCKS.get(second, second_data, spec)
         if floors is None:
             keys, thresholds = new_state(rows.shape[0] + other.shape[0], spec.k)
         else:
