@@ -113,6 +113,13 @@ def dask_approx_neighbors(X: Any, k: int, *, client, recall_target: float | None
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _held(client, small: np.ndarray) -> Any:
+    """A small client-side array as a task whose spec holds it: unlike
+    scattered data, the scheduler recomputes it if every worker holding it
+    is lost."""
+    return client.submit(np.array, small, pure=False)
+
+
 def _read_rows(client, corpus: Input, wanted: np.ndarray, block_rows: int) -> np.ndarray:
     """The normalised rows ``wanted`` (sorted kept row numbers), read by tasks."""
     parts = client.gather([client.submit(sample_task, block, wanted, block_rows, pure=False)
@@ -123,7 +130,7 @@ def _read_rows(client, corpus: Input, wanted: np.ndarray, block_rows: int) -> np
 def _exact_neighbours(client, corpus: Input, sample: np.ndarray, k: int, block_rows: int) -> np.ndarray:
     """Exact top-k keys of the rows ``sample`` (sorted), themselves left out,
     best first: a query join of the sample against every block on the cluster."""
-    rows = client.scatter(_read_rows(client, corpus, sample, block_rows), broadcast=True)  # small
+    rows = _held(client, _read_rows(client, corpus, sample, block_rows))
     spec = JoinSpec(k=k + 1, skip_self=False, block_rows=block_rows, threads=1)
     parts = [client.submit(pair_task, spec, block, None, None, None, Block(None, 0, sample.size), rows,
                            pure=False, retries=RETRIES) for block in corpus.blocks]
@@ -186,7 +193,7 @@ def _search(client, corpus: Input, k: int, bad: np.ndarray, folder: str, *, prob
     # a group's query shard holds the rows probing any of its cells, about
     # probes times its own rows: groups of task_rows / probes rows keep it a task's size
     cells_per_group = max(1, round(rows * n_cells / max(kept_rows.size, 1) / probes))
-    centroids_future = client.scatter(centroids, broadcast=True)  # small, and on every worker
+    centroids_future = _held(client, centroids)
 
     # assignment: shards by group of cells
     assigned = client.gather([client.submit(assign_task, block, b, centroids_future, probes, cells_per_group,

@@ -16,7 +16,9 @@ blocks of ``task_rows`` (seconds of work per task, a few MB of state);
    part (or returns its arrays), and the client records the part in the
    manifest (:mod:`allknn.writers.parts`) as it completes.
 
-Data is never scattered from the client: a worker that dies loses only
+Data is never scattered from the client (the few small arrays the client
+makes, such as the approximate engine's centroids, travel inside task specs
+that the scheduler keeps): a worker that dies loses only
 results, which the scheduler recomputes from the source (``retries`` covers
 tasks that fail with it). A resumed run skips every row block the manifest
 records, and every task whose blocks are all recorded.
