@@ -175,12 +175,14 @@ def neighbors(
         (with ``invalid="raise"``), ``k`` out of range, a budget too small.
     """
     if client is not None:
-        _check_cluster_options({"threads": threads, "refine": refine, "on_tile": on_tile, "device": device,
-                                "precision": precision, "resident": resident,
-                                "backend": None if backend == "numba" else backend})
+        _check_cluster_options({"threads": threads, "refine": refine, "on_tile": on_tile,
+                                "resident": resident})
+        if _validate.check_backend(backend, device, "exact" if method == "auto" else method) == "torch":
+            device = device or "cpu"
         return _on_cluster(X, k, client=client, queries=queries, exclude_self=exclude_self,
                            max_memory=max_memory, invalid=invalid, min_similarity=min_similarity,
                            method=method, block_rows=block_rows, task_rows=task_rows, checkpoint=checkpoint,
+                           device=device, precision=precision,
                            approx={"probes": probes, "cells": cells, "seed": seed,
                                    "recall_target": recall_target})
     self_join = queries is None or queries is X
@@ -256,6 +258,9 @@ def _on_cluster(X, k, *, client, method: str, checkpoint, approx: dict, **option
     if method == "approx":
         if options.pop("queries") is not None or not options.pop("exclude_self"):
             raise ValueError("the approximate engine on a cluster runs the self-join with self excluded only")
+        if options.pop("device") is not None or options.pop("precision") is not None:
+            raise ValueError("device= and precision= run the exact engine's tiles on the workers' devices; "
+                             "the approximate engine on a cluster runs on their CPUs")
         options.pop("block_rows")
         return dask_approx_neighbors(X, k, client=client, **approx, **options)
     return dask_neighbors(X, k, client=client, **options)

@@ -266,8 +266,10 @@ def _cmd_run_on_cluster(args: argparse.Namespace) -> int:
     if args.scheduler is not None and args.threads is not None:
         raise CliError("--threads does not apply with --scheduler: the workers run as many tasks at once as "
                        "their --nthreads; leave it out")
-    if args.device is not None or args.backend != "numba":
-        raise CliError("--backend and --device apply to local runs; on a cluster leave them out")
+    device = args.device or ("cpu" if args.backend == "torch" else None)
+    if args.method == "approx" and (device is not None or args.precision is not None):
+        raise CliError("--device, --backend and --precision run the exact engine's tiles on the workers' "
+                       "devices; the approximate engine on a cluster runs on their CPUs")
     if args.method == "approx" and (args.resume or args.queries is not None):
         raise CliError("the approximate engine on a cluster runs the self-join in one go: leave --resume and "
                        "--queries out")
@@ -295,7 +297,8 @@ def _cmd_run_on_cluster(args: argparse.Namespace) -> int:
                                       max_memory=args.max_memory, invalid=args.invalid,
                                       min_similarity=args.min_similarity, task_rows=args.task_rows,
                                       column=args.column, output=output, resume=args.resume,
-                                      ids=args.ids, id_column=args.id_column,
+                                      ids=args.ids, id_column=args.id_column, device=device,
+                                      precision=args.precision,
                                       on_task=lambda kind, count: on_tile(None, count) if kind == "pair"
                                       else None)
     finally:

@@ -4,6 +4,7 @@ killed client resumed, repeated tasks, bad input."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -130,12 +131,35 @@ def test_bad_input_gets_the_local_messages(client, npy, data, tmp_path, capsys):
         allknn.neighbors(npy, 3, client=client, method="torch")
     with pytest.raises(ValueError, match="the approximate engine on a cluster runs the self-join"):
         allknn.neighbors(npy, 3, client=client, method="approx", queries=npy)
-    with pytest.raises(ValueError, match=r"threads=, device= apply to local runs only, not with client=: "
+    with pytest.raises(ValueError, match=r"threads=, resident= apply to local runs only, not with client=: "
                                          r"on a cluster every task runs on one worker thread"):
-        allknn.neighbors(npy, 3, client=client, threads=4, device="cuda")
+        allknn.neighbors(npy, 3, client=client, threads=4, resident=True)
     assert allknn.cli.main(["run", str(npy), "-o", str(tmp_path / "o"), "--scheduler", "tcp://127.0.0.1:9",
                             "--threads", "2", "-q"]) == 1
     assert "--threads does not apply with --scheduler" in capsys.readouterr().err
+
+
+def test_tasks_on_a_torch_device_are_the_local_result(client, npy, data, tmp_path):
+    """device= runs every task's tiles with the torch engine on the
+    worker's device (CPU torch here, as a GPU worker would with "cuda"),
+    bit for bit the local result, in every precision."""
+    pytest.importorskip("torch")
+    local = allknn.neighbors(data, 6, invalid="drop")
+    for precision in ("fp32", "bf16", "fp16"):
+        remote = allknn.neighbors(npy, 6, client=client, device="cpu", precision=precision, task_rows=256,
+                                  invalid="drop")
+        assert_same_result(remote, local)
+        assert remote.params["device"] == "cpu" and remote.params["precision"] == precision
+    Q = data[::5] + np.float32(0.25)
+    np.save(tmp_path / "q.npy", Q)
+    assert_same_result(allknn.neighbors(npy, 4, queries=tmp_path / "q.npy", client=client, backend="torch",
+                                        task_rows=192, invalid="drop"),
+                       allknn.neighbors(data, 4, queries=Q, invalid="drop"))
+    with pytest.raises(ValueError, match="on a cluster each worker uses one device"):
+        allknn.neighbors(npy, 4, client=client, device="cuda:0,cuda:1", backend="torch")
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(ValueError, match=r"worker tcp://127\.0\.0\.1:\d+ has no CUDA device"):
+            allknn.neighbors(npy, 4, client=client, device="cuda", invalid="drop")
 
 
 def test_waves_bound_the_unfinished_pair_tasks(client, npy, data):
@@ -306,13 +330,15 @@ def test_cli_takes_the_id_column_of_a_parquet_folder(cluster, tmp_path, data):
         table = pq.read_table(path)
         pq.write_table(table.set_column(1, "n", pa.array(table["n"].to_numpy() * 3 + 1)), path)
     labels = np.arange(clean.shape[0]) * 3 + 1
+    torch_found = importlib.util.find_spec("torch") is not None  # exact tasks then run on CPU torch
     local = allknn.neighbors(clean, 5)
     local.save(tmp_path / "local.parquet", ids=labels)
     for method in ("exact", "approx"):
         out = tmp_path / f"out-{method}"
+        tiles = ["--backend", "torch", "--precision", "bf16"] if method == "exact" and torch_found else []
         assert allknn.cli.main(["run", str(folder), "-k", "5", "-o", str(out), "--scheduler",
                                 cluster.scheduler_address, "--id-column", "n", "--column", "emb",
-                                "--method", method, "--task-rows", "512", "-q"]) == 0
+                                "--method", method, "--task-rows", "512", "-q", *tiles]) == 0
         table = pd.read_parquet(out)
         result = allknn.load_result(out)  # row numbers again, through the folder's labels
         rows, ranks = np.nonzero(result.indices >= 0)

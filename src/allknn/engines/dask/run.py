@@ -154,6 +154,8 @@ def dask_neighbors(
     query_ids: Any = None,
     id_column: str | None = None,
     in_flight: int | None = None,
+    device: str | None = None,
+    precision: str | None = None,
     on_task: TaskCallback | None = None,
 ) -> TopK | None:
     """The exact top-k of every row of ``X`` (or of ``queries``), on a cluster.
@@ -186,6 +188,14 @@ def dask_neighbors(
     id_column : str, optional
         With ``output``: take the labels from this column of the parquet
         sources instead.
+    device : str, optional
+        Run every task's tiles with the torch engine on this device of its
+        worker (``"cuda"``: one GPU per worker, e.g. dask-cuda's
+        ``LocalCUDACluster``; ``"cpu"``: CPU torch), bit for bit the same
+        result. Default: the CPU engine.
+    precision : str, optional
+        The products' precision on ``device`` (as for
+        :func:`allknn.neighbors`; ``"auto"``: bf16 on CUDA, fp32 on CPU).
     in_flight : int, optional
         Unfinished pair tasks at most; the next are submitted as these
         finish (default ``IN_FLIGHT_PER_THREAD`` per worker thread, see
@@ -206,6 +216,7 @@ def dask_neighbors(
     invalid = _validate.check_invalid_choice(invalid)
     min_similarity = _validate.check_min_similarity(min_similarity)
     budget = parse_memory(max_memory)
+    tiles = _device_choice(client, device, precision)
     dim = corpus.shape[1]
     if block_rows is None:
         block_rows = choose_block_rows(budget // 2, dim, 1)
@@ -235,6 +246,7 @@ def dask_neighbors(
     fingerprint = {**params, "X": _digest(scans["X"]),
                    "queries": None if self_join else _digest(scans["queries"]),
                    **({"labels": labels.digests} if labels.arrays else {})}
+    params.update(tiles)  # not in the fingerprint: every device gives the same result
     manifest = None
     if output is not None:
         Path(output).mkdir(parents=True, exist_ok=True)
@@ -249,7 +261,7 @@ def dask_neighbors(
     token = hashlib.blake2b(dumps(fingerprint).encode(), digest_size=8).hexdigest()
     run = f"{token}-{uuid.uuid4().hex[:8]}"
     spec = JoinSpec(k=k, skip_self=self_join and bool(exclude_self), block_rows=block_rows, threads=1,
-                    cache_bytes=budget, run=run)
+                    cache_bytes=budget, run=run, **tiles)
 
     todo = [b for b in range(len(query.blocks)) if b not in done]
     submit = _Submitter(client, spec, token)
@@ -337,6 +349,48 @@ class _Submitter:
                 yield PairJob(lambda i=i, j=j, block=block, data=data: self._pair(
                     f"{i}-{j}", block, None, data, None, query.blocks[i], query.data[i]), ((i, 0),),
                     _pairs(query.blocks[i], block))
+
+
+def _device_choice(client, device: str | None, precision: str | None) -> dict[str, Any]:
+    """The tasks' torch device and precision (none: the CPU engine), checked
+    on every worker.
+
+    Raises
+    ------
+    ValueError
+        A bad device or precision, several devices, or workers without
+        torch or without the device (naming them).
+    """
+    if device is None:
+        if precision is not None:
+            raise ValueError("precision= is for the tiles on a device; give device= too")
+        return {}
+    from allknn.engines.torch import TorchEngine
+    from allknn.engines.torch.devices import parse_devices
+
+    devices = parse_devices(device)
+    if len(devices) > 1:
+        raise ValueError(f"on a cluster each worker uses one device; give one (got {device!r}) and start "
+                         f"one worker per GPU")
+    precision = TorchEngine.options["precision"](precision or "auto")
+    if precision == "auto":
+        precision = "fp32" if devices[0] == "cpu" else "bf16"
+    refusals = client.run(_device_refusal, devices[0])
+    missing = {address: reason for address, reason in refusals.items() if reason}
+    if missing:
+        raise ValueError("; ".join(f"worker {address} {reason}" for address, reason in missing.items()))
+    return {"device": devices[0], "precision": precision}
+
+
+def _device_refusal(device: str) -> str | None:
+    """Why this worker cannot run tiles on ``device`` (run on each worker)."""
+    try:
+        import torch
+    except ImportError:
+        return "has no torch; pip install 'allknn[gpu]' on every worker"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return "has no CUDA device (torch.cuda.is_available() is False)"
+    return None
 
 
 def _labels(corpus: Input, query: Input, ids: Any, query_ids: Any, id_column: str | None, output: bool,

@@ -11,6 +11,7 @@ the same bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -62,6 +63,10 @@ class JoinSpec:
     run: str = ""
     """The run's token: cached blocks serve that run only (a later run may
     read a rewritten file at the same path)."""
+    device: str | None = None
+    """Run the tiles on this torch device of the worker (``"cuda"``, or
+    ``"cpu"`` for CPU torch), in ``precision``; None: the CPU engine."""
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -182,20 +187,18 @@ def pair_task(spec: JoinSpec, first: Block, second: Block | None, first_data: np
     -------
     tuple of ndarray of shape (kept rows, k), int64
     """
-    with threadpool_limits(limits=1, user_api="blas"):
+    with threadpool_limits(limits=1, user_api="blas"), _device_settings(spec):
         rows, norms, ids = RECENT_BLOCKS.get(first, first_data, spec)
         if query is not None:
             q_rows, q_norms, _ = RECENT_BLOCKS.get(query, query_data, spec)
             keys, thresholds = new_state(q_rows.shape[0], spec.k)
             if rows.shape[0] and q_rows.shape[0]:
-                QueryJoinPlan(q_rows, rows, q_norms, norms, block_rows=spec.block_rows).run(
-                    keys, thresholds, threads=spec.threads)
+                _query_plan(spec, q_rows, rows, q_norms, norms).run(keys, thresholds, threads=spec.threads)
             return (to_global_ids(keys, ids),)
         if second is None:
             keys, thresholds = new_state(rows.shape[0], spec.k)
             if rows.shape[0]:
-                SelfJoinPlan(rows, norms, block_rows=spec.block_rows, skip_self=spec.skip_self).run(
-                    keys, thresholds, threads=spec.threads)
+                _self_plan(spec, rows, norms).run(keys, thresholds, threads=spec.threads)
             return (to_global_ids(keys, ids),)
         other, other_norms, other_ids = RECENT_BLOCKS.get(second, second_data, spec)
         if floors is None:
@@ -203,10 +206,49 @@ def pair_task(spec: JoinSpec, first: Block, second: Block | None, first_data: np
         else:
             keys, thresholds = floored_state(np.concatenate(floors), spec.k)
         if rows.shape[0] and other.shape[0]:
-            PairPlan(rows, other, norms, other_norms, block_rows=spec.block_rows).run(
-                keys, thresholds, threads=spec.threads)
+            _pair_plan(spec, rows, other, norms, other_norms).run(keys, thresholds, threads=spec.threads)
         keys = to_global_ids(without_placeholders(keys), np.concatenate([ids, other_ids]))
         return keys[: rows.shape[0]], keys[rows.shape[0] :]
+
+
+def _device_settings(spec: JoinSpec):
+    if spec.device is None:
+        return contextlib.nullcontext()
+    from allknn.engines.torch.product import torch_settings
+
+    return torch_settings(spec.precision)
+
+
+def _device_options(spec: JoinSpec, *rows: np.ndarray) -> dict:
+    from allknn.engines.torch.devices import task_plan_options
+
+    return task_plan_options(spec.device, spec.precision, spec.k, spec.threads, spec.block_rows, rows)
+
+
+def _self_plan(spec: JoinSpec, rows: np.ndarray, norms: np.ndarray):
+    if spec.device is None:
+        return SelfJoinPlan(rows, norms, block_rows=spec.block_rows, skip_self=spec.skip_self)
+    from allknn.engines.torch.plans import DeviceSelfJoinPlan
+
+    return DeviceSelfJoinPlan(rows, norms, skip_self=spec.skip_self, ids=None, **_device_options(spec, rows))
+
+
+def _query_plan(spec: JoinSpec, queries: np.ndarray, rows: np.ndarray, query_norms: np.ndarray,
+                norms: np.ndarray):
+    if spec.device is None:
+        return QueryJoinPlan(queries, rows, query_norms, norms, block_rows=spec.block_rows)
+    from allknn.engines.torch.plans import DeviceQueryJoinPlan
+
+    return DeviceQueryJoinPlan(queries, rows, query_norms, norms, **_device_options(spec, queries, rows))
+
+
+def _pair_plan(spec: JoinSpec, first: np.ndarray, second: np.ndarray, first_norms: np.ndarray,
+               second_norms: np.ndarray):
+    if spec.device is None:
+        return PairPlan(first, second, first_norms, second_norms, block_rows=spec.block_rows)
+    from allknn.engines.torch.plans import DevicePairPlan
+
+    return DevicePairPlan(first, second, first_norms, second_norms, **_device_options(spec, first, second))
 
 
 def timed_pair_task(spec: JoinSpec, first: Block, second: Block | None,

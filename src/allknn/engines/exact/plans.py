@@ -291,10 +291,12 @@ class PairPlan(TilePlan):
         Their reference norms.
     block_rows : int
         Rows per tile side.
+    precision : {"fp32", "tf32", "bf16", "fp16"}
+        The precision of the products (the nomination margin follows it).
     """
 
     def __init__(self, first: np.ndarray, second: np.ndarray, first_norms: np.ndarray,
-                 second_norms: np.ndarray, *, block_rows: int):
+                 second_norms: np.ndarray, *, block_rows: int, precision: str = "fp32"):
         both = np.concatenate([first, second])
         self.offset = first.shape[0]
         self.n_queries = both.shape[0]
@@ -304,7 +306,7 @@ class PairPlan(TilePlan):
         self.block_rows = self.first.block_rows
         self.tasks = query_tiles(len(self.first), len(self.second))
         self.scoring = scoring_rows(both, np.concatenate([first_norms, second_norms]))
-        self.margin = _margin(both)
+        self.margin = _margin(both, precision=precision)
 
     def pairs(self, tile: Tile) -> int:
         return self.first.rows(tile[0]) * self.second.rows(tile[1])

@@ -23,7 +23,7 @@ from allknn.engines.exact import ExactEngine
 from allknn.engines.exact.plans import TilePlan
 from allknn.engines.torch.devices import CUDA_LANES, device_block_rows, lanes_for, parse_devices
 from allknn.engines.torch.plans import DeviceQueryJoinPlan, DeviceSelfJoinPlan
-from allknn.engines.torch.product import PRECISIONS
+from allknn.engines.torch.product import PRECISIONS, torch_settings
 
 
 def _check_device(value: object) -> str:
@@ -130,20 +130,9 @@ class TorchEngine(ExactEngine):
 
     @contextmanager
     def plan(self, job: Job, saved: Mapping[str, np.ndarray] | None) -> Iterator[TilePlan]:
-        """The exact engine's plan; torch runs one thread per tile worker, and
-        CUDA matmuls use TF32 tensor cores for the lower precisions (set for
-        the whole run, before any tile, and put back after)."""
-        import torch
-
-        threads, tf32 = torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32
-        torch.set_num_threads(1)
-        torch.backends.cuda.matmul.allow_tf32 = self._precision(job) != "fp32"  # once, before any tile
-        try:
-            with super().plan(job, saved) as plan:
-                yield plan
-        finally:
-            torch.set_num_threads(threads)
-            torch.backends.cuda.matmul.allow_tf32 = tf32
+        """The exact engine's plan, under :func:`.product.torch_settings`."""
+        with torch_settings(self._precision(job)), super().plan(job, saved) as plan:
+            yield plan
 
     def search(self, job: Job, **options):
         found = super().search(job, **options)

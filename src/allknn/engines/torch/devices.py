@@ -160,3 +160,27 @@ def lanes_for(devices: tuple[str, ...], precision: str, threads: int) -> list[La
     else:
         per_device = CUDA_LANES
     return [Lane(device, precision) for _ in range(per_device) for device in devices]
+
+
+def task_plan_options(device: str, precision: str, k: int, threads: int, block_rows: int,
+                      rows: tuple[np.ndarray, ...]) -> dict[str, Any]:
+    """The device plans' options for one Dask task on this worker: its rows
+    resident on ``device``, tiles from its free memory on CUDA (a task's
+    tiles do not outlive it, so any size gives the same result).
+
+    Parameters
+    ----------
+    device, precision : str
+    k, threads, block_rows : int
+        Neighbours, tile workers on the CPU, and the CPU tile side.
+    rows : tuple of ndarray of shape (n_i, d), float32
+        The row blocks the task puts on the device.
+    """
+    if device.startswith("cuda"):
+        import torch
+
+        free = torch.cuda.mem_get_info(torch.device(device))[0] - sum(block.nbytes for block in rows)
+        block_rows = device_block_rows(free, rows[0].shape[1], CUDA_LANES, sum(len(block) for block in rows),
+                                       streamed_budget=None)
+    return {"lanes": lanes_for((device,), precision, threads), "precision": precision, "k": k,
+            "resident": True, "block_rows": block_rows}

@@ -24,7 +24,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from allknn.engines.base import ProgressCallback
-from allknn.engines.exact.plans import QueryJoinPlan, SelfJoinPlan
+from allknn.engines.exact.plans import PairPlan, QueryJoinPlan, SelfJoinPlan
 from allknn.engines.schedule import Tile, run_tiles
 from allknn.engines.torch.devices import Lane
 from allknn.kernels.topk import offer_nominees
@@ -142,3 +142,26 @@ class DeviceQueryJoinPlan(_OnDevice, QueryJoinPlan):
         rows, cols = self._nominees(a, b, thresholds[self.query_ids[i0:i1]] - self.margin, None, False)
         offer_nominees(rows, cols, i0, j0, self.query_ids, self.corpus_ids, keys, thresholds, False,
                        self.scoring[0], self.scoring[1], False)
+
+
+class DevicePairPlan(_OnDevice, PairPlan):
+    """:class:`PairPlan` (two blocks of a self-join, both sides offered: a
+    Dask task) with device products and nominations."""
+
+    def __init__(self, first: np.ndarray, second: np.ndarray, first_norms: np.ndarray,
+                 second_norms: np.ndarray, *, block_rows: int, lanes: list[Lane], precision: str, k: int,
+                 resident: bool):
+        super().__init__(first, second, first_norms, second_norms, block_rows=block_rows, precision=precision)
+        self._device_setup(lanes, precision, k, first.shape[1], resident)
+        self.both = np.concatenate([first, second])
+        self.on_device = self._resident(self.both)
+
+    def _work_on(self, lane: Lane, tile: Tile, keys: np.ndarray, thresholds: np.ndarray) -> None:
+        (i0, i1) = self.first.bounds[tile[0]]
+        (j0, j1) = (self.offset + bound for bound in self.second.bounds[tile[1]])
+        a = self._rows(lane, self.on_device, self.both, i0, i1, "a")
+        b = self._rows(lane, self.on_device, self.both, j0, j1, "b")
+        rows, cols = self._nominees(a, b, thresholds[i0:i1] - self.margin, thresholds[j0:j1] - self.margin,
+                                    False)
+        offer_nominees(rows, cols, i0, j0, self.row_ids, self.row_ids, keys, thresholds, False, self.scoring,
+                       self.scoring, True)

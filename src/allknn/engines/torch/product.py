@@ -9,6 +9,8 @@ exactly, so the bound of the rounded inputs still holds.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
@@ -31,3 +33,24 @@ def rounded(tensor: Any, precision: str) -> Any:
     half = (1 << (_TF32_DROPPED_BITS - 1)) - 1
     bits = (bits + half + ((bits >> _TF32_DROPPED_BITS) & 1)) & ~((1 << _TF32_DROPPED_BITS) - 1)
     return bits.view(torch.float32)
+
+
+@contextmanager
+def torch_settings(precision: str) -> Iterator[None]:
+    """One torch thread per tile worker, and on CUDA the TF32 tensor cores
+    for the lower precisions, set before any tile and put back after.
+
+    Either setting of the tensor cores stays within the certificate's bound
+    (without them the products are only more accurate), so tasks of other
+    runs in the same process cannot make a result wrong.
+    """
+    import torch
+
+    threads, tf32 = torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32
+    torch.set_num_threads(1)
+    torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
