@@ -177,8 +177,10 @@ def neighbors(
     if client is not None:
         _check_cluster_options({"threads": threads, "refine": refine, "on_tile": on_tile,
                                 "resident": resident})
-        if _validate.check_backend(backend, device, "exact" if method == "auto" else method) == "torch":
-            device = device or "cpu"
+        torch = _validate.check_backend(backend, device, "exact" if method == "auto" else method) == "torch"
+        device = (device or "cpu") if torch else None
+        if method != "approx":
+            check_options({"recall_target": recall_target, "probes": probes, "cells": cells}, "exact")
         return _on_cluster(X, k, client=client, queries=queries, exclude_self=exclude_self,
                            max_memory=max_memory, invalid=invalid, min_similarity=min_similarity,
                            method=method, block_rows=block_rows, task_rows=task_rows, checkpoint=checkpoint,

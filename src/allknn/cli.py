@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--backend", choices=("numba", "torch"), default="numba",
                      help="numba (default) or torch: the exact engine's tiles with products by torch")
     run.add_argument("--device", default=None,
-                     help="cpu, cuda or cuda:N (torch; cuda implies --backend torch)")
+                     help="cpu, cuda, cuda:N or several: cuda:0,cuda:1 (torch; cuda implies "
+                          "--backend torch)")
     run.add_argument("--precision", choices=("auto", "fp32", "tf32", "bf16", "fp16"), default=None,
                      help="torch products' precision (the result is the same in all)")
     run.add_argument("--invalid", choices=("raise", "drop"), default="raise",
@@ -266,6 +267,8 @@ def _cmd_run_on_cluster(args: argparse.Namespace) -> int:
     if args.scheduler is not None and args.threads is not None:
         raise CliError("--threads does not apply with --scheduler: the workers run as many tasks at once as "
                        "their --nthreads; leave it out")
+    if args.method == "exact" and args.recall_target is not None:
+        raise CliError("--recall-target is for --method approx; leave it out")
     device = args.device or ("cpu" if args.backend == "torch" else None)
     if args.method == "approx" and (device is not None or args.precision is not None):
         raise CliError("--device, --backend and --precision run the exact engine's tiles on the workers' "

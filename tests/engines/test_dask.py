@@ -146,8 +146,8 @@ def test_tasks_on_a_torch_device_are_the_local_result(client, npy, data, tmp_pat
     pytest.importorskip("torch")
     local = allknn.neighbors(data, 6, invalid="drop")
     for precision in ("fp32", "bf16", "fp16"):
-        remote = allknn.neighbors(npy, 6, client=client, device="cpu", precision=precision, task_rows=256,
-                                  invalid="drop")
+        remote = allknn.neighbors(npy, 6, client=client, backend="torch", device="cpu", precision=precision,
+                                  task_rows=256, invalid="drop")
         assert_same_result(remote, local)
         assert remote.params["device"] == "cpu" and remote.params["precision"] == precision
     Q = data[::5] + np.float32(0.25)
@@ -157,6 +157,12 @@ def test_tasks_on_a_torch_device_are_the_local_result(client, npy, data, tmp_pat
                        allknn.neighbors(data, 4, queries=Q, invalid="drop"))
     with pytest.raises(ValueError, match="on a cluster each worker uses one device"):
         allknn.neighbors(npy, 4, client=client, device="cuda:0,cuda:1", backend="torch")
+    numba = allknn.neighbors(npy, 4, client=client, device="cpu", invalid="drop")  # the default engine
+    assert "device" not in numba.params
+    with pytest.raises(ValueError, match="probes= is an option of method='approx'"):
+        allknn.neighbors(npy, 4, client=client, probes=8)
+    with pytest.raises(ValueError, match="in_flight must be"):
+        allknn.dask_neighbors(npy, 4, client=client, invalid="drop", in_flight=0)
     if not __import__("torch").cuda.is_available():
         with pytest.raises(ValueError, match=r"worker tcp://127\.0\.0\.1:\d+ has no CUDA device"):
             allknn.neighbors(npy, 4, client=client, device="cuda", invalid="drop")
@@ -428,8 +434,9 @@ def test_approximate_engine_meets_its_floor_and_its_interval_holds(client, tmp_p
     fixed = dask_approx_neighbors(tmp_path / "real.npy", 10, client=client, invalid="drop", task_rows=1024,
                                   seed=3, probes=4)
     assert fixed.params["probes"] == 4 and "pilot_recall" not in fixed.params
-    with pytest.raises(ValueError, match=r"give recall_target= .* or probes=, not both"):
-        dask_approx_neighbors(tmp_path / "real.npy", 10, client=client, probes=4, recall_target=0.9)
+    with_target = dask_approx_neighbors(tmp_path / "real.npy", 10, client=client, invalid="drop",
+                                        task_rows=1024, seed=3, probes=4, recall_target=0.99)
+    assert_same_result(with_target, fixed)  # ignored with probes, as locally
 
 
 def test_by_hand_scheduler_and_workers_survive_a_killed_worker(tmp_path):

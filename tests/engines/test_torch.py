@@ -247,3 +247,37 @@ def test_a_resumed_run_keeps_the_tile_size_it_started_with(tmp_path, real, monke
     res = allknn.neighbors(real, 6, on_tile=recording(resumed), **options)
     assert_same_result(res, allknn.neighbors(real, 6))
     assert max(resumed) == side * side  # the resumed run's tiles are the first run's
+
+
+def test_runs_of_another_precision_wait_for_the_torch_settings():
+    """The settings are global to the process: an fp32 run never multiplies
+    while a lower precision's TF32 setting is on (another thread's run)."""
+    import threading
+
+    from allknn.engines.torch.product import torch_settings
+
+    entered, release, seen = threading.Event(), threading.Event(), []
+
+    def lower():
+        with torch_settings("bf16"):
+            entered.set()
+            release.wait(10)
+
+    other = threading.Thread(target=lower)
+    other.start()
+    entered.wait(10)
+
+    def exact():
+        with torch_settings("fp32"):
+            seen.append(torch.backends.cuda.matmul.allow_tf32)
+
+    waiting = threading.Thread(target=exact)
+    waiting.start()
+    waiting.join(0.3)
+    assert waiting.is_alive() and not seen  # it waits while bf16 holds the settings
+    with torch_settings("bf16"):  # the same precision shares them
+        assert torch.backends.cuda.matmul.allow_tf32
+    release.set()
+    other.join(10)
+    waiting.join(10)
+    assert seen == [False]

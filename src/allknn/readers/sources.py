@@ -4,8 +4,8 @@ A source is a small, picklable description of where the rows are (paths,
 shape), never the rows themselves: a task reads its block where it runs, so
 a lost worker loses no data and the client reads no rows. Blocks are row
 ranges of the whole source; a folder or glob of parquet files is one source
-whose rows are the files' rows in file-name order, and a zarr array is
-read chunk-aligned where the blocks fall.
+whose rows are the files' rows in file-name order, and a zarr array reads
+the chunks its blocks overlap (chunks of whole rows read fastest).
 """
 
 from __future__ import annotations

@@ -118,7 +118,8 @@ def read_labels(folder: str | os.PathLike[str], name: str) -> pa.Array:
 
     path = Path(folder) / LABEL_FILES[name]
     try:
-        return pa.ipc.open_file(pa.memory_map(str(path))).read_all().column(0).combine_chunks()
+        column = pa.ipc.open_file(pa.memory_map(str(path))).read_all().column(0)
+        return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()  # one chunk: no copy
     except (OSError, pa.ArrowException) as exc:
         raise ValueError(f"{path} cannot be read ({exc}); the folder is incomplete: run again with "
                          f"--resume") from None

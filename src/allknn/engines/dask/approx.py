@@ -21,7 +21,9 @@ and since a row finds exactly the neighbours in the cells it probes, the
 pilot's recall at every breadth follows from where those cells rank among
 the row's nearest: the smallest breadth whose pilot recall, less one
 standard error, reaches ``recall_target`` is taken (stage 2b). The pilot
-and the audit are disjoint samples, so the audit stays unbiased.
+and the audit are disjoint samples, so the audit stays unbiased (below
+``RECALL_SAMPLE_ROWS + PILOT_ROWS`` kept rows, too few for two samples,
+the pilot is the audit sample, as in the local engine).
 
 Refinement passes are left out on a cluster: each pass would read every
 row's candidate lists across all blocks (an all-to-all exchange per pass),
@@ -66,7 +68,8 @@ def dask_approx_neighbors(X: Any, k: int, *, client, recall_target: float | None
     Parameters are those of :func:`allknn.engines.dask.dask_neighbors`, with:
 
     recall_target : float, optional
-        The pilot recall the breadth is chosen for (default 0.95).
+        The pilot recall the breadth is chosen for (default 0.95; ignored
+        with ``probes``, as locally).
     probes : int, optional
         Cells searched per row, instead of the pilot's choice.
     cells : int, optional
@@ -88,8 +91,6 @@ def dask_approx_neighbors(X: Any, k: int, *, client, recall_target: float | None
     invalid = _validate.check_invalid_choice(invalid)
     min_similarity = _validate.check_min_similarity(min_similarity)
     probes = _validate.check_optional_count(probes, "probes")
-    if probes is not None and recall_target is not None:
-        raise ValueError("give recall_target= (the pilot chooses the breadth) or probes=, not both")
     target = DEFAULT_RECALL_TARGET if recall_target is None else _validate.check_fraction(recall_target,
                                                                                              "recall_target")
     budget = parse_memory(max_memory)
@@ -146,19 +147,23 @@ def _pilot_breadth(client, corpus: Input, pilot: np.ndarray, centroids: np.ndarr
 
     A row probing its ``p`` nearest cells finds exactly its neighbours
     whose cell is among them, so the pilot recall at every ``p`` follows
-    from the rank of each exact neighbour's cell for its row.
+    from the rank of each exact neighbour's cell for its row (ranked here
+    by float32 products; the assignment's reference ranking may order
+    near-ties otherwise, which the audit then measures).
     """
-    neighbours = key_ids(_exact_neighbours(client, corpus, pilot, k, block_rows))
-    listed = np.unique(neighbours)
+    keys = _exact_neighbours(client, corpus, pilot, k, block_rows)
+    neighbours = np.where(keys == EMPTY_KEY, -1, key_ids(keys))
+    listed = np.unique(neighbours[neighbours >= 0])
     cell_of = nearest_centroids(_read_rows(client, corpus, listed, block_rows), centroids, 1)[:, 0]
-    cells = cell_of[np.searchsorted(listed, neighbours)]  # (pilot, k): each neighbour's cell
+    cells = cell_of[np.minimum(np.searchsorted(listed, neighbours), listed.size - 1)]  # each neighbour's cell
     similarities = _read_rows(client, corpus, pilot, block_rows) @ centroids.T
     ranks = np.argsort(np.argsort(-similarities, axis=1, kind="stable"), axis=1, kind="stable")
     found_at = np.take_along_axis(ranks, cells, axis=1)  # probes needed to find each neighbour, less one
+    found_at[neighbours < 0] = centroids.shape[0]  # no neighbour there: never found
     n_cells = centroids.shape[0]
-    found = np.zeros((pilot.size, n_cells + 1))
+    found = np.zeros((pilot.size, n_cells + 2))
     np.add.at(found, (np.repeat(np.arange(pilot.size), k), found_at.ravel() + 1), 1.0 / k)
-    recall_at = np.cumsum(found, axis=1)[:, 1:]  # recall_at[:, p - 1]: each pilot row's recall at p probes
+    recall_at = np.cumsum(found, axis=1)[:, 1:-1]  # recall_at[:, p - 1]: each pilot row's recall at p probes
     cautious = recall_at.mean(axis=0) - recall_at.std(axis=0, ddof=1) / np.sqrt(pilot.size) \
         if pilot.size > 1 else recall_at.mean(axis=0)
     reached = np.flatnonzero(cautious >= target)

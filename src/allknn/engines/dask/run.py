@@ -10,8 +10,9 @@ blocks of ``task_rows`` (seconds of work per task, a few MB of state);
    where it runs, normalises them and joins them with the exact engine's
    tiles into partial top-k states of both blocks; the client submits them
    in waves, row block after row block (:mod:`.waves`);
-3. the partial states of a row block are merged in a tree
-   (:func:`allknn.kernels.topk.merge_states`, associative and idempotent);
+3. the partial states of a row block are merged as they are submitted,
+   eight at a time (:func:`allknn.kernels.topk.merge_states`, associative
+   and idempotent);
 4. a finish task per row block decodes its state and writes its parquet
    part (or returns its arrays), and the client records the part in the
    manifest (:mod:`allknn.writers.parts`) as it completes.
@@ -283,8 +284,9 @@ def dask_neighbors(
                              labels=labels.columns, params=params, key=f"allknn-finish-{b}-{token}",
                              retries=RETRIES)
 
-    events = run_in_waves(client, jobs, expected, in_flight=in_flight or in_flight_for(client), finish=finish,
-                          retries=RETRIES, key=token)
+    in_flight = _validate.check_optional_count(in_flight, "in_flight") or in_flight_for(client)
+    events = run_in_waves(client, jobs, expected, in_flight=in_flight, finish=finish, retries=RETRIES,
+                          key=token)
     results = {}
     try:
         for kind, count, value in events:
@@ -299,6 +301,7 @@ def dask_neighbors(
             if on_task is not None:
                 on_task("part", query.blocks[count].stop - query.blocks[count].start)
     finally:
+        events.close()  # submits nothing more when the loop stops early
         with contextlib.suppress(Exception):  # a lost cluster keeps nothing anyway
             client.run(forget_run, run)
     if manifest is not None:
@@ -388,8 +391,12 @@ def _device_refusal(device: str) -> str | None:
         import torch
     except ImportError:
         return "has no torch; pip install 'allknn[gpu]' on every worker"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        return "has no CUDA device (torch.cuda.is_available() is False)"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            return "has no CUDA device (torch.cuda.is_available() is False)"
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            return f"has {torch.cuda.device_count()} CUDA device(s), so no {device}"
     return None
 
 

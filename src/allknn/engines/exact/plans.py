@@ -297,7 +297,7 @@ class PairPlan(TilePlan):
 
     def __init__(self, first: np.ndarray, second: np.ndarray, first_norms: np.ndarray,
                  second_norms: np.ndarray, *, block_rows: int, precision: str = "fp32"):
-        both = np.concatenate([first, second])
+        both = self.both = np.concatenate([first, second])
         self.offset = first.shape[0]
         self.n_queries = both.shape[0]
         self.row_ids = np.arange(both.shape[0], dtype=np.int64)

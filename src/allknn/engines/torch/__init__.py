@@ -21,7 +21,13 @@ import numpy as np
 from allknn.engines.base import Job
 from allknn.engines.exact import ExactEngine
 from allknn.engines.exact.plans import TilePlan
-from allknn.engines.torch.devices import CUDA_LANES, device_block_rows, lanes_for, parse_devices
+from allknn.engines.torch.devices import (
+    CUDA_LANES,
+    device_block_rows,
+    free_device_bytes,
+    lanes_for,
+    parse_devices,
+)
 from allknn.engines.torch.plans import DeviceQueryJoinPlan, DeviceSelfJoinPlan
 from allknn.engines.torch.product import PRECISIONS, torch_settings
 
@@ -81,9 +87,7 @@ class TorchEngine(ExactEngine):
         devices = self._devices(job)
         if not devices[0].startswith("cuda"):
             return None
-        import torch
-
-        return min(torch.cuda.mem_get_info(torch.device(device))[0] for device in devices)
+        return min(free_device_bytes(device) for device in devices)
 
     def _rows_bytes(self, job: Job) -> int:
         return job.corpus.rows.nbytes + (0 if job.self_join else job.queries.rows.nbytes)
@@ -101,8 +105,8 @@ class TorchEngine(ExactEngine):
         """The tile side: a resumed plan's; on the CPU the job's (from
         ``max_memory``); on CUDA from the free device memory
         (:func:`device_block_rows`), unless ``block_rows=`` was given."""
-        if saved is not None and "block_rows" in saved:
-            return int(saved["block_rows"][0])
+        if saved is not None:  # a checkpoint from before tiles were sized by the device: the job's
+            return int(saved["block_rows"][0]) if "block_rows" in saved else job.block_rows
         free = self._free_bytes(job)
         if free is None or job.block_rows_given:
             return job.block_rows

@@ -101,6 +101,16 @@ def device_block_rows(free_bytes: int, dim: int, lanes_per_device: int, n_rows: 
     return rows
 
 
+def free_device_bytes(device: str) -> int:
+    """Free memory of a CUDA device, counting what torch's caching allocator
+    holds but does not use (earlier tiles' memory, free for the next)."""
+    import torch
+
+    where = torch.device(device)
+    return int(torch.cuda.mem_get_info(where)[0] + torch.cuda.memory_reserved(where)
+               - torch.cuda.memory_allocated(where))
+
+
 class Lane:
     """One tile worker on one device: its stream, staging buffers and the
     block it copied last (reused while the schedule stays on that block)."""
@@ -121,10 +131,10 @@ class Lane:
 
         return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
 
-    def to_device(self, rows: np.ndarray, slot: str = "a", key: tuple[int, int, int] | None = None) -> Any:
+    def to_device(self, rows: np.ndarray, slot: str, key: tuple[int, int, int]) -> Any:
         """``rows`` (float32) on the device, rounded to the precision.
 
-        With ``key`` (which rows of which matrix they are), a copy of the
+        ``key`` says which rows of which matrix they are: a copy of the
         same rows into the same ``slot`` as last time is reused. On CUDA the
         rows go through the slot's pinned staging buffer and are copied
         asynchronously on the lane's stream; the lane's next use of the
@@ -135,9 +145,9 @@ class Lane:
 
         from allknn.engines.torch.product import rounded
 
-        if key is not None and slot in self._copied and self._copied[slot][:3] == key:
+        if slot in self._copied and self._copied[slot][:3] == key:
             return self._copied[slot][3]
-        host = torch.from_numpy(np.ascontiguousarray(rows))
+        host = torch.from_numpy(np.array(rows))  # a writable copy (cached blocks are read-only)
         if self._pinned:
             staging = self._staging.get(slot)
             if staging is None or staging.numel() < host.numel():
@@ -147,8 +157,7 @@ class Lane:
             staged.copy_(host)
             host = staged
         on_device = rounded(host.to(self.device, non_blocking=self._pinned), self.precision)
-        if key is not None:
-            self._copied[slot] = (*key, on_device)
+        self._copied[slot] = (*key, on_device)
         return on_device
 
 
@@ -177,9 +186,7 @@ def task_plan_options(device: str, precision: str, k: int, threads: int, block_r
         The row blocks the task puts on the device.
     """
     if device.startswith("cuda"):
-        import torch
-
-        free = torch.cuda.mem_get_info(torch.device(device))[0] - sum(block.nbytes for block in rows)
+        free = free_device_bytes(device) - sum(block.nbytes for block in rows)
         block_rows = device_block_rows(free, rows[0].shape[1], CUDA_LANES, sum(len(block) for block in rows),
                                        streamed_budget=None)
     return {"lanes": lanes_for((device,), precision, threads), "precision": precision, "k": k,

@@ -45,10 +45,15 @@ class _OnDevice:
         streamed block by block (copied by the lanes as tiles need them)."""
         if not self.resident:
             return None
+        import torch
+
+        from allknn.engines.torch.product import rounded
+
         on_device = {}
-        for device in self.devices:
-            lane = next(lane for lane in self.lanes if lane.device == device)
-            on_device[device] = lane.to_device(rows)
+        for device in self.devices:  # a plain copy, on the default stream, complete before any lane starts
+            on_device[device] = rounded(torch.from_numpy(np.array(rows)).to(device), self.precision)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize(device)
         return on_device
 
     def _rows(self, lane: Lane, on_device: dict[str, Any] | None, host: np.ndarray, start: int, stop: int,
@@ -153,7 +158,6 @@ class DevicePairPlan(_OnDevice, PairPlan):
                  resident: bool):
         super().__init__(first, second, first_norms, second_norms, block_rows=block_rows, precision=precision)
         self._device_setup(lanes, precision, k, first.shape[1], resident)
-        self.both = np.concatenate([first, second])
         self.on_device = self._resident(self.both)
 
     def _work_on(self, lane: Lane, tile: Tile, keys: np.ndarray, thresholds: np.ndarray) -> None:

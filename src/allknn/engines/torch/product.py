@@ -9,6 +9,7 @@ exactly, so the bound of the rounded inputs still holds.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -35,22 +36,38 @@ def rounded(tensor: Any, precision: str) -> Any:
     return bits.view(torch.float32)
 
 
+_SETTINGS = threading.Condition()
+_HELD: dict[str, Any] = {"precision": None, "count": 0, "saved": None}
+
+
 @contextmanager
 def torch_settings(precision: str) -> Iterator[None]:
     """One torch thread per tile worker, and on CUDA the TF32 tensor cores
     for the lower precisions, set before any tile and put back after.
 
-    Either setting of the tensor cores stays within the certificate's bound
-    (without them the products are only more accurate), so tasks of other
-    runs in the same process cannot make a result wrong.
+    The settings are global to the process, and an fp32 product made with
+    TF32 on would be outside fp32's bound: runs (or Dask tasks) of one
+    precision share the settings, and one of another precision waits until
+    they are done.
     """
     import torch
 
-    threads, tf32 = torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32
-    torch.set_num_threads(1)
-    torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
+    with _SETTINGS:
+        while _HELD["count"] and _HELD["precision"] != precision:
+            _SETTINGS.wait()
+        if not _HELD["count"]:
+            _HELD["saved"] = (torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32)
+            torch.set_num_threads(1)
+            torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
+            _HELD["precision"] = precision
+        _HELD["count"] += 1
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+        with _SETTINGS:
+            _HELD["count"] -= 1
+            if not _HELD["count"]:
+                threads, tf32 = _HELD["saved"]
+                torch.set_num_threads(threads)
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+                _SETTINGS.notify_all()
