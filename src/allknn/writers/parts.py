@@ -244,19 +244,26 @@ def read_parts(folder: str | os.PathLike[str]) -> TopK:
     indices = np.full((n_rows, k), -1, dtype=np.int64)
     similarities = np.full((n_rows, k), np.nan, dtype=np.float32)
     covered = np.zeros(n_rows, dtype=bool)
-    for entry in manifest["parts"].values():
+    entries = list(manifest["parts"].values())
+    tables = [open_parquet(folder / entry["file"]).read(columns=["id", "neighbor_id", "rank", "similarity"])
+              for entry in entries]
+    if tables:  # labels to row numbers once for all parts (a lookup table per call)
+        import pyarrow as pa
+
+        table = pa.concat_tables(tables)
+        all_ids = _row_numbers(table.column("id"), labels.get("id"), folder)
+        all_neighbours = _row_numbers(table.column("neighbor_id"), labels.get("neighbor_id"), folder)
+    ends = np.cumsum([t.num_rows for t in tables], dtype=np.int64)
+    for entry, part, end in zip(entries, tables, ends, strict=True):
         first, rows = entry["first_row"], entry["rows"]
-        table = open_parquet(folder / entry["file"]).read(columns=["id", "neighbor_id", "rank", "similarity"])
-        part = folder / entry["file"]
-        ids = _row_numbers(table.column("id"), labels.get("id"), part)
-        ranks = table.column("rank").to_numpy().astype(np.int64) - 1
-        neighbours = _row_numbers(table.column("neighbor_id"), labels.get("neighbor_id"), part)
+        ids = all_ids[end - part.num_rows : end]
+        ranks = part.column("rank").to_numpy().astype(np.int64) - 1
         outside = ids.size and (ids.min() < first or ids.max() >= first + rows or ranks.min() < 0
                                 or ranks.max() >= k)
         if outside:
             raise ValueError(f"{folder / entry['file']} holds rows outside its manifest entry; it is corrupt")
-        indices[ids, ranks] = neighbours
-        similarities[ids, ranks] = table.column("similarity").to_numpy()
+        indices[ids, ranks] = all_neighbours[end - part.num_rows : end]
+        similarities[ids, ranks] = part.column("similarity").to_numpy()
         covered[first : first + rows] = True
     if not covered.all():
         missing = np.flatnonzero(~covered)
@@ -272,7 +279,7 @@ def folder_labels(folder: str | os.PathLike[str]) -> dict[str, np.ndarray | None
             for column, name in manifest.get("labels", {"id": None, "neighbor_id": None}).items()}
 
 
-def _row_numbers(column: pa.ChunkedArray, labels: pa.Array | None, path: Path) -> np.ndarray:
+def _row_numbers(column: pa.ChunkedArray, labels: pa.Array | None, folder: Path) -> np.ndarray:
     """Row numbers of an id column: the column itself, or each label's place among ``labels``."""
     import pyarrow.compute as pc
 
@@ -280,7 +287,7 @@ def _row_numbers(column: pa.ChunkedArray, labels: pa.Array | None, path: Path) -
         return column.to_numpy()
     positions = pc.index_in(column, value_set=labels)
     if positions.null_count:
-        raise ValueError(f"{path} has ids that are not among its folder's labels; it is corrupt")
+        raise ValueError(f"{folder} has parts with ids that are not among its labels; it is corrupt")
     return positions.to_numpy().astype(np.int64)
 
 
