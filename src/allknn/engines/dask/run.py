@@ -266,14 +266,13 @@ def dask_neighbors(
 
     todo = [b for b in range(len(query.blocks)) if b not in done]
     submit = _Submitter(client, spec, token)
+    expected = {b: len(corpus.blocks) for b in todo}  # a row block meets every corpus block once
     if not todo:
-        jobs, expected = iter(()), {}
+        jobs = iter(())
     elif self_join:
         jobs = submit.self_join_jobs(corpus, set(todo))
-        expected = {b: len(corpus.blocks) for b in todo}
     else:
         jobs = submit.query_join_jobs(query, corpus, todo)
-        expected = {b: len(corpus.blocks) for b in todo}
     folder = None if output is None else str(Path(output).resolve())
 
     def finish(b: int, state: Any) -> Any:
