@@ -26,14 +26,15 @@ class CliError(Exception):
     """An error the CLI reports as one line."""
 
 
-def _progress(total: int | None, quiet: bool, description: str) -> tuple[AbstractContextManager, Callable]:
-    """A tqdm bar over pairs scored, on stderr, only for a terminal."""
+def _progress(total: int | None, quiet: bool, description: str,
+              unit: str = "pairs") -> tuple[AbstractContextManager, Callable]:
+    """A tqdm bar over pairs scored (or another ``unit``), on stderr, only for a terminal."""
     if quiet or not sys.stderr.isatty():
         return nullcontext(), lambda tile, pairs: None
     from tqdm import tqdm
 
     width = shutil.get_terminal_size((100, 24)).columns  # the fallback covers a 0-wide pty
-    bar = tqdm(total=total, unit="pairs", unit_scale=True, desc=description, file=sys.stderr,
+    bar = tqdm(total=total, unit=unit, unit_scale=True, desc=description, file=sys.stderr,
                smoothing=0.1, ncols=width)
     return bar, lambda tile, pairs: bar.update(pairs)
 
@@ -222,41 +223,6 @@ def _cluster(args: argparse.Namespace):
                        f"address") from None
 
 
-def _write_parts(result, output: Path, ids) -> None:
-    """Write a result gathered on the client as a parts folder (one part per task block)."""
-    from allknn.writers.parts import MANIFEST, Manifest, PartLabels, write_part
-
-    if (output / MANIFEST).exists():
-        raise CliError(f"{output} holds the output of an earlier run; write to another folder")
-    labels = PartLabels.check(ids, None, n_corpus=result.n_corpus, n_rows=len(result), self_join=True)
-    output.mkdir(parents=True, exist_ok=True)
-    header = {"k": result.k, "n_rows": len(result), "n_corpus": result.n_corpus, "params": result.params,
-              "labels": labels.columns}
-    manifest = Manifest(output, {"params": result.params, "labels": labels.digests}, header)
-    labels.write(output)
-    rows = int(result.params["task_rows"])
-    for block, start in enumerate(range(0, len(result), rows)):
-        stop = min(start + rows, len(result))
-        manifest.add(block, write_part(output, block, start, result.indices[start:stop],
-                                       result.similarities[start:stop], n_corpus=result.n_corpus,
-                                       params=result.params, n_rows=len(result), labels=labels.columns))
-    manifest.save(complete=True)
-
-
-def _cluster_ids(args: argparse.Namespace):
-    """The ids of the approximate engine's parts: --ids, or --id-column of the parquet input."""
-    if args.ids is not None and args.id_column is not None:
-        raise CliError("give ids either with --id-column or with --ids, not both")
-    if args.id_column is None:
-        return args.ids
-    from allknn.readers.sources import ParquetSource, open_source
-
-    source = open_source(args.input, column=args.column)
-    if not isinstance(source, ParquetSource):
-        raise CliError(f"--id-column reads a column of parquet files, and {args.input} is not; use --ids")
-    return source.read_ids(args.id_column)
-
-
 def _cmd_run_on_cluster(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.suffix in OUTPUT_SUFFIXES:
@@ -273,27 +239,28 @@ def _cmd_run_on_cluster(args: argparse.Namespace) -> int:
     if args.method == "approx" and (device is not None or args.precision is not None):
         raise CliError("--device, --backend and --precision run the exact engine's tiles on the workers' "
                        "devices; the approximate engine on a cluster runs on their CPUs")
-    if args.method == "approx" and (args.resume or args.queries is not None):
-        raise CliError("the approximate engine on a cluster runs the self-join in one go: leave --resume and "
-                       "--queries out")
+    if args.method == "approx" and args.queries is not None:
+        raise CliError("the approximate engine on a cluster runs the self-join only: leave --queries out")
     started = time.perf_counter()
     client, cluster = _cluster(args)
     try:
         if not args.quiet:
             print(f"cluster: {len(client.scheduler_info()['workers'])} worker(s), dashboard "
                   f"{client.dashboard_link}", file=sys.stderr)
-        bar, on_tile = _progress(None, args.quiet, "allknn")
+        bar, on_tile = _progress(None, args.quiet, "allknn", "rows" if args.method == "approx" else "pairs")
         if args.method == "approx":
             from allknn.engines.dask.approx import dask_approx_neighbors
+            from allknn.writers.parts import folder_recall
 
-            ids = _cluster_ids(args)
-            result = dask_approx_neighbors(args.input, args.k, client=client, max_memory=args.max_memory,
-                                           invalid=args.invalid, min_similarity=args.min_similarity,
-                                           task_rows=args.task_rows, column=args.column,
-                                           recall_target=args.recall_target)
-            _write_parts(result, output, ids)
+            with bar:
+                dask_approx_neighbors(args.input, args.k, client=client, max_memory=args.max_memory,
+                                      invalid=args.invalid, min_similarity=args.min_similarity,
+                                      task_rows=args.task_rows, column=args.column,
+                                      recall_target=args.recall_target, output=output, resume=args.resume,
+                                      ids=args.ids, id_column=args.id_column,
+                                      on_task=lambda kind, rows: on_tile(None, rows))
             if not args.quiet:
-                print(f"measured {result.recall}")
+                print(f"measured {folder_recall(output)}")
         else:
             with bar:
                 allknn.dask_neighbors(args.input, args.k, client=client, queries=args.queries,

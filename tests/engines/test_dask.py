@@ -17,7 +17,14 @@ import pytest
 
 import allknn
 import allknn.cli
-from conftest import REAL, Interrupt, assert_same_result, clustered_with_duplicates
+from conftest import (
+    REAL,
+    Interrupt,
+    assert_same_result,
+    clustered_with_duplicates,
+    exact_reference_topk,
+    reference_unit_rows,
+)
 
 distributed = pytest.importorskip("distributed")
 pa = pytest.importorskip("pyarrow")
@@ -439,6 +446,109 @@ def test_approximate_engine_meets_its_floor_and_its_interval_holds(client, tmp_p
     assert_same_result(with_target, fixed)  # ignored with probes, as locally
 
 
+def _probed_reference(X: np.ndarray, k: int, centroids: np.ndarray, probes: int) -> allknn.TopK:
+    """The approximate engine's answer by brute force: each row's exact
+    top-k (by the contract's reference similarity, ties by smaller index)
+    among the rows whose cell is one of its ``probes`` nearest cells."""
+    from allknn.engines.kmeans import nearest_centroids
+
+    order = nearest_centroids(reference_unit_rows(X)[0], centroids, probes)
+    full = exact_reference_topk(X, 1).full
+    full[~(order[:, 0][None, :, None] == order[:, None, :]).any(axis=2)] = -np.inf  # j's cell not probed by i
+    best = np.lexsort((np.broadcast_to(np.arange(full.shape[1]), full.shape), -full), axis=1)[:, :k]
+    similarities = np.take_along_axis(full, best, axis=1)
+    missing = np.isinf(similarities)
+    return allknn.TopK(indices=np.where(missing, -1, best).astype(np.int64),
+                       similarities=np.where(missing, np.nan, similarities).astype(np.float32),
+                       n_corpus=X.shape[0])
+
+
+def test_approximate_probing_equals_brute_force_over_the_probed_cells_however_large_a_cell(client, tmp_path):
+    """One giant cluster makes cells of many task blocks: its shards are cut
+    into several probing tasks a side, and the result is still each row's
+    exact top-k over its probed cells; the parts written by the workers read
+    back as the in-memory result, with its recall."""
+    from allknn.engines.dask.approx import dask_approx_neighbors
+    from allknn.engines.kmeans import nearest_centroids
+
+    rng = np.random.default_rng(4)
+    giant = np.float32(3.0) + rng.standard_normal((700, 12)).astype(np.float32) * np.float32(0.3)
+    X = np.concatenate([clustered_with_duplicates(500, 12, seed=5), giant])
+    np.save(tmp_path / "x.npy", X)
+    options = {"client": client, "cells": 6, "probes": 2, "task_rows": 64, "seed": 2}
+    held = dask_approx_neighbors(tmp_path / "x.npy", 5, **options)
+    dask_approx_neighbors(tmp_path / "x.npy", 5, output=tmp_path / "out", **options)
+    centroids = np.load(tmp_path / "out" / "_cells.npy")
+    cells = nearest_centroids(reference_unit_rows(X)[0], centroids, 1)[:, 0]
+    assert np.bincount(cells).max() > 4 * 64  # a cell of more than four task blocks
+    assert_same_result(held, _probed_reference(X, 5, centroids, 2))
+    written = allknn.load_result(tmp_path / "out")
+    assert_same_result(written, held)
+    assert written.recall == held.recall and held.recall.sample_size == 1000
+    assert written.params["probes"] == 2 and written.params["recall_rows"] == 1000
+    table = pq.read_table(tmp_path / "out").to_pandas()  # the parts as one table
+    assert len(table) == (held.indices >= 0).sum()
+
+
+def test_approximate_run_resumes_with_the_cells_and_breadth_it_kept(client, npy, data, tmp_path, monkeypatch):
+    """A run killed after two parts, resumed: the finished parts are kept,
+    the cells and the pilot's breadth are read back rather than chosen
+    again, and the folder equals an uninterrupted run's (ids included)."""
+    import pandas as pd
+
+    from allknn.engines.dask import approx
+
+    labels = np.array([f"r{i}" for i in range(data.shape[0])])
+    options = {"client": client, "task_rows": 256, "invalid": "drop", "seed": 1, "ids": labels}
+    approx.dask_approx_neighbors(npy, 6, output=tmp_path / "whole", **options)
+    finished = []
+
+    def die_after_two_parts(kind, rows):
+        finished.append(rows)
+        if len(finished) == 2:
+            raise Interrupt
+
+    out = tmp_path / "out"
+    with pytest.raises(Interrupt):
+        approx.dask_approx_neighbors(npy, 6, output=out, on_task=die_after_two_parts, **options)
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert len(manifest["parts"]) == 2 and not manifest["complete"]
+    assert (out / "_cells.npy").is_file() and "pilot_recall" in manifest["params"]
+    with pytest.raises(ValueError, match="holds the output of an earlier run; pass resume=True"):
+        approx.dask_approx_neighbors(npy, 6, output=out, **options)
+    with pytest.raises(ValueError, match=r"different run \(seed: the folder has 1, this run has 2"):
+        approx.dask_approx_neighbors(npy, 6, output=out, resume=True, **{**options, "seed": 2})
+    recorded = {entry["file"]: os.stat(out / entry["file"]).st_mtime_ns
+                for entry in manifest["parts"].values()}
+
+    def chosen_again(*args, **kwargs):
+        raise AssertionError("a resumed run chose its cells again")
+
+    monkeypatch.setattr(approx._Search, "breadth", chosen_again)
+    approx.dask_approx_neighbors(npy, 6, output=out, resume=True, **options)
+    assert all(os.stat(out / name).st_mtime_ns == mtime for name, mtime in recorded.items())  # kept
+    whole, resumed = allknn.load_result(tmp_path / "whole"), allknn.load_result(out)
+    assert_same_result(resumed, whole)
+    assert resumed.recall == whole.recall and resumed.params == whole.params
+    pd.testing.assert_frame_equal(pd.read_parquet(out), pd.read_parquet(tmp_path / "whole"))
+    assert pd.read_parquet(out)["id"].iloc[0].startswith("r")
+
+
+def test_probing_chunks_hold_at_most_a_task_of_rows_a_side():
+    from allknn.engines.dask.approx_tasks import shard_chunks
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        limit = int(rng.integers(1, 50))
+        shards = {int(b): int(rng.integers(1, limit + 1)) for b in rng.choice(100, rng.integers(1, 30),
+                                                                              replace=False)}
+        chunks = shard_chunks(shards, limit)
+        assert [b for chunk in chunks for b in chunk] == sorted(shards)  # every shard once, in order
+        sums = [sum(shards[b] for b in chunk) for chunk in chunks]
+        assert max(sums) <= limit
+        assert all(a + shards[chunk[0]] > limit for a, chunk in zip(sums, chunks[1:], strict=False))  # full
+
+
 def test_by_hand_scheduler_and_workers_survive_a_killed_worker(tmp_path):
     """The README's way: ``dask scheduler`` and ``dask worker`` started by
     hand, ``allknn run ... --scheduler``; a worker killed mid-run."""
@@ -484,7 +594,14 @@ def test_cli_writes_an_approximate_run_as_parts(cluster, client, tmp_path, capsy
     out = tmp_path / "out"
     assert allknn.cli.main(["run", str(tmp_path / "real.npy"), "-k", "10", "-o", str(out), "--method",
                             "approx", "--task-rows", "1024", "--scheduler", cluster.scheduler_address]) == 0
-    assert "measured recall@k" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert f"measured {want.recall}" in shown
     assert_same_result(allknn.load_result(out), want)
+    written = {path.name: path.stat().st_mtime_ns for path in out.glob("part-*.parquet")}
+    assert allknn.cli.main(["run", str(tmp_path / "real.npy"), "-k", "10", "-o", str(out), "--method",
+                            "approx", "--task-rows", "1024", "--scheduler", cluster.scheduler_address,
+                            "--resume"]) == 0  # finished: nothing to redo, the same recall
+    assert f"measured {want.recall}" in capsys.readouterr().out
+    assert {path.name: path.stat().st_mtime_ns for path in out.glob("part-*.parquet")} == written
     assert allknn.cli.main(["run", str(tmp_path / "real.npy"), "-o", str(out), "--method", "approx",
                             "--scheduler", cluster.scheduler_address]) == 1  # an earlier run's folder

@@ -35,7 +35,7 @@ import numpy as np
 
 from allknn._optional import open_parquet
 from allknn.readers.ids import read_ids
-from allknn.topk.result import TopK
+from allknn.topk.result import RecallEstimate, TopK
 from allknn.writers.atomic import atomic_path
 from allknn.writers.json_text import dumps
 from allknn.writers.neighbor_table import ParquetNeighborWriter, arrow_labels, labels_digest
@@ -188,9 +188,14 @@ class Manifest:
     def path(self) -> Path:
         return self.folder / MANIFEST
 
-    def resume(self) -> None:
+    def resume(self) -> dict[str, Any] | None:
         """Take over the finished parts of the manifest on disk (none if
         there is none), after checking it belongs to this run.
+
+        Returns
+        -------
+        dict or None
+            The manifest on disk (None if there is none).
 
         Raises
         ------
@@ -199,7 +204,7 @@ class Manifest:
             each difference).
         """
         if not self.path.exists():
-            return
+            return None
         saved = _read(self.path)
         differences = [f"{key}: the folder has {saved['fingerprint'].get(key)!r}, this run has {value!r}"
                        for key, value in self.fingerprint.items() if saved["fingerprint"].get(key) != value]
@@ -209,6 +214,7 @@ class Manifest:
                              "another output folder")
         self.parts = {int(block): entry for block, entry in saved["parts"].items()
                       if (self.folder / entry["file"]).is_file()}
+        return saved
 
     def add(self, block: int, entry: dict[str, Any]) -> None:
         """Record a finished part and rewrite the manifest."""
@@ -269,7 +275,19 @@ def read_parts(folder: str | os.PathLike[str]) -> TopK:
         missing = np.flatnonzero(~covered)
         raise ValueError(f"{folder} is unfinished: rows {missing[0]}..{missing[-1]} have no part yet; run "
                          f"the same command again with --resume to finish it")
-    return TopK(indices=indices, similarities=similarities, n_corpus=n_corpus, params=manifest["params"])
+    return TopK(indices=indices, similarities=similarities, n_corpus=n_corpus, params=manifest["params"],
+                recall=_recall(manifest["params"]))
+
+
+def folder_recall(folder: str | os.PathLike[str]) -> RecallEstimate | None:
+    """The measured recall of the approximate run that wrote a parts folder (None: an exact run)."""
+    return _recall(_read(Path(folder) / MANIFEST)["params"])
+
+
+def _recall(params: dict[str, Any]) -> RecallEstimate | None:
+    if "recall_rows" not in params:
+        return None
+    return RecallEstimate(params["recall"], tuple(params["recall_interval"]), params["recall_rows"])
 
 
 def folder_labels(folder: str | os.PathLike[str]) -> dict[str, np.ndarray | None]:

@@ -7,12 +7,30 @@
 3. Assign: each row block task lists every row's ``probes`` nearest cells
    and writes the rows as shards by group of cells on shared storage
    (:mod:`allknn.engines.dask.approx_tasks`).
-4. Probe: one task per group joins the rows probing each of its cells with
-   the rows in it, by the exact engine's tiles.
-5. Gather each row block's partial states, finish it (as the exact form).
+4. Probe: tasks per group join the rows probing each of its cells with
+   the rows in it, by the exact engine's tiles; a group whose shards hold
+   more than a task's rows on either side is cut into several tasks
+   (:func:`~allknn.engines.dask.approx_tasks.shard_chunks`), so that no
+   task holds more than a pair task of the exact form, however uneven the
+   cells.
+5. Gather each row block's partial states and finish it on a worker (as
+   the exact form): with ``output``, the worker writes the block's parquet
+   part and the client records it in the manifest
+   (:mod:`allknn.writers.parts`), with the keys found for the block's audit
+   rows; the client never holds the result.
 6. Audit: the recall on another seeded sample of rows against their exact
-   neighbours (an exact query join of the sample on the cluster), with its
-   95% interval.
+   neighbours (an exact query join of the sample on the cluster, run
+   beside the search), with its 95% interval, recorded in the manifest.
+
+A resumed run (``resume=True``, ``--resume``) takes the cells and the
+breadth the first run kept in the folder (``_cells.npy`` and the
+manifest), so that the parts it adds are those an uninterrupted run would
+have written; the finished blocks' rows are still candidates (their corpus
+shards are written) but not queries.
+
+Tasks are few enough to submit at once: about three per row block plus one
+per group of cells and chunk (the exact form's block pairs grow with the
+square of the row blocks; these grow with the rows times the breadth).
 
 The breadth (``probes``, the cells each row searches) is chosen before the
 assignment by a pilot sample, unless given: the pilot rows' exact
@@ -37,32 +55,59 @@ import logging
 import os
 import shutil
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from allknn import _validate
 from allknn._memory import choose_block_rows, parse_memory, round_block_rows
+from allknn._optional import optional
 from allknn.engines.approx.cells import cell_centroids, n_cells_for
 from allknn.engines.approx.recall import estimate, row_recall
 from allknn.engines.approx.search import DEFAULT_RECALL_TARGET, RECALL_SAMPLE_ROWS
-from allknn.engines.dask.approx_tasks import assign_task, gather_block_task, probe_group_task, sample_task
-from allknn.engines.dask.run import RETRIES, Input, scan, task_rows_for
-from allknn.engines.dask.tasks import Block, JoinSpec, finish_task, merge_task, pair_task
+from allknn.engines.dask.approx_tasks import (
+    assign_task,
+    finish_with_audit,
+    gather_block_task,
+    probe_group_task,
+    sample_task,
+    shard_chunks,
+)
+from allknn.engines.dask.run import (
+    RETRIES,
+    Input,
+    TaskCallback,
+    part_labels,
+    scan,
+    scans_digest,
+    task_rows_for,
+)
+from allknn.engines.dask.tasks import Block, JoinSpec, merge_task, pair_task
+from allknn.engines.dask.waves import MERGE_FAN_IN
 from allknn.engines.kmeans import SAMPLE_ROWS, nearest_centroids
 from allknn.kernels.topk import EMPTY_KEY, key_ids, key_similarities
 from allknn.topk.result import TopK
+from allknn.writers.atomic import atomic_path
+from allknn.writers.parts import MANIFEST, Manifest
 
 logger = logging.getLogger("allknn")
 
 PILOT_ROWS = 1000
 """Rows of the pilot sample that chooses the breadth."""
 
+CELLS_FILE = "_cells.npy"
+"""The centroids a parts folder's run searched with (for ``resume``)."""
+
+
 def dask_approx_neighbors(X: Any, k: int, *, client, recall_target: float | None = None,
                           probes: int | None = None, cells: int | None = None, seed: int = 0,
                           max_memory: str | int = "1GB", invalid: str = "raise",
                           min_similarity: float | None = None, task_rows: int | None = None,
-                          column: str | None = None, scratch: str | os.PathLike[str] | None = None) -> TopK:
+                          column: str | None = None, scratch: str | os.PathLike[str] | None = None,
+                          output: str | os.PathLike[str] | None = None, resume: bool = False,
+                          ids: Any = None, id_column: str | None = None,
+                          on_task: TaskCallback | None = None) -> TopK | None:
     """The approximate top-k of every row of ``X`` on a cluster (see the module docstring).
 
     Parameters are those of :func:`allknn.engines.dask.dask_neighbors`, with:
@@ -80,17 +125,24 @@ def dask_approx_neighbors(X: Any, k: int, *, client, recall_target: float | None
         A folder every worker can read and write, where the shards live
         (in a new subfolder, removed at the end); default this machine's
         temporary folder (enough for a cluster on one machine).
+    output, resume, ids, id_column, on_task
+        As for the exact form: the result as a parts folder written by the
+        workers (the measured recall in its manifest's ``params``), resumed
+        with the first run's cells and breadth; ``on_task("part", rows)``
+        as each row block is finished.
 
     Returns
     -------
-    TopK
+    TopK or None
         ``recall`` holds the measured recall and its 95% interval;
-        ``params`` the breadth and, when the pilot chose it, its recall.
+        ``params`` the breadth and, when the pilot chose it, its recall
+        (None with ``output``).
     """
     corpus = Input(X, name="X", column=column)
     invalid = _validate.check_invalid_choice(invalid)
     min_similarity = _validate.check_min_similarity(min_similarity)
     probes = _validate.check_optional_count(probes, "probes")
+    cells = _validate.check_optional_count(cells, "cells")
     target = DEFAULT_RECALL_TARGET if recall_target is None else _validate.check_fraction(recall_target,
                                                                                              "recall_target")
     budget = parse_memory(max_memory)
@@ -102,16 +154,55 @@ def dask_approx_neighbors(X: Any, k: int, *, client, recall_target: float | None
     corpus.cut(client, rows)
     if corpus.array is not None:
         raise TypeError("the approximate engine on a cluster reads a source on shared storage; pass a path")
-    _, bad = scan(client, corpus, invalid)
+    labels = part_labels(corpus, corpus, ids, None, id_column, output is not None, True)
+    if output is not None and not resume and (Path(output) / MANIFEST).exists():
+        raise ValueError(f"{output} holds the output of an earlier run; pass resume=True (--resume) to "
+                         f"continue it, or write to another folder")
+    scans, bad = scan(client, corpus, invalid)
     k = _validate.check_k(k, n - bad.size - 1, self_join=True)
-    folder = tempfile.mkdtemp(prefix="allknn-shards-") if scratch is None else tempfile.mkdtemp(
-        prefix="allknn-shards-", dir=os.fspath(scratch))
+    params = {"k": k, "method": "approx", "self_join": True, "exclude_self": True, "invalid": invalid,
+              "min_similarity": min_similarity, "engine": "dask", "task_rows": rows, "refine": 0,
+              "seed": seed}
+    fingerprint = {**params, "given": {"probes": probes, "cells": cells,
+                                       "recall_target": None if probes is not None else target},
+                   "X": scans_digest(scans), **({"labels": labels.digests} if labels.arrays else {})}
+    search = _Search(client, corpus, k, bad, seed=seed, budget=budget, rows=rows, block_rows=block_rows)
+    manifest = None
+    if output is None:
+        params.update(search.breadth(probes, cells, target))
+    else:
+        Path(output).mkdir(parents=True, exist_ok=True)
+        manifest = Manifest(output, fingerprint, {})
+        saved = manifest.resume() if resume else None
+        cells_path = Path(output) / CELLS_FILE
+        if saved is not None and "probes" in saved["params"] and cells_path.is_file():
+            search.centroids = np.load(cells_path)
+            chosen = ("cells", "probes", "recall_target", "pilot_recall")
+            params.update({name: saved["params"][name] for name in chosen if name in saved["params"]})
+        else:
+            params.update(search.breadth(probes, cells, target))
+            with atomic_path(cells_path) as tmp, open(tmp, "wb") as handle:
+                np.save(handle, search.centroids)
+        manifest.header = {"k": k, "n_rows": n, "n_corpus": n, "params": params, "labels": labels.columns}
+        labels.write(output)
+        manifest.save()
+    folder = tempfile.mkdtemp(prefix="allknn-shards-", dir=None if scratch is None else os.fspath(scratch))
     try:
-        return _search(client, corpus, k, bad, folder, probes=probes, target=target, cells=cells, seed=seed,
-                       budget=budget, rows=rows, block_rows=block_rows, invalid=invalid,
-                       min_similarity=min_similarity)
+        results, audit_keys = search.run(folder, params, manifest=manifest, min_similarity=min_similarity,
+                                         labels=labels.columns, on_task=on_task)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+    found = key_similarities(np.sort(np.array([audit_keys[row] for row in search.audit], np.int64),
+                                     axis=1)[:, ::-1])
+    recall = estimate(row_recall(np.where(np.isinf(found), np.nan, found), search.audit_kth()))
+    params.update(recall=recall.estimate, recall_interval=list(recall.interval),
+                  recall_rows=recall.sample_size)
+    if manifest is not None:
+        manifest.save(complete=True)
+        return None
+    indices = np.concatenate([results[b][0] for b in range(len(corpus.blocks))])
+    similarities = np.concatenate([results[b][1] for b in range(len(corpus.blocks))])
+    return TopK(indices=indices, similarities=similarities, n_corpus=n, params=params, recall=recall)
 
 
 def _held(client, small: np.ndarray) -> Any:
@@ -121,123 +212,180 @@ def _held(client, small: np.ndarray) -> Any:
     return client.submit(np.array, small, pure=False)
 
 
-def _read_rows(client, corpus: Input, wanted: np.ndarray, block_rows: int) -> np.ndarray:
-    """The normalised rows ``wanted`` (sorted kept row numbers), read by tasks."""
-    parts = client.gather([client.submit(sample_task, block, wanted, block_rows, pure=False)
-                           for block in corpus.blocks])
-    return np.concatenate([part[0] for part in parts])
+def _merged(client, parts: list[Any]) -> Any:
+    """One future of the merge of ``parts`` (as :func:`merge_task` takes
+    them), merged ``MERGE_FAN_IN`` at a time."""
+    while True:
+        parts = [client.submit(merge_task, *parts[i : i + MERGE_FAN_IN], pure=False, retries=RETRIES)
+                 for i in range(0, len(parts), MERGE_FAN_IN)]
+        if len(parts) == 1:
+            return parts[0]
 
 
-def _exact_neighbours(client, corpus: Input, sample: np.ndarray, k: int, block_rows: int) -> np.ndarray:
-    """Exact top-k keys of the rows ``sample`` (sorted), themselves left out,
-    best first: a query join of the sample against every block on the cluster."""
-    rows = _held(client, _read_rows(client, corpus, sample, block_rows))
-    spec = JoinSpec(k=k + 1, skip_self=False, block_rows=block_rows, threads=1)
-    parts = [client.submit(pair_task, spec, block, None, None, None, Block(None, 0, sample.size), rows,
-                           pure=False, retries=RETRIES) for block in corpus.blocks]
-    keys = client.submit(merge_task, *[(part, 0) for part in parts], pure=False).result()
-    keys[key_ids(keys) == sample[:, None]] = EMPTY_KEY  # a row is not its own neighbour
-    return np.sort(keys, axis=1)[:, :0:-1]  # the k best (larger keys are better), best first
+class _Search:
+    """The stages of the module docstring for one input, on one client."""
 
+    def __init__(self, client, corpus: Input, k: int, bad: np.ndarray, *, seed: int, budget: int, rows: int,
+                 block_rows: int):
+        self.client, self.corpus, self.k, self.bad = client, corpus, k, bad
+        self.budget, self.rows, self.block_rows = budget, rows, block_rows
+        self.kept_rows = np.setdiff1d(np.arange(corpus.shape[0]), bad)
+        rng = np.random.default_rng(seed)
+        self.seed = seed
+        self.sample = np.sort(rng.choice(self.kept_rows, min(SAMPLE_ROWS, self.kept_rows.size),
+                                         replace=False))
+        # disjoint audit and pilot samples (the pilot is the audit on small inputs)
+        picks = rng.permutation(self.kept_rows)
+        self.audit = np.sort(picks[:RECALL_SAMPLE_ROWS])
+        self.pilot = np.sort(picks[RECALL_SAMPLE_ROWS : RECALL_SAMPLE_ROWS + PILOT_ROWS]) \
+            if self.kept_rows.size >= RECALL_SAMPLE_ROWS + PILOT_ROWS else self.audit
+        self.centroids: np.ndarray | None = None
+        self._audit_truth: Any = None
 
-def _pilot_breadth(client, corpus: Input, pilot: np.ndarray, centroids: np.ndarray, k: int, target: float,
-                   block_rows: int) -> tuple[int, float]:
-    """The smallest breadth whose pilot recall, less one standard error,
-    reaches ``target`` (see the module docstring), and that recall.
+    def read_rows(self, wanted: np.ndarray) -> np.ndarray:
+        """The normalised rows ``wanted`` (sorted kept row numbers), read by tasks."""
+        client = self.client
+        parts = client.gather([client.submit(sample_task, block, wanted, self.block_rows, pure=False)
+                               for block in self.corpus.blocks])
+        return np.concatenate([part[0] for part in parts])
 
-    A row probing its ``p`` nearest cells finds exactly its neighbours
-    whose cell is among them, so the pilot recall at every ``p`` follows
-    from the rank of each exact neighbour's cell for its row (ranked here
-    by float32 products; the assignment's reference ranking may order
-    near-ties otherwise, which the audit then measures).
-    """
-    keys = _exact_neighbours(client, corpus, pilot, k, block_rows)
-    neighbours = np.where(keys == EMPTY_KEY, -1, key_ids(keys))
-    listed = np.unique(neighbours[neighbours >= 0])
-    cell_of = nearest_centroids(_read_rows(client, corpus, listed, block_rows), centroids, 1)[:, 0]
-    cells = cell_of[np.minimum(np.searchsorted(listed, neighbours), listed.size - 1)]  # each neighbour's cell
-    similarities = _read_rows(client, corpus, pilot, block_rows) @ centroids.T
-    ranks = np.argsort(np.argsort(-similarities, axis=1, kind="stable"), axis=1, kind="stable")
-    found_at = np.take_along_axis(ranks, cells, axis=1)  # probes needed to find each neighbour, less one
-    found_at[neighbours < 0] = centroids.shape[0]  # no neighbour there: never found
-    n_cells = centroids.shape[0]
-    found = np.zeros((pilot.size, n_cells + 2))
-    np.add.at(found, (np.repeat(np.arange(pilot.size), k), found_at.ravel() + 1), 1.0 / k)
-    recall_at = np.cumsum(found, axis=1)[:, 1:-1]  # recall_at[:, p - 1]: each pilot row's recall at p probes
-    cautious = recall_at.mean(axis=0) - recall_at.std(axis=0, ddof=1) / np.sqrt(pilot.size) \
-        if pilot.size > 1 else recall_at.mean(axis=0)
-    reached = np.flatnonzero(cautious >= target)
-    probes = int(reached[0]) + 1 if reached.size else n_cells
-    logger.info("approx on the cluster: %d probe(s) of %d cells, pilot recall %.4f (less one standard error)",
-                probes, n_cells, cautious[probes - 1])
-    return probes, float(recall_at[:, probes - 1].mean())
+    def exact_keys(self, sample: np.ndarray) -> Any:
+        """A future of the exact top-(k + 1) keys of the rows ``sample``
+        (sorted): a query join of the sample against every block."""
+        rows = _held(self.client, self.read_rows(sample))
+        spec = JoinSpec(k=self.k + 1, skip_self=False, block_rows=self.block_rows, threads=1)
+        query = Block(None, 0, sample.size)
+        client = self.client
+        return _merged(client, [(client.submit(pair_task, spec, block, None, None, None, query, rows,
+                                               pure=False, retries=RETRIES), 0)
+                                for block in self.corpus.blocks])
 
+    def neighbours(self, keys: np.ndarray, sample: np.ndarray) -> np.ndarray:
+        """The k best of :meth:`exact_keys`, the rows themselves left out, best first."""
+        keys[key_ids(keys) == sample[:, None]] = EMPTY_KEY
+        return np.sort(keys, axis=1)[:, :0:-1]  # the k best of k + 1 (larger keys are better)
 
-def _search(client, corpus: Input, k: int, bad: np.ndarray, folder: str, *, probes: int | None, target: float,
-            cells: int | None, seed: int, budget: int, rows: int, block_rows: int, invalid: str,
-            min_similarity: float | None) -> TopK:
-    """The stages 2 to 6 of the module docstring, shards in ``folder``."""
-    n = corpus.shape[0]
-    kept_rows = np.setdiff1d(np.arange(n), bad)
-    rng = np.random.default_rng(seed)
-    # cells, fitted on a sample read by tasks
-    sample = np.sort(rng.choice(kept_rows, min(SAMPLE_ROWS, kept_rows.size), replace=False))
-    sample_rows = _read_rows(client, corpus, sample, block_rows)
-    n_cells = min(cells or n_cells_for(kept_rows.size), sample_rows.shape[0])
-    centroids = cell_centroids(sample_rows, n_cells, budget=budget, seed=seed)
-    n_cells = centroids.shape[0]
-    # disjoint audit and pilot samples (the pilot is the audit on small inputs)
-    picks = rng.permutation(kept_rows)
-    audit = np.sort(picks[:RECALL_SAMPLE_ROWS])
-    pilot = np.sort(picks[RECALL_SAMPLE_ROWS : RECALL_SAMPLE_ROWS + PILOT_ROWS]) \
-        if kept_rows.size >= RECALL_SAMPLE_ROWS + PILOT_ROWS else audit
-    pilot_recall = None
-    if probes is None:
-        probes, pilot_recall = _pilot_breadth(client, corpus, pilot, centroids, k, target, block_rows)
-    probes = min(probes, n_cells)
-    # a group's query shard holds the rows probing any of its cells, about
-    # probes times its own rows: groups of task_rows / probes rows keep it a task's size
-    cells_per_group = max(1, round(rows * n_cells / max(kept_rows.size, 1) / probes))
-    centroids_future = _held(client, centroids)
+    def audit_kth(self) -> np.ndarray:
+        """The exact k-th similarity of every audit row."""
+        return key_similarities(self.neighbours(self._audit_truth.result(), self.audit))[:, self.k - 1]
 
-    # assignment: shards by group of cells
-    assigned = client.gather([client.submit(assign_task, block, b, centroids_future, probes, cells_per_group,
-                                            folder, block_rows, pure=False, retries=RETRIES)
-                              for b, block in enumerate(corpus.blocks)])
-    holders: dict[int, tuple[list[int], list[int]]] = {}
-    for b, (corpus_groups, query_groups) in enumerate(assigned):
-        for g in corpus_groups:
-            holders.setdefault(g, ([], []))[0].append(b)
-        for g in query_groups:
-            holders.setdefault(g, ([], []))[1].append(b)
-    probed = {g: client.submit(probe_group_task, g, holding, asking, folder, k, cells_per_group, block_rows,
-                               rows, pure=False, retries=RETRIES)
-              for g, (holding, asking) in holders.items() if asking}
+    def breadth(self, probes: int | None, cells: int | None, target: float) -> dict[str, Any]:
+        """Fit the cells (:attr:`centroids`) and choose the breadth: the params they make."""
+        sample_rows = self.read_rows(self.sample)
+        n_cells = min(cells or n_cells_for(self.kept_rows.size), sample_rows.shape[0])
+        self.centroids = cell_centroids(sample_rows, n_cells, budget=self.budget, seed=self.seed)
+        n_cells = self.centroids.shape[0]
+        chosen: dict[str, Any] = {"cells": n_cells}
+        if probes is None:
+            probes, chosen["pilot_recall"] = self._pilot_breadth(target)
+            chosen["recall_target"] = target
+        chosen["probes"] = min(probes, n_cells)
+        return chosen
 
-    # each row block: gather, finish
-    params = {"k": k, "method": "approx", "self_join": True, "exclude_self": True, "invalid": invalid,
-              "min_similarity": min_similarity, "engine": "dask", "task_rows": rows, "cells": n_cells,
-              "probes": probes, "refine": 0, "seed": seed,
-              **({} if pilot_recall is None else {"recall_target": target, "pilot_recall": pilot_recall})}
-    states, finished = [], []
-    for b, block in enumerate(corpus.blocks):
-        block_bad = bad[(bad >= block.start) & (bad < block.stop)]
-        state = client.submit(gather_block_task, block, block_bad, k,
-                              *[(probed[g], b) for g in assigned[b][1]], pure=False, retries=RETRIES)
-        states.append(state)
-        finished.append(client.submit(finish_task, state, block, block_bad, min_similarity=min_similarity,
-                                      folder=None, part=b, n_corpus=n, n_rows=n, labels={}, params=params,
-                                      pure=False))
+    def _pilot_breadth(self, target: float) -> tuple[int, float]:
+        """The smallest breadth whose pilot recall, less one standard error,
+        reaches ``target`` (see the module docstring), and that recall.
 
-    # audit: exact neighbours of another sample, joined on the cluster
-    truth = key_similarities(_exact_neighbours(client, corpus, audit, k, block_rows))
-    kth = truth[:, k - 1]
+        A row probing its ``p`` nearest cells finds exactly its neighbours
+        whose cell is among them, so the pilot recall at every ``p`` follows
+        from the rank of each exact neighbour's cell for its row (ranked here
+        by float32 products; the assignment's reference ranking may order
+        near-ties otherwise, which the audit then measures).
+        """
+        pilot, k, centroids = self.pilot, self.k, self.centroids
+        keys = self.neighbours(self.exact_keys(pilot).result(), pilot)
+        neighbours = np.where(keys == EMPTY_KEY, -1, key_ids(keys))
+        listed = np.unique(neighbours[neighbours >= 0])
+        cell_of = nearest_centroids(self.read_rows(listed), centroids, 1)[:, 0]
+        cells = cell_of[np.minimum(np.searchsorted(listed, neighbours), listed.size - 1)]  # each neighbour's
+        similarities = self.read_rows(pilot) @ centroids.T
+        ranks = np.argsort(np.argsort(-similarities, axis=1, kind="stable"), axis=1, kind="stable")
+        found_at = np.take_along_axis(ranks, cells, axis=1)  # probes needed to find each neighbour, less one
+        found_at[neighbours < 0] = centroids.shape[0]  # no neighbour there: never found
+        n_cells = centroids.shape[0]
+        found = np.zeros((pilot.size, n_cells + 2))
+        np.add.at(found, (np.repeat(np.arange(pilot.size), k), found_at.ravel() + 1), 1.0 / k)
+        recall_at = np.cumsum(found, axis=1)[:, 1:-1]  # recall_at[:, p - 1]: each pilot row's recall at p
+        cautious = recall_at.mean(axis=0) - recall_at.std(axis=0, ddof=1) / np.sqrt(pilot.size) \
+            if pilot.size > 1 else recall_at.mean(axis=0)
+        reached = np.flatnonzero(cautious >= target)
+        probes = int(reached[0]) + 1 if reached.size else n_cells
+        logger.info("approx on the cluster: %d probe(s) of %d cells, pilot recall %.4f (less one standard "
+                    "error)", probes, n_cells, cautious[probes - 1])
+        return probes, float(recall_at[:, probes - 1].mean())
 
-    results = client.gather(finished)
-    indices = np.concatenate([r[0] for r in results])
-    similarities = np.concatenate([r[1] for r in results])
-    searched = np.concatenate(client.gather(states))  # the search before min_similarity, by kept row
-    found = key_similarities(np.sort(searched[np.searchsorted(kept_rows, audit)], axis=1)[:, ::-1])
-    recall = estimate(row_recall(np.where(np.isinf(found), np.nan, found), kth))
-    params.update(recall=recall.estimate, recall_interval=list(recall.interval))
-    return TopK(indices=indices, similarities=similarities, n_corpus=n, params=params, recall=recall)
+    def run(self, folder: str, params: dict[str, Any], *, manifest: Manifest | None,
+            min_similarity: float | None, labels: dict[str, str | None],
+            on_task: TaskCallback | None) -> tuple[dict[int, Any], dict[int, list[int]]]:
+        """Assign, probe, gather and finish every row block not in
+        ``manifest`` (stages 3 to 5), shards in ``folder``, the audit's
+        exact join beside them.
+
+        Returns
+        -------
+        results : dict
+            Without ``manifest``: each row block's (indices, similarities).
+        audit_keys : dict
+            The keys found for each audit row (from the manifest's entries
+            for the blocks it records).
+        """
+        client, blocks, k, n = self.client, self.corpus.blocks, self.k, self.corpus.shape[0]
+        done = {} if manifest is None else dict(manifest.parts)
+        audit_keys = {row: keys for entry in done.values()
+                      for row, keys in zip(entry["audit_rows"], entry["audit_keys"], strict=True)}
+        self._audit_truth = self.exact_keys(self.audit)
+        todo = [b for b in range(len(blocks)) if b not in done]
+        if not todo:
+            return {}, audit_keys
+        probes, n_cells = params["probes"], params["cells"]
+        # a group's query shard holds the rows probing any of its cells, about
+        # probes times its own rows: groups of task_rows / probes rows keep it a task's size
+        cells_per_group = max(1, round(self.rows * n_cells / max(self.kept_rows.size, 1) / probes))
+        centroids = _held(client, self.centroids)
+        assigned = client.gather([client.submit(assign_task, block, b, centroids, probes, cells_per_group,
+                                                folder, self.block_rows, b not in done, pure=False,
+                                                retries=RETRIES)
+                                  for b, block in enumerate(blocks)])
+        holding: dict[int, dict[int, int]] = {}
+        asking: dict[int, dict[int, int]] = {}
+        for b, (corpus_rows, query_rows) in enumerate(assigned):
+            for g, count in corpus_rows.items():
+                holding.setdefault(g, {})[b] = count
+            for g, count in query_rows.items():
+                asking.setdefault(g, {})[b] = count
+        parts: dict[int, list[Any]] = {b: [] for b in todo}
+        for g, query_rows in asking.items():
+            if g not in holding:  # cells without rows: nothing to find there
+                continue
+            for corpus_chunk in shard_chunks(holding[g], self.rows):
+                for query_chunk in shard_chunks(query_rows, self.rows):
+                    probed = client.submit(probe_group_task, g, corpus_chunk, query_chunk, folder, k,
+                                           self.block_rows, self.rows, pure=False, retries=RETRIES)
+                    for b in query_chunk:
+                        parts[b].append((probed, b))
+        finishing, futures = {}, []
+        for b in todo:
+            block = blocks[b]
+            block_bad = self.bad[(self.bad >= block.start) & (self.bad < block.stop)]
+            state = client.submit(gather_block_task, block, block_bad, k, *parts.pop(b), pure=False,
+                                  retries=RETRIES)
+            audited = self.audit[(self.audit >= block.start) & (self.audit < block.stop)]
+            future = client.submit(finish_with_audit, state, block, block_bad, audited,
+                                   min_similarity=min_similarity,
+                                   folder=None if manifest is None else str(manifest.folder.resolve()),
+                                   part=b, n_corpus=n, n_rows=n, labels=labels, params=params, pure=False,
+                                   retries=RETRIES)
+            finishing[future.key] = (b, audited)
+            futures.append(future)
+        results = {}
+        for future in optional("distributed", "running on a Dask cluster").as_completed(futures):
+            b, audited = finishing.pop(future.key)
+            value, keys = future.result()
+            audit_keys.update(zip(audited.tolist(), keys, strict=True))
+            if manifest is None:
+                results[b] = value
+            else:
+                manifest.add(b, {**value, "audit_rows": audited.tolist(), "audit_keys": keys})
+            if on_task is not None:
+                on_task("part", blocks[b].stop - blocks[b].start)
+        return results, audit_keys

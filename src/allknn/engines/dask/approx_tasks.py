@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from allknn.engines.dask.tasks import Block, normalised_block, to_global_ids
+from allknn.engines.dask.tasks import Block, finish_task, normalised_block, to_global_ids
 from allknn.engines.exact.plans import QueryJoinPlan
 from allknn.engines.kmeans import nearest_centroids
 from allknn.kernels.topk import EMPTY_KEY, key_ids, merge_states, new_state
@@ -38,13 +38,15 @@ def _save(path: Path, **arrays: np.ndarray) -> None:
 
 
 def assign_task(block: Block, index: int, centroids: np.ndarray, probes: int, cells_per_group: int,
-                folder: str, block_rows: int) -> tuple[list[int], list[int]]:
-    """Write block ``index``'s shards (see the module docstring).
+                folder: str, block_rows: int, queries: bool = True) -> tuple[dict[int, int], dict[int, int]]:
+    """Write block ``index``'s shards (see the module docstring); its query
+    shards only with ``queries`` (a resumed run skips the finished blocks'
+    rows as queries, and still needs them as candidates).
 
     Returns
     -------
-    corpus_groups, query_groups : list of int
-        The groups it wrote corpus and query shards for.
+    corpus_rows, query_rows : dict of int to int
+        For each group it wrote a corpus (query) shard of, the shard's rows.
     """
     with threadpool_limits(limits=1, user_api="blas"):
         rows, norms, ids = normalised_block(block, None, block_rows)
@@ -53,18 +55,34 @@ def assign_task(block: Block, index: int, centroids: np.ndarray, probes: int, ce
     labels = order[:, 0] if rows.shape[0] else np.zeros(0, np.int32)
     groups = labels // cells_per_group
     probed_groups = order // cells_per_group
-    corpus_groups, query_groups = [], []
+    corpus_rows, query_rows = {}, {}
     for g in np.unique(groups):
         inside = groups == g
         _save(Path(folder) / f"corpus-{g}-{index}.npz", rows=rows[inside], norms=norms[inside],
               ids=ids[inside], labels=labels[inside])
-        corpus_groups.append(int(g))
-    for g in np.unique(probed_groups):
+        corpus_rows[int(g)] = int(inside.sum())
+    for g in np.unique(probed_groups) if queries else ():
         asks = (probed_groups == g).any(axis=1)
         _save(Path(folder) / f"query-{g}-{index}.npz", rows=rows[asks], norms=norms[asks], ids=ids[asks],
               probes=order[asks])
-        query_groups.append(int(g))
-    return corpus_groups, query_groups
+        query_rows[int(g)] = int(asks.sum())
+    return corpus_rows, query_rows
+
+
+def shard_chunks(shard_rows: dict[int, int], limit: int) -> list[list[int]]:
+    """Cut a group's shards (block -> rows) into runs of blocks of at most
+    ``limit`` rows together (a shard holds one block's rows, at most
+    ``limit``), so that no probing task holds more than a task's rows of
+    either side, however large its cells."""
+    chunks: list[list[int]] = []
+    held = limit
+    for block in sorted(shard_rows):
+        if held + shard_rows[block] > limit:
+            chunks.append([])
+            held = 0
+        chunks[-1].append(block)
+        held += shard_rows[block]
+    return chunks
 
 
 def _load(folder: str, kind: str, group: int, blocks: list[int]) -> dict[str, np.ndarray]:
@@ -76,9 +94,10 @@ def _load(folder: str, kind: str, group: int, blocks: list[int]) -> dict[str, np
 
 
 def probe_group_task(group: int, corpus_blocks: list[int], query_blocks: list[int], folder: str, k: int,
-                     cells_per_group: int, block_rows: int,
-                     task_rows: int) -> dict[int, tuple[np.ndarray, ...]]:
-    """Join, cell by cell of ``group``, the rows probing the cell with its rows.
+                     block_rows: int, task_rows: int) -> dict[int, tuple[np.ndarray, ...]]:
+    """Join, cell by cell of ``group``, the rows probing the cell (from the
+    query shards of ``query_blocks``) with its rows (from the corpus shards
+    of ``corpus_blocks``).
 
     Returns
     -------
@@ -88,20 +107,19 @@ def probe_group_task(group: int, corpus_blocks: list[int], query_blocks: list[in
     """
     queries = _load(folder, "query", group, query_blocks)
     keys = new_state(queries["ids"].size, k + 1)[0]
-    if corpus_blocks:
-        corpus = _load(folder, "corpus", group, corpus_blocks)
-        with threadpool_limits(limits=1, user_api="blas"):
-            for cell in np.unique(corpus["labels"]):
-                members = corpus["labels"] == cell
-                asking = np.flatnonzero((queries["probes"] == cell).any(axis=1))
-                if not asking.size:
-                    continue
-                state, thresholds = new_state(asking.size, k + 1)
-                plan = QueryJoinPlan(np.ascontiguousarray(queries["rows"][asking]),
-                                     np.ascontiguousarray(corpus["rows"][members]), queries["norms"][asking],
-                                     corpus["norms"][members], block_rows=block_rows)
-                plan.run(state, thresholds, threads=1)
-                keys[asking] = merge_states(keys[asking], to_global_ids(state, corpus["ids"][members]))
+    corpus = _load(folder, "corpus", group, corpus_blocks)
+    with threadpool_limits(limits=1, user_api="blas"):
+        for cell in np.unique(corpus["labels"]):
+            members = corpus["labels"] == cell
+            asking = np.flatnonzero((queries["probes"] == cell).any(axis=1))
+            if not asking.size:
+                continue
+            state, thresholds = new_state(asking.size, k + 1)
+            plan = QueryJoinPlan(np.ascontiguousarray(queries["rows"][asking]),
+                                 np.ascontiguousarray(corpus["rows"][members]), queries["norms"][asking],
+                                 corpus["norms"][members], block_rows=block_rows)
+            plan.run(state, thresholds, threads=1)
+            keys[asking] = merge_states(keys[asking], to_global_ids(state, corpus["ids"][members]))
     own = key_ids(keys) == queries["ids"][:, None]
     keys[own] = EMPTY_KEY
     keys = np.sort(keys, axis=1)[:, 1:]  # the row itself, or the worst of k + 1
@@ -120,3 +138,13 @@ def gather_block_task(block: Block, bad_rows: np.ndarray, k: int,
         positions = np.searchsorted(kept, ids)
         keys[positions] = merge_states(keys[positions], part_keys)
     return keys
+
+
+def finish_with_audit(keys: np.ndarray, block: Block, bad_rows: np.ndarray, audit_rows: np.ndarray,
+                      **finish: object) -> tuple[object, list[list[int]]]:
+    """:func:`~allknn.engines.dask.tasks.finish_task` of a row block, and the
+    keys its search found for the audit rows ``audit_rows`` among its kept
+    rows (before ``min_similarity``), as lists of int for the manifest."""
+    kept = np.setdiff1d(np.arange(block.start, block.stop), bad_rows)
+    audit_keys = keys[np.searchsorted(kept, audit_rows)].tolist()
+    return finish_task(keys, block, bad_rows, **finish), audit_keys

@@ -230,7 +230,7 @@ def dask_neighbors(
     block_rows = min(block_rows, rows)
     for side in {id(corpus): corpus, id(query): query}.values():
         side.cut(client, rows)
-    labels = _labels(corpus, query, ids, query_ids, id_column, output is not None, self_join)
+    labels = part_labels(corpus, query, ids, query_ids, id_column, output is not None, self_join)
     if output is not None and not resume and (Path(output) / MANIFEST).exists():
         raise ValueError(f"{output} holds the output of an earlier run; pass resume=True (--resume) to "
                          f"continue it, or write to another folder")
@@ -244,8 +244,8 @@ def dask_neighbors(
     params = {"k": k, "method": "exact", "self_join": self_join,
               "exclude_self": self_join and bool(exclude_self), "invalid": invalid,
               "min_similarity": min_similarity, "engine": "dask", "task_rows": rows, "block_rows": block_rows}
-    fingerprint = {**params, "X": _digest(scans["X"]),
-                   "queries": None if self_join else _digest(scans["queries"]),
+    fingerprint = {**params, "X": scans_digest(scans["X"]),
+                   "queries": None if self_join else scans_digest(scans["queries"]),
                    **({"labels": labels.digests} if labels.arrays else {})}
     params.update(tiles)  # not in the fingerprint: every device gives the same result
     manifest = None
@@ -399,7 +399,7 @@ def _device_refusal(device: str) -> str | None:
     return None
 
 
-def _labels(corpus: Input, query: Input, ids: Any, query_ids: Any, id_column: str | None, output: bool,
+def part_labels(corpus: Input, query: Input, ids: Any, query_ids: Any, id_column: str | None, output: bool,
             self_join: bool) -> PartLabels:
     """The checked labels of the parts (from ``ids``/``query_ids`` or the sources' ``id_column``)."""
     given = ids is not None or query_ids is not None
@@ -440,7 +440,8 @@ def _pairs(first: Block, second: Block | None) -> int:
     return n * (n - 1) // 2 if second is None else n * (second.stop - second.start)
 
 
-def _digest(scans) -> str:
+def scans_digest(scans) -> str:
+    """One digest of a side's values, from its blocks' scans."""
     digest = hashlib.blake2b(digest_size=16)
     for scan in scans:
         digest.update(scan.digest.encode())
