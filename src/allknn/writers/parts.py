@@ -253,6 +253,10 @@ def read_parts(folder: str | os.PathLike[str]) -> TopK:
     entries = list(manifest["parts"].values())
     tables = [open_parquet(folder / entry["file"]).read(columns=["id", "neighbor_id", "rank", "similarity"])
               for entry in entries]
+    for entry, table in zip(entries[1:], tables[1:], strict=True):
+        if table.schema != tables[0].schema:
+            raise ValueError(f"{folder / entry['file']} has the columns {_columns(table)} where "
+                             f"{entries[0]['file']} has {_columns(tables[0])}; it is corrupt")
     if tables:  # labels to row numbers once for all parts (a lookup table per call)
         import pyarrow as pa
 
@@ -277,6 +281,10 @@ def read_parts(folder: str | os.PathLike[str]) -> TopK:
                          f"the same command again with --resume to finish it")
     return TopK(indices=indices, similarities=similarities, n_corpus=n_corpus, params=manifest["params"],
                 recall=_recall(manifest["params"]))
+
+
+def _columns(table: pa.Table) -> str:
+    return ", ".join(f"{field.name}: {field.type}" for field in table.schema)
 
 
 def folder_recall(folder: str | os.PathLike[str]) -> RecallEstimate | None:
