@@ -89,6 +89,10 @@ def test_refusals_and_bad_options(real):
         allknn.neighbors(real, 3, device="cuda:x")
     with pytest.raises(ValueError, match="device= mixes the CPU and CUDA devices"):
         allknn.neighbors(real, 3, device=["cpu", "cuda:0"])
+    for twice in ("cuda:0,cuda:0", "cuda,cuda:1"):  # one GPU, two resident copies and shares
+        with pytest.raises(ValueError, match=r"device= names a device twice \('cuda.*'\): .* name each once, "
+                                             r"by its index \('cuda:0,cuda:1'\)"):
+            allknn.neighbors(real, 3, device=twice)
     with pytest.raises(ValueError, match="backend='torch' runs the exact engine; method='approx'"):
         allknn.neighbors(real, 3, backend="torch", method="approx")
     if not torch.cuda.is_available():
@@ -222,6 +226,25 @@ def test_device_tiles_fill_the_free_memory_share():
     assert streamed % 64 == 0 and 2 * 2 * 4 * 768 * streamed <= 2**28 < 2 * 2 * 4 * 768 * (streamed + 64)
     with pytest.raises(ValueError, match=r"too little free memory .* or max_memory is too small for one"):
         device_block_rows(10**5, 768, 2, 10**6, streamed_budget=None)
+
+
+def test_tasks_sharing_a_device_stay_within_its_free_memory():
+    """A Dask worker with several threads runs as many tasks on its GPU at
+    once: together, their rows and tiles stay within the free memory."""
+    from allknn.engines.torch.devices import CUDA_LANES, TILE_BYTES_PER_ENTRY, task_block_rows
+
+    free = 6 * 2**30
+    for dim, n, tasks in ((768, 16384, 1), (768, 16384, 2), (100, 16384, 4), (1024, 8192, 3)):
+        rows = (np.zeros((n, dim), np.float32), np.zeros((n, dim), np.float32))
+        side = task_block_rows(free, rows, tasks)
+        used = sum(block.nbytes for block in rows) + CUDA_LANES * (TILE_BYTES_PER_ENTRY * side * side
+                                                                   + 8 * dim * side)
+        assert side % 64 == 0 and tasks * used <= free
+        assert tasks == 1 or side < task_block_rows(free, rows, 1)
+    rows = (np.zeros((16384, 4096), np.float32),) * 2  # 512 MB of rows per task
+    with pytest.raises(ValueError, match=r"8 tasks at once leave each .* too few for one tile; start the GPU "
+                                         r"workers with --nthreads 1"):
+        task_block_rows(4 * 2**30, rows, 8)
 
 
 def test_a_resumed_run_keeps_the_tile_size_it_started_with(tmp_path, real, monkeypatch):

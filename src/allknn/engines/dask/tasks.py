@@ -222,7 +222,18 @@ def _device_settings(spec: JoinSpec):
 def _device_options(spec: JoinSpec, *rows: np.ndarray) -> dict:
     from allknn.engines.torch.devices import task_plan_options
 
-    return task_plan_options(spec.device, spec.precision, spec.k, spec.threads, spec.block_rows, rows)
+    return task_plan_options(spec.device, spec.precision, spec.k, spec.threads, spec.block_rows, rows,
+                             tasks_at_once=_worker_threads())
+
+
+def _worker_threads() -> int:
+    """Tasks this worker runs at once (1 outside a worker)."""
+    try:
+        from distributed import get_worker
+
+        return int(get_worker().state.nthreads)
+    except (ImportError, ValueError):
+        return 1
 
 
 def _self_plan(spec: JoinSpec, rows: np.ndarray, norms: np.ndarray):

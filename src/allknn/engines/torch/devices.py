@@ -57,6 +57,10 @@ def parse_devices(value: object) -> tuple[str, ...]:
                                                (device.startswith("cuda:") and device[5:].isdigit())):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N' (several: 'cuda:0,cuda:1'), "
                              f"got {value!r}")
+    gpus = [device for device in devices if device != "cpu"]  # "cpu,cpu" stands in for two devices in tests
+    if len(set(gpus)) < len(gpus) or ("cuda" in gpus and len(gpus) > 1):
+        raise ValueError(f"device= names a device twice ({value!r}): each device takes one share of the "
+                         f"tiles; name each once, by its index ('cuda:0,cuda:1')")
     if len({device == "cpu" for device in devices}) > 1:
         raise ValueError(f"device= mixes the CPU and CUDA devices ({value!r}); give CUDA devices only, "
                          f"or 'cpu'")
@@ -172,10 +176,11 @@ def lanes_for(devices: tuple[str, ...], precision: str, threads: int) -> list[La
 
 
 def task_plan_options(device: str, precision: str, k: int, threads: int, block_rows: int,
-                      rows: tuple[np.ndarray, ...]) -> dict[str, Any]:
+                      rows: tuple[np.ndarray, ...], *, tasks_at_once: int = 1) -> dict[str, Any]:
     """The device plans' options for one Dask task on this worker: its rows
-    resident on ``device``, tiles from its free memory on CUDA (a task's
-    tiles do not outlive it, so any size gives the same result).
+    resident on ``device``, tiles from its share of the free memory on CUDA
+    (:func:`task_block_rows`; a task's tiles do not outlive it, so any size
+    gives the same result).
 
     Parameters
     ----------
@@ -184,10 +189,34 @@ def task_plan_options(device: str, precision: str, k: int, threads: int, block_r
         Neighbours, tile workers on the CPU, and the CPU tile side.
     rows : tuple of ndarray of shape (n_i, d), float32
         The row blocks the task puts on the device.
+    tasks_at_once : int
+        Tasks the worker runs at once on the device (its threads).
     """
     if device.startswith("cuda"):
-        free = free_device_bytes(device) - sum(block.nbytes for block in rows)
-        block_rows = device_block_rows(free, rows[0].shape[1], CUDA_LANES, sum(len(block) for block in rows),
-                                       streamed_budget=None)
+        block_rows = task_block_rows(free_device_bytes(device), rows, tasks_at_once)
     return {"lanes": lanes_for((device,), precision, threads), "precision": precision, "k": k,
             "resident": True, "block_rows": block_rows}
+
+
+def task_block_rows(free_bytes: int, rows: tuple[np.ndarray, ...], tasks_at_once: int) -> int:
+    """Tile side of one of ``tasks_at_once`` tasks sharing a device's
+    ``free_bytes``: each task's resident rows and tiles take at most its
+    equal share (:func:`device_block_rows` of it), so that tasks starting
+    together do not take the same memory twice.
+
+    Raises
+    ------
+    ValueError
+        If not even one tile fits a task's share (naming the fix).
+    """
+    share = free_bytes // max(tasks_at_once, 1) - sum(block.nbytes for block in rows)
+    try:
+        return device_block_rows(share, rows[0].shape[1], CUDA_LANES, sum(len(block) for block in rows),
+                                 streamed_budget=None)
+    except ValueError:
+        if tasks_at_once == 1:
+            raise
+        raise ValueError(f"{tasks_at_once} tasks at once leave each {share} bytes of the device's "
+                         f"{free_bytes} free bytes after its rows, too few for one tile; start the GPU "
+                         f"workers with --nthreads 1 (one task per GPU at a time is enough to keep it "
+                         f"busy), or give smaller task_rows") from None
