@@ -518,6 +518,15 @@ def test_approximate_run_resumes_with_the_cells_and_breadth_it_kept(client, npy,
         approx.dask_approx_neighbors(npy, 6, output=out, **options)
     with pytest.raises(ValueError, match=r"different run \(seed: the folder has 1, this run has 2"):
         approx.dask_approx_neighbors(npy, 6, output=out, resume=True, **{**options, "seed": 2})
+    with pytest.raises(ValueError, match=r"different run \(labels: the folder has \{'ids': .*\}, this run "
+                                         r"has None"):
+        approx.dask_approx_neighbors(npy, 6, output=out, resume=True, **{**options, "ids": None})
+    cells = (out / "_cells.npy").read_bytes()
+    (out / "_cells.npy").unlink()
+    with pytest.raises(ValueError, match=r"_cells\.npy cannot be read .* the finished parts were searched "
+                                         r"with the cells it held, so the run cannot be resumed"):
+        approx.dask_approx_neighbors(npy, 6, output=out, resume=True, **options)
+    (out / "_cells.npy").write_bytes(cells)
     recorded = {entry["file"]: os.stat(out / entry["file"]).st_mtime_ns
                 for entry in manifest["parts"].values()}
 
@@ -540,13 +549,14 @@ def test_probing_chunks_hold_at_most_a_task_of_rows_a_side():
     rng = np.random.default_rng(0)
     for _ in range(200):
         limit = int(rng.integers(1, 50))
-        shards = {int(b): int(rng.integers(1, limit + 1)) for b in rng.choice(100, rng.integers(1, 30),
+        shards = {int(b): int(rng.integers(0, limit + 1)) for b in rng.choice(100, rng.integers(1, 30),
                                                                               replace=False)}
         chunks = shard_chunks(shards, limit)
         assert [b for chunk in chunks for b in chunk] == sorted(shards)  # every shard once, in order
         sums = [sum(shards[b] for b in chunk) for chunk in chunks]
         assert max(sums) <= limit
         assert all(a + shards[chunk[0]] > limit for a, chunk in zip(sums, chunks[1:], strict=False))  # full
+    assert shard_chunks({3: 0, 5: 0}, 10) == [[3, 5]] and shard_chunks({}, 10) == []
 
 
 def test_by_hand_scheduler_and_workers_survive_a_killed_worker(tmp_path):

@@ -60,3 +60,18 @@ def test_task_rows_fit_the_budget():
     assert task_rows_for(2**34, 100, 10, 1024, 3000) == 3008
     with pytest.raises(ValueError, match=r"max_memory=1000000 bytes is too small for one task"):
         task_rows_for(10**6, 100, 10, 1024, 10**6)
+
+
+def test_zarr_arrays_of_groups_and_subgroups(tmp_path, rng):
+    zarr = pytest.importorskip("zarr")
+    X = rng.standard_normal((120, 5)).astype(np.float32)
+    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    group.create_group("sub").create_array("emb", shape=X.shape, chunks=(50, 5), dtype="f4")[:] = X
+    group.create_array("labels", shape=(120,), dtype="i4")
+    source = open_source(tmp_path / "g.zarr", column="sub/emb")
+    assert source.shape == (120, 5) and source.describe().endswith("(array sub/emb)")
+    np.testing.assert_array_equal(source.read(30, 101), X[30:101])
+    for missing in ("sub/other", "nothing", "sub"):  # "sub" is a group, not an array
+        with pytest.raises(ValueError, match=rf"has no array '{missing}'; it holds \['labels'\] \(name an "
+                                             r"array of a subgroup by its path"):
+            open_source(tmp_path / "g.zarr", column=missing)

@@ -82,3 +82,12 @@ def test_a_missing_part_names_the_rows_and_the_fix(tmp_path, result):
     with pytest.raises(ValueError, match=r"unfinished: rows 384\.\.511 have no part yet; run the same "
                                          r"command again with --resume"):
         allknn.load_result(folder)
+
+
+def test_a_folder_whose_run_stopped_before_its_last_step_is_unfinished(tmp_path, result):
+    folder = _folder(tmp_path / "out", result, rows=128)
+    manifest = json.loads((folder / "_manifest.json").read_text())
+    (folder / "_manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    with pytest.raises(ValueError, match=r"unfinished: it has every part, but the run stopped before its "
+                                         r"last step .* --resume"):
+        allknn.load_result(folder)

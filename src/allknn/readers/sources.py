@@ -124,9 +124,14 @@ def _zarr_source(path: Path, array: str | None, name: str) -> ZarrSource:
                 raise ValueError(f"the zarr group {path} holds the arrays {arrays}; name one with column= "
                                  f"(--column)")
             array = arrays[0]
-        elif array not in arrays:
-            raise ValueError(f"the zarr group {path} has no array {array!r}; it holds {arrays}")
-        node = node[array]
+        try:
+            member = node[array]  # a child, or a path "sub/emb" through subgroups
+        except KeyError:
+            member = None
+        if not isinstance(member, zarr.Array):
+            raise ValueError(f"the zarr group {path} has no array {array!r}; it holds {arrays} (name an "
+                             f"array of a subgroup by its path, e.g. 'group/array')")
+        node = member
     elif array is not None:
         raise ValueError(f"{path} is a zarr array, not a group; leave out column=")
     if node.ndim != 2 or 0 in node.shape:

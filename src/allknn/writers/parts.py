@@ -206,8 +206,10 @@ class Manifest:
         if not self.path.exists():
             return None
         saved = _read(self.path)
-        differences = [f"{key}: the folder has {saved['fingerprint'].get(key)!r}, this run has {value!r}"
-                       for key, value in self.fingerprint.items() if saved["fingerprint"].get(key) != value]
+        keys = list(self.fingerprint) + [key for key in saved["fingerprint"] if key not in self.fingerprint]
+        differences = [f"{key}: the folder has {saved['fingerprint'].get(key)!r}, this run has "
+                       f"{self.fingerprint.get(key)!r}" for key in keys
+                       if saved["fingerprint"].get(key) != self.fingerprint.get(key)]
         if differences:
             raise ValueError(f"cannot resume into {self.folder}: it holds the output of a different run ("
                              + "; ".join(differences) + "); use the original input and parameters, or "
@@ -279,6 +281,10 @@ def read_parts(folder: str | os.PathLike[str]) -> TopK:
         missing = np.flatnonzero(~covered)
         raise ValueError(f"{folder} is unfinished: rows {missing[0]}..{missing[-1]} have no part yet; run "
                          f"the same command again with --resume to finish it")
+    if not manifest.get("complete"):
+        raise ValueError(f"{folder} is unfinished: it has every part, but the run stopped before its last "
+                         f"step (an approximate run's recall audit); run the same command again with "
+                         f"--resume to finish it")
     return TopK(indices=indices, similarities=similarities, n_corpus=n_corpus, params=manifest["params"],
                 recall=_recall(manifest["params"]))
 

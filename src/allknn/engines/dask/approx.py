@@ -174,12 +174,15 @@ def dask_approx_neighbors(X: Any, k: int, *, client, recall_target: float | None
         Path(output).mkdir(parents=True, exist_ok=True)
         manifest = Manifest(output, fingerprint, {})
         saved = manifest.resume() if resume else None
+        if saved is not None and saved.get("complete") and len(manifest.parts) == len(corpus.blocks):
+            return None  # finished, its recall measured: nothing to redo
         cells_path = Path(output) / CELLS_FILE
-        if saved is not None and "probes" in saved["params"] and cells_path.is_file():
-            search.centroids = np.load(cells_path)
+        if saved is not None and "probes" in saved["params"]:
+            search.centroids = _saved_cells(cells_path, saved["params"]["cells"], dim,
+                                            finished=bool(manifest.parts))
             chosen = ("cells", "probes", "recall_target", "pilot_recall")
             params.update({name: saved["params"][name] for name in chosen if name in saved["params"]})
-        else:
+        if search.centroids is None:
             params.update(search.breadth(probes, cells, target))
             with atomic_path(cells_path) as tmp, open(tmp, "wb") as handle:
                 np.save(handle, search.centroids)
@@ -203,6 +206,29 @@ def dask_approx_neighbors(X: Any, k: int, *, client, recall_target: float | None
     indices = np.concatenate([results[b][0] for b in range(len(corpus.blocks))])
     similarities = np.concatenate([results[b][1] for b in range(len(corpus.blocks))])
     return TopK(indices=indices, similarities=similarities, n_corpus=n, params=params, recall=recall)
+
+
+def _saved_cells(path: Path, cells: int, dim: int, *, finished: bool) -> np.ndarray | None:
+    """The centroids a folder's first run kept (None: none kept and no part
+    written yet, so they may be fitted again).
+
+    Raises
+    ------
+    ValueError
+        If parts were written but their cells are missing or damaged
+        (new parts would be searched with other cells).
+    """
+    try:
+        centroids = np.load(path)
+        if centroids.shape == (cells, dim) and centroids.dtype == np.float32:
+            return centroids
+        problem = f"holds an array of shape {centroids.shape}, not the run's {cells} x {dim} cells"
+    except (OSError, ValueError) as exc:
+        problem = f"cannot be read ({exc})"
+    if not finished:
+        return None
+    raise ValueError(f"{path} {problem}: the finished parts were searched with the cells it held, so the "
+                     f"run cannot be resumed; delete the folder to start over")
 
 
 def _held(client, small: np.ndarray) -> Any:
@@ -378,14 +404,17 @@ class _Search:
             finishing[future.key] = (b, audited)
             futures.append(future)
         results = {}
-        for future in optional("distributed", "running on a Dask cluster").as_completed(futures):
-            b, audited = finishing.pop(future.key)
-            value, keys = future.result()
-            audit_keys.update(zip(audited.tolist(), keys, strict=True))
-            if manifest is None:
-                results[b] = value
-            else:
-                manifest.add(b, {**value, "audit_rows": audited.tolist(), "audit_keys": keys})
-            if on_task is not None:
-                on_task("part", blocks[b].stop - blocks[b].start)
+        try:
+            for future in optional("distributed", "running on a Dask cluster").as_completed(futures):
+                b, audited = finishing.pop(future.key)
+                value, keys = future.result()
+                audit_keys.update(zip(audited.tolist(), keys, strict=True))
+                if manifest is None:
+                    results[b] = value
+                else:
+                    manifest.add(b, {**value, "audit_rows": audited.tolist(), "audit_keys": keys})
+                if on_task is not None:
+                    on_task("part", blocks[b].stop - blocks[b].start)
+        finally:  # stopped early: the rest is not wanted (and its shards are about to go)
+            client.cancel([future for future in futures if not future.done()])
         return results, audit_keys

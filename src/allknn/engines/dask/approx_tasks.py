@@ -74,15 +74,15 @@ def shard_chunks(shard_rows: dict[int, int], limit: int) -> list[list[int]]:
     ``limit`` rows together (a shard holds one block's rows, at most
     ``limit``), so that no probing task holds more than a task's rows of
     either side, however large its cells."""
-    chunks: list[list[int]] = []
-    held = limit
+    chunks: list[list[int]] = [[]]
+    held = 0
     for block in sorted(shard_rows):
-        if held + shard_rows[block] > limit:
+        if held + shard_rows[block] > limit and chunks[-1]:
             chunks.append([])
             held = 0
         chunks[-1].append(block)
         held += shard_rows[block]
-    return chunks
+    return chunks if chunks[-1] else []
 
 
 def _load(folder: str, kind: str, group: int, blocks: list[int]) -> dict[str, np.ndarray]:
