@@ -5,6 +5,7 @@ killed client resumed, repeated tasks, bad input."""
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import signal
@@ -543,20 +544,20 @@ def test_approximate_run_resumes_with_the_cells_and_breadth_it_kept(client, npy,
     assert pd.read_parquet(out)["id"].iloc[0].startswith("r")
 
 
-def test_probing_chunks_hold_at_most_a_task_of_rows_a_side():
-    from allknn.engines.dask.approx_tasks import shard_chunks
+def test_cell_ranges_hold_at_most_a_task_of_rows_unless_one_cell_does():
+    from allknn.engines.dask.approx_tasks import cell_ranges
 
     rng = np.random.default_rng(0)
     for _ in range(200):
         limit = int(rng.integers(1, 50))
-        shards = {int(b): int(rng.integers(0, limit + 1)) for b in rng.choice(100, rng.integers(1, 30),
-                                                                              replace=False)}
-        chunks = shard_chunks(shards, limit)
-        assert [b for chunk in chunks for b in chunk] == sorted(shards)  # every shard once, in order
-        sums = [sum(shards[b] for b in chunk) for chunk in chunks]
-        assert max(sums) <= limit
-        assert all(a + shards[chunk[0]] > limit for a, chunk in zip(sums, chunks[1:], strict=False))  # full
-    assert shard_chunks({3: 0, 5: 0}, 10) == [[3, 5]] and shard_chunks({}, 10) == []
+        counts = rng.integers(0, 2 * limit if rng.random() < 0.3 else limit // 2 + 1, rng.integers(1, 40))
+        starts = cell_ranges(counts, limit)
+        assert starts[0] == 0 and starts[-1] == counts.size and (np.diff(starts) > 0).all()  # every cell once
+        sums = [counts[a:b].sum() for a, b in itertools.pairwise(starts)]
+        assert all(total <= limit or np.count_nonzero(counts[a:b]) == 1  # else one cell alone
+                   for total, (a, b) in zip(sums, itertools.pairwise(starts), strict=True))
+        assert all(total > 0 and total + counts[b] > limit  # full: the next cell did not fit
+                   for total, b in zip(sums[:-1], starts[1:-1], strict=True))
 
 
 def test_by_hand_scheduler_and_workers_survive_a_killed_worker(tmp_path):

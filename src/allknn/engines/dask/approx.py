@@ -5,32 +5,38 @@
    on the client, on a seeded sample of rows read by tasks; (2b) choose
    the breadth from a pilot sample (below).
 3. Assign: each row block task lists every row's ``probes`` nearest cells
-   and writes the rows as shards by group of cells on shared storage
-   (:mod:`allknn.engines.dask.approx_tasks`).
-4. Probe: tasks per group join the rows probing each of its cells with
-   the rows in it, by the exact engine's tiles; a group whose shards hold
-   more than a task's rows on either side is cut into several tasks
-   (:func:`~allknn.engines.dask.approx_tasks.shard_chunks`), so that no
-   task holds more than a pair task of the exact form, however uneven the
-   cells.
-5. Gather each row block's partial states and finish it on a worker (as
-   the exact form): with ``output``, the worker writes the block's parquet
+   and writes the block's rows sorted by their own cell on shared storage;
+   the cells' row counts are summed by a tree of tasks.
+4. Regroup: the cells are cut into ranges of consecutive cells holding
+   about a task's rows; a task per range gathers its cells' rows from
+   every block's file.
+5. Probe: each task takes a slice of one range's rows as queries and joins,
+   cell by cell, the queries probing the cell with the cell's rows, by the
+   exact engine's tiles (a cell larger than a task's rows in pieces), and
+   writes the queries' finished search states. A row's whole search is in
+   one task: no partial states travel, and no task holds more than a task
+   block of queries and one of cell rows, however uneven the cells.
+6. Finish each row block on a worker from the probing tasks' files (as the
+   exact form): with ``output``, the worker writes the block's parquet
    part and the client records it in the manifest
    (:mod:`allknn.writers.parts`), with the keys found for the block's audit
    rows; the client never holds the result.
-6. Audit: the recall on another seeded sample of rows against their exact
+7. Audit: the recall on another seeded sample of rows against their exact
    neighbours (an exact query join of the sample on the cluster, run
    beside the search), with its 95% interval, recorded in the manifest.
+
+The stages meet through files in the scratch folder (see
+:mod:`allknn.engines.dask.approx_tasks`), the client waiting for each stage
+before the next: no task waits on another's result, so the graph has no
+edge per (row block, cell), a lost worker loses no result, and the tasks
+are about four per row block. Each row is written twice (assigned, then
+regrouped) and each cell read by the probing tasks whose queries probe it.
 
 A resumed run (``resume=True``, ``--resume``) takes the cells and the
 breadth the first run kept in the folder (``_cells.npy`` and the
 manifest), so that the parts it adds are those an uninterrupted run would
-have written; the finished blocks' rows are still candidates (their corpus
-shards are written) but not queries.
-
-Tasks are few enough to submit at once: about three per row block plus one
-per group of cells and chunk (the exact form's block pairs grow with the
-square of the row blocks; these grow with the rows times the breadth).
+have written; the finished blocks' rows are still candidates but not
+queries.
 
 The breadth (``probes``, the cells each row searches) is chosen before the
 assignment by a pilot sample, unless given: the pilot rows' exact
@@ -51,6 +57,7 @@ of the shards.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
@@ -61,18 +68,19 @@ from typing import Any
 import numpy as np
 
 from allknn import _validate
-from allknn._memory import choose_block_rows, parse_memory, round_block_rows
+from allknn._memory import BLOCK_MULTIPLE, choose_block_rows, parse_memory, round_block_rows
 from allknn._optional import optional
 from allknn.engines.approx.cells import cell_centroids, n_cells_for
 from allknn.engines.approx.recall import estimate, row_recall
 from allknn.engines.approx.search import DEFAULT_RECALL_TARGET, RECALL_SAMPLE_ROWS
 from allknn.engines.dask.approx_tasks import (
+    add_counts,
     assign_task,
-    finish_with_audit,
-    gather_block_task,
-    probe_group_task,
+    cell_ranges,
+    finish_block_task,
+    probe_task,
+    regroup_task,
     sample_task,
-    shard_chunks,
 )
 from allknn.engines.dask.run import (
     RETRIES,
@@ -95,6 +103,10 @@ logger = logging.getLogger("allknn")
 
 PILOT_ROWS = 1000
 """Rows of the pilot sample that chooses the breadth."""
+
+TASKS_PER_THREAD = 4
+"""Probing tasks per worker thread at least (where there are rows enough),
+so that uneven tasks even out."""
 
 CELLS_FILE = "_cells.npy"
 """The centroids a parts folder's run searched with (for ``resume``)."""
@@ -238,11 +250,10 @@ def _held(client, small: np.ndarray) -> Any:
     return client.submit(np.array, small, pure=False)
 
 
-def _merged(client, parts: list[Any]) -> Any:
-    """One future of the merge of ``parts`` (as :func:`merge_task` takes
-    them), merged ``MERGE_FAN_IN`` at a time."""
+def _tree(client, combine, parts: list[Any]) -> Any:
+    """One future of ``combine`` over ``parts``, ``MERGE_FAN_IN`` at a time."""
     while True:
-        parts = [client.submit(merge_task, *parts[i : i + MERGE_FAN_IN], pure=False, retries=RETRIES)
+        parts = [client.submit(combine, *parts[i : i + MERGE_FAN_IN], pure=False, retries=RETRIES)
                  for i in range(0, len(parts), MERGE_FAN_IN)]
         if len(parts) == 1:
             return parts[0]
@@ -282,9 +293,9 @@ class _Search:
         spec = JoinSpec(k=self.k + 1, skip_self=False, block_rows=self.block_rows, threads=1)
         query = Block(None, 0, sample.size)
         client = self.client
-        return _merged(client, [(client.submit(pair_task, spec, block, None, None, None, query, rows,
-                                               pure=False, retries=RETRIES), 0)
-                                for block in self.corpus.blocks])
+        parts = [(client.submit(pair_task, spec, block, None, None, None, query, rows, pure=False,
+                                retries=RETRIES), 0) for block in self.corpus.blocks]
+        return _tree(client, merge_task, parts)
 
     def neighbours(self, keys: np.ndarray, sample: np.ndarray) -> np.ndarray:
         """The k best of :meth:`exact_keys`, the rows themselves left out, best first."""
@@ -340,6 +351,15 @@ class _Search:
                     "error)", probes, n_cells, cautious[probes - 1])
         return probes, float(recall_at[:, probes - 1].mean())
 
+    def _query_rows(self) -> int:
+        """Query rows per probing task: a range's rows (a task block), since
+        the cells a task reads are those its queries probe, and rows of the
+        same few cells probe much the same cells; fewer where that leaves
+        under ``TASKS_PER_THREAD`` tasks per worker thread."""
+        threads = sum(worker["nthreads"] for worker in self.client.scheduler_info()["workers"].values())
+        by_threads = -(-self.kept_rows.size // (TASKS_PER_THREAD * max(threads, 1)))
+        return max(BLOCK_MULTIPLE, min(self.rows, by_threads))
+
     def run(self, folder: str, params: dict[str, Any], *, manifest: Manifest | None,
             min_similarity: float | None, labels: dict[str, str | None],
             on_task: TaskCallback | None) -> tuple[dict[int, Any], dict[int, list[int]]]:
@@ -363,40 +383,29 @@ class _Search:
         todo = [b for b in range(len(blocks)) if b not in done]
         if not todo:
             return {}, audit_keys
-        probes, n_cells = params["probes"], params["cells"]
-        # a group's query shard holds the rows probing any of its cells, about
-        # probes times its own rows: groups of task_rows / probes rows keep it a task's size
-        cells_per_group = max(1, round(self.rows * n_cells / max(self.kept_rows.size, 1) / probes))
+        probes = params["probes"]
         centroids = _held(client, self.centroids)
-        assigned = client.gather([client.submit(assign_task, block, b, centroids, probes, cells_per_group,
-                                                folder, self.block_rows, b not in done, pure=False,
-                                                retries=RETRIES)
-                                  for b, block in enumerate(blocks)])
-        holding: dict[int, dict[int, int]] = {}
-        asking: dict[int, dict[int, int]] = {}
-        for b, (corpus_rows, query_rows) in enumerate(assigned):
-            for g, count in corpus_rows.items():
-                holding.setdefault(g, {})[b] = count
-            for g, count in query_rows.items():
-                asking.setdefault(g, {})[b] = count
-        parts: dict[int, list[Any]] = {b: [] for b in todo}
-        for g, query_rows in asking.items():
-            if g not in holding:  # cells without rows: nothing to find there
-                continue
-            for corpus_chunk in shard_chunks(holding[g], self.rows):
-                for query_chunk in shard_chunks(query_rows, self.rows):
-                    probed = client.submit(probe_group_task, g, corpus_chunk, query_chunk, folder, k,
-                                           self.block_rows, self.rows, pure=False, retries=RETRIES)
-                    for b in query_chunk:
-                        parts[b].append((probed, b))
+        counts = _tree(client, add_counts, [client.submit(assign_task, block, b, centroids, probes, folder,
+                                                          self.block_rows, pure=False, retries=RETRIES)
+                                            for b, block in enumerate(blocks)]).result()
+        range_starts = cell_ranges(counts, self.rows)
+        sizes = client.gather([client.submit(regroup_task, r, int(first), int(stop), len(blocks), folder,
+                                             pure=False, retries=RETRIES)
+                               for r, (first, stop) in enumerate(itertools.pairwise(range_starts))])
+        queries = self._query_rows()
+        done_blocks = np.array(sorted(done), dtype=np.int64)
+        probing = [client.submit(probe_task, t, r, start, min(start + queries, size), range_starts, folder, k,
+                                 self.block_rows, self.rows, len(blocks), done_blocks, pure=False,
+                                 retries=RETRIES)
+                   for t, (r, start, size) in enumerate((r, start, size) for r, size in enumerate(sizes)
+                                                        for start in range(0, size, queries))]
+        client.gather(probing)  # every states file written
         finishing, futures = {}, []
         for b in todo:
             block = blocks[b]
             block_bad = self.bad[(self.bad >= block.start) & (self.bad < block.stop)]
-            state = client.submit(gather_block_task, block, block_bad, k, *parts.pop(b), pure=False,
-                                  retries=RETRIES)
             audited = self.audit[(self.audit >= block.start) & (self.audit < block.stop)]
-            future = client.submit(finish_with_audit, state, block, block_bad, audited,
+            future = client.submit(finish_block_task, block, b, block_bad, audited, folder, len(probing), k,
                                    min_similarity=min_similarity,
                                    folder=None if manifest is None else str(manifest.folder.resolve()),
                                    part=b, n_corpus=n, n_rows=n, labels=labels, params=params, pure=False,

@@ -1,18 +1,36 @@
-"""What the Dask workers run for the approximate engine: sample, assign rows
-to cells and write them as shards, probe a group of cells, gather a row
-block's partial states.
+"""What the Dask workers run for the approximate engine: sample rows,
+assign rows to cells, regroup them by range of cells, probe, finish a row
+block.
 
-Cells are grouped into consecutive ranges (a *group*, about one task's rows).
-The assignment of row block ``b`` writes, for every group ``g`` it touches,
-the rows whose cell is in ``g`` (``corpus-g-b``) and the rows that probe a
-cell of ``g`` (``query-g-b``, with their probe lists). The probing task of
-``g`` reads only the shards of ``g`` and joins, cell by cell, the rows that
-probe the cell with the rows in it, by the exact engine's tiles.
+Every stage reads the files of the one before on shared storage (the
+scratch folder) and writes its own, so that no stage's task depends on
+another's future: the task graph has no edge per (row block, cell) and a
+lost worker loses no result. Each name below is a set of ``.npy`` files
+``NAME.ARRAY.npy`` (memory-mapped when read, so a task reads only the
+slices it needs):
+
+``assigned-B``
+    Row block ``B``'s kept rows sorted by their own cell (then by row),
+    with ``rows``, ``norms``, ``ids``, ``probes`` (each row's nearest cells,
+    its own first) and ``offsets`` (where each cell's rows start).
+``range-R``
+    The rows of the consecutive cells of range ``R`` (about one task's
+    rows), gathered from every ``assigned-B``, in the same arrays.
+``states-T``
+    The top-k states found by probing task ``T`` for its query rows, sorted
+    by row, with ``ids``, ``keys`` and ``offsets`` (where each row block's
+    rows start).
+
+A probing task takes a slice of one range's rows as its queries and joins,
+cell by cell, the queries probing the cell with the cell's rows (read from
+the cell's range), by the exact engine's tiles: every query row's whole
+search happens in one task, so no partial states travel between tasks.
 """
 
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +40,8 @@ from allknn.engines.dask.tasks import Block, finish_task, normalised_block, to_g
 from allknn.engines.exact.plans import QueryJoinPlan
 from allknn.engines.kmeans import nearest_centroids
 from allknn.kernels.topk import EMPTY_KEY, key_ids, merge_states, new_state
-from allknn.writers.atomic import atomic_path
+
+ROW_ARRAYS = ("rows", "norms", "ids", "probes")
 
 
 def sample_task(block: Block, wanted: np.ndarray, block_rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -32,119 +51,167 @@ def sample_task(block: Block, wanted: np.ndarray, block_rows: int) -> tuple[np.n
     return rows[keep], ids[keep]
 
 
-def _save(path: Path, **arrays: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)
+def _save(folder: str, name: str, **arrays: np.ndarray) -> None:
+    """Write ``name``'s arrays, each published by a rename (a retried task
+    rewrites the same bytes; scratch needs no fsync)."""
+    for array_name, array in arrays.items():
+        path = Path(folder) / f"{name}.{array_name}.npy"
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        with open(tmp, "wb") as handle:  # a handle: np.save would add ".npy" to the name
+            np.save(handle, np.ascontiguousarray(array))
+        os.replace(tmp, path)
 
 
-def assign_task(block: Block, index: int, centroids: np.ndarray, probes: int, cells_per_group: int,
-                folder: str, block_rows: int, queries: bool = True) -> tuple[dict[int, int], dict[int, int]]:
-    """Write block ``index``'s shards (see the module docstring); its query
-    shards only with ``queries`` (a resumed run skips the finished blocks'
-    rows as queries, and still needs them as candidates).
+def _open(folder: str, name: str, *array_names: str) -> dict[str, np.ndarray]:
+    return {array_name: np.load(Path(folder) / f"{name}.{array_name}.npy", mmap_mode="r")
+            for array_name in array_names}
+
+
+def _by_own_cell(arrays: dict[str, np.ndarray], first_cell: int, n_cells: int) -> dict[str, np.ndarray]:
+    """The rows sorted by own cell (stable: by row within a cell), with the cells' ``offsets``."""
+    own = arrays["probes"][:, 0].astype(np.int64) - first_cell
+    order = np.argsort(own, kind="stable")
+    offsets = np.zeros(n_cells + 1, dtype=np.int64)
+    np.cumsum(np.bincount(own, minlength=n_cells), out=offsets[1:])
+    return {**{name: arrays[name][order] for name in ROW_ARRAYS}, "offsets": offsets}
+
+
+def assign_task(block: Block, index: int, centroids: np.ndarray, probes: int, folder: str,
+                block_rows: int) -> np.ndarray:
+    """Write ``assigned-index`` (see the module docstring).
 
     Returns
     -------
-    corpus_rows, query_rows : dict of int to int
-        For each group it wrote a corpus (query) shard of, the shard's rows.
+    ndarray of shape (cells,), int64
+        The block's kept rows in each cell.
     """
     with threadpool_limits(limits=1, user_api="blas"):
         rows, norms, ids = normalised_block(block, None, block_rows)
         order = (nearest_centroids(rows, centroids, probes) if rows.shape[0]
                  else np.zeros((0, probes), np.int32))
-    labels = order[:, 0] if rows.shape[0] else np.zeros(0, np.int32)
-    groups = labels // cells_per_group
-    probed_groups = order // cells_per_group
-    corpus_rows, query_rows = {}, {}
-    for g in np.unique(groups):
-        inside = groups == g
-        _save(Path(folder) / f"corpus-{g}-{index}.npz", rows=rows[inside], norms=norms[inside],
-              ids=ids[inside], labels=labels[inside])
-        corpus_rows[int(g)] = int(inside.sum())
-    for g in np.unique(probed_groups) if queries else ():
-        asks = (probed_groups == g).any(axis=1)
-        _save(Path(folder) / f"query-{g}-{index}.npz", rows=rows[asks], norms=norms[asks], ids=ids[asks],
-              probes=order[asks])
-        query_rows[int(g)] = int(asks.sum())
-    return corpus_rows, query_rows
+    n_cells = centroids.shape[0]
+    assigned = _by_own_cell({"rows": rows, "norms": norms, "ids": ids, "probes": order}, 0, n_cells)
+    _save(folder, f"assigned-{index}", **assigned)
+    return np.diff(assigned["offsets"])
 
 
-def shard_chunks(shard_rows: dict[int, int], limit: int) -> list[list[int]]:
-    """Cut a group's shards (block -> rows) into runs of blocks of at most
-    ``limit`` rows together (a shard holds one block's rows, at most
-    ``limit``), so that no probing task holds more than a task's rows of
-    either side, however large its cells."""
-    chunks: list[list[int]] = [[]]
-    held = 0
-    for block in sorted(shard_rows):
-        if held + shard_rows[block] > limit and chunks[-1]:
-            chunks.append([])
-            held = 0
-        chunks[-1].append(block)
-        held += shard_rows[block]
-    return chunks if chunks[-1] else []
+def add_counts(*counts: np.ndarray) -> np.ndarray:
+    """The sum of cell counts."""
+    return np.sum(counts, axis=0)
 
 
-def _load(folder: str, kind: str, group: int, blocks: list[int]) -> dict[str, np.ndarray]:
-    parts = []
-    for b in blocks:
-        with np.load(os.path.join(folder, f"{kind}-{group}-{b}.npz")) as saved:
-            parts.append({name: saved[name] for name in saved.files})
-    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-
-
-def probe_group_task(group: int, corpus_blocks: list[int], query_blocks: list[int], folder: str, k: int,
-                     block_rows: int, task_rows: int) -> dict[int, tuple[np.ndarray, ...]]:
-    """Join, cell by cell of ``group``, the rows probing the cell (from the
-    query shards of ``query_blocks``) with its rows (from the corpus shards
-    of ``corpus_blocks``).
+def cell_ranges(counts: np.ndarray, limit: int) -> np.ndarray:
+    """Cut the cells into ranges of consecutive cells holding at most
+    ``limit`` rows together (a cell holding more is a range alone).
 
     Returns
     -------
-    dict of row block -> (query ids, keys)
-        Partial top-k states of the query rows, keys by global row number,
-        the row itself left out.
+    ndarray of shape (ranges + 1,), int64
+        The first cell of each range, then the number of cells.
     """
-    queries = _load(folder, "query", group, query_blocks)
-    keys = new_state(queries["ids"].size, k + 1)[0]
-    corpus = _load(folder, "corpus", group, corpus_blocks)
+    starts = [0]
+    held = 0
+    for cell, count in enumerate(counts.tolist()):
+        if held + count > limit and held:
+            starts.append(cell)
+            held = 0
+        held += count
+    return np.array([*starts, counts.size], dtype=np.int64)
+
+
+def regroup_task(index: int, first_cell: int, stop_cell: int, n_blocks: int, folder: str) -> int:
+    """Write ``range-index``, the rows of cells ``first_cell:stop_cell``,
+    from every ``assigned-B``; returns its rows."""
+    parts = []
+    for b in range(n_blocks):
+        assigned = _open(folder, f"assigned-{b}", *ROW_ARRAYS, "offsets")
+        start, stop = assigned["offsets"][first_cell], assigned["offsets"][stop_cell]
+        parts.append({name: np.asarray(assigned[name][start:stop]) for name in ROW_ARRAYS})
+    gathered = {name: np.concatenate([part[name] for part in parts]) for name in ROW_ARRAYS}
+    _save(folder, f"range-{index}", **_by_own_cell(gathered, first_cell, stop_cell - first_cell))
+    return int(gathered["ids"].size)
+
+
+def probe_task(index: int, range_index: int, start: int, stop: int, range_starts: np.ndarray, folder: str,
+               k: int, block_rows: int, task_rows: int, n_blocks: int, done_blocks: np.ndarray) -> int:
+    """Write ``states-index``: the top-k of rows ``start:stop`` of range
+    ``range_index`` (those of row blocks not in ``done_blocks``) among the
+    rows of the cells each probes, the row itself left out; a cell of more
+    than ``task_rows`` rows is joined in pieces of ``task_rows``.
+
+    Parameters
+    ----------
+    range_starts : ndarray of shape (ranges + 1,), int64
+        :func:`cell_ranges`: where each cell's rows are.
+
+    Returns
+    -------
+    int
+        The query rows searched.
+    """
+    queries = {name: np.asarray(array[start:stop])
+               for name, array in _open(folder, f"range-{range_index}", *ROW_ARRAYS).items()}
+    wanted = ~np.isin(queries["ids"] // task_rows, done_blocks)
+    queries = {name: array[wanted] for name, array in queries.items()}
+    n, probes = queries["probes"].shape
+    keys = new_state(n, k + 1)[0]
+    asked = queries["probes"].ravel()
+    order = np.argsort(asked, kind="stable")  # (row, cell) pairs by cell, rows ascending within a cell
+    cells, firsts = np.unique(asked[order], return_index=True)
+    asking_rows = np.repeat(np.arange(n), probes)[order]
+    ranges: dict[int, dict[str, np.ndarray]] = {}
     with threadpool_limits(limits=1, user_api="blas"):
-        for cell in np.unique(corpus["labels"]):
-            members = corpus["labels"] == cell
-            asking = np.flatnonzero((queries["probes"] == cell).any(axis=1))
-            if not asking.size:
-                continue
-            state, thresholds = new_state(asking.size, k + 1)
-            plan = QueryJoinPlan(np.ascontiguousarray(queries["rows"][asking]),
-                                 np.ascontiguousarray(corpus["rows"][members]), queries["norms"][asking],
-                                 corpus["norms"][members], block_rows=block_rows)
-            plan.run(state, thresholds, threads=1)
-            keys[asking] = merge_states(keys[asking], to_global_ids(state, corpus["ids"][members]))
-    own = key_ids(keys) == queries["ids"][:, None]
-    keys[own] = EMPTY_KEY
+        for cell, first, last in zip(cells.tolist(), firsts.tolist(), [*firsts[1:].tolist(), order.size],
+                                     strict=True):
+            asking = asking_rows[first:last]
+            r = int(np.searchsorted(range_starts, cell, side="right")) - 1
+            if r not in ranges:
+                ranges[r] = _open(folder, f"range-{r}", "rows", "norms", "ids", "offsets")
+            members = ranges[r]
+            low, high = members["offsets"][cell - range_starts[r] : cell - range_starts[r] + 2]
+            query_rows = np.ascontiguousarray(queries["rows"][asking])
+            for piece in range(low, high, task_rows):
+                end = min(piece + task_rows, high)
+                state, thresholds = new_state(asking.size, k + 1)
+                QueryJoinPlan(query_rows, np.ascontiguousarray(members["rows"][piece:end]),
+                              queries["norms"][asking], np.asarray(members["norms"][piece:end]),
+                              block_rows=block_rows).run(state, thresholds, threads=1)
+                found = to_global_ids(state, np.asarray(members["ids"][piece:end]))
+                keys[asking] = merge_states(keys[asking], found)
+    keys[key_ids(keys) == queries["ids"][:, None]] = EMPTY_KEY
     keys = np.sort(keys, axis=1)[:, 1:]  # the row itself, or the worst of k + 1
-    blocks = queries["ids"] // task_rows
-    return {int(b): (queries["ids"][blocks == b], keys[blocks == b]) for b in np.unique(blocks)}
+    by_row = np.argsort(queries["ids"])
+    ids = queries["ids"][by_row]
+    _save(folder, f"states-{index}", ids=ids, keys=keys[by_row],
+          offsets=np.searchsorted(ids, np.arange(n_blocks + 1, dtype=np.int64) * task_rows))
+    return n
 
 
-def gather_block_task(block: Block, bad_rows: np.ndarray, k: int,
-                      *parts: tuple[dict[int, tuple[np.ndarray, np.ndarray]], int]) -> np.ndarray:
-    """A row block's state from the probing tasks' parts (each a probing
-    result and this block's number in it): keys of its kept rows, in order."""
+def finish_block_task(block: Block, index: int, bad_rows: np.ndarray, audit_rows: np.ndarray, scratch: str,
+                      n_probing: int, k: int, **finish: object) -> tuple[object, list[list[int]]]:
+    """Row block ``index``'s states from every ``states-T`` in ``scratch``
+    (``n_probing`` of them), finished by
+    :func:`~allknn.engines.dask.tasks.finish_task` (its options ``finish``), and the keys found for
+    its audit rows ``audit_rows`` (before ``min_similarity``), as lists of
+    int for the manifest.
+
+    Raises
+    ------
+    RuntimeError
+        If a kept row has no state (the scratch folder lost files).
+    """
     kept = np.setdiff1d(np.arange(block.start, block.stop), bad_rows)
     keys = new_state(kept.size, k)[0]
-    for result, b in parts:
-        ids, part_keys = result[b]
-        positions = np.searchsorted(kept, ids)
-        keys[positions] = merge_states(keys[positions], part_keys)
-    return keys
-
-
-def finish_with_audit(keys: np.ndarray, block: Block, bad_rows: np.ndarray, audit_rows: np.ndarray,
-                      **finish: object) -> tuple[object, list[list[int]]]:
-    """:func:`~allknn.engines.dask.tasks.finish_task` of a row block, and the
-    keys its search found for the audit rows ``audit_rows`` among its kept
-    rows (before ``min_similarity``), as lists of int for the manifest."""
-    kept = np.setdiff1d(np.arange(block.start, block.stop), bad_rows)
+    found = np.zeros(kept.size, dtype=bool)
+    for t in range(n_probing):
+        states = _open(scratch, f"states-{t}", "ids", "keys", "offsets")
+        start, stop = states["offsets"][index], states["offsets"][index + 1]
+        if stop > start:
+            positions = np.searchsorted(kept, states["ids"][start:stop])
+            keys[positions] = states["keys"][start:stop]
+            found[positions] = True
+    if not found.all():
+        raise RuntimeError(f"rows {kept[~found][:5].tolist()}... of block {index} have no search state in "
+                           f"{scratch}: the scratch folder lost files; run again")
     audit_keys = keys[np.searchsorted(kept, audit_rows)].tolist()
     return finish_task(keys, block, bad_rows, **finish), audit_keys
