@@ -6,13 +6,21 @@ cost per task and the storage bandwidth per machine, it simulates the exact
 self-join of ``--n`` rows on ``--machines`` machines of ``--cores`` cores:
 list scheduling of the block-pair tasks on the cores, each task reading its
 two blocks and then computing, the scheduler dispatching one task at a time.
-It also models the approximate engine at recall 0.95 from the local
-engine's measured shape of work (``ROWS_SCANNED_PER_SQRT_N`` corpus rows per
-row, two passes over the data for the assignment to cells).
+It also simulates the approximate engine as built on the cluster
+(:mod:`allknn.engines.dask.approx`), stage after stage (each a barrier):
+assignment (each row block against the centroids), the two-step shuffle
+and the regrouping by range of cells (a task block read and written per
+task), the probing (a range's rows against the cells they probe: ``probes``
+cells of ``sqrt(n) / 2`` rows per row, reading about ``--union`` times
+``probes`` cells per task), and the finish. The breadth a recall needs is
+data-dependent: give ``--probes`` (the Debian rows needed 67 of 504 cells
+for 0.95 without refinement).
 
-Usage (the command behind BENCHMARKS.md)::
+Usage (the commands behind BENCHMARKS.md)::
 
-    python benchmarks/plan_dask.py --n 100000000 --d 100 --pair-dims-per-second 4.0e10
+    python benchmarks/plan_dask.py --n 100000000 --d 100 --pair-dims-per-second 1.8e10
+    python benchmarks/plan_dask.py --n 100000000 --d 100 --pair-dims-per-second 1.8e10 \
+        --approx-only --probes 64 256 1024
 """
 
 from __future__ import annotations
@@ -54,6 +62,11 @@ def main() -> None:
     parser.add_argument("--read-mb-per-s", type=float, default=500.0, help="storage bandwidth per machine")
     parser.add_argument("--simulate-tasks", type=int, default=2_000_000,
                         help="simulate at most this many tasks, scaling the rest")
+    parser.add_argument("--probes", type=int, nargs="+", default=[256],
+                        help="cells each row probes in the approximate engine")
+    parser.add_argument("--union", type=float, default=2.0,
+                        help="cells a probing task reads, as a multiple of probes (its rows' probes overlap)")
+    parser.add_argument("--approx-only", action="store_true")
     args = parser.parse_args()
 
     rate = args.pair_dims_per_second
@@ -61,7 +74,7 @@ def main() -> None:
           f"ms/task, {args.read_mb_per_s:.0f} MB/s per machine")
     print("\n| engine | task rows | tasks | MB read / task | machines | scheduler busy | expected time |")
     print("|---|---|---|---|---|---|---|")
-    for rows in args.task_rows:
+    for rows in [] if args.approx_only else args.task_rows:
         blocks = math.ceil(args.n / rows)
         tasks = blocks * (blocks + 1) // 2
         read_mb = 2 * rows * args.d * 4 / 1e6
@@ -74,14 +87,39 @@ def main() -> None:
             busy = tasks * args.dispatch_ms / 1e3
             print(f"| exact | {rows:,} | {tasks:,} | {read_mb:.1f} | {machines} | {busy / 3600:.1f} h | "
                   f"{seconds / 3600:.1f} h |")
-    scanned = 8 * math.sqrt(args.n)  # ROWS_SCANNED_PER_SQRT_N of the local engine, at recall 0.95
-    data_mb = args.n * args.d * 4 / 1e6
-    for machines in args.machines:
-        compute = args.n * scanned * args.d / (rate * machines * args.cores)
-        io = 3 * data_mb / (args.read_mb_per_s * machines)  # read, write sorted by cell, read to probe
-        print(f"| approx, recall 0.95 | cells of ~{math.sqrt(args.n) / 2:,.0f} rows | - | - | {machines} "
-              f"| - | {(compute + io) / 60:.0f} min |")
+    for probes in args.probes:
+        for machines in args.machines:
+            stages = approx_stages(args.n, args.d, probes, args.task_rows[0], rate, args.read_mb_per_s,
+                                   args.cores, args.union)
+            slots = machines * args.cores
+            seconds = sum(simulate(min(tasks, args.simulate_tasks), compute, read, slots,
+                                   args.dispatch_ms / 1e3) * tasks / min(tasks, args.simulate_tasks)
+                          for tasks, compute, read in stages.values())
+            tasks = sum(tasks for tasks, _, _ in stages.values())
+            probe_mb = stages["probe"][2] * args.read_mb_per_s / args.cores
+            busy = tasks * args.dispatch_ms / 3.6e6
+            print(f"| approx, {probes} probes of {2 * math.isqrt(args.n):,} cells | {args.task_rows[0]:,} | "
+                  f"{tasks:,} | {probe_mb:.0f} (probing) | {machines} | {busy:.2f} h | "
+                  f"{seconds / 60:.0f} min |")
 
+
+def approx_stages(n: int, d: int, probes: int, rows: int, rate: float, read_mb_per_s: float, cores: int,
+                  union: float) -> dict[str, tuple[int, float, float]]:
+    """The approximate engine's stages: (tasks, compute s, read+write s) per task."""
+    blocks = math.ceil(n / rows)
+    cells = 2 * math.isqrt(n)
+    cell_rows = n / cells
+    block_mb = rows * d * 4 / 1e6
+    per_core = read_mb_per_s / cores  # cores share their machine's bandwidth
+    spread_tasks = (math.isqrt(blocks - 1) + 1) ** 2
+    probe_read_mb = min(union * probes, cells) * cell_rows * d * 4 / 1e6
+    return {
+        "assign": (blocks, rows * cells * d / rate, 2 * block_mb / per_core),
+        "spread": (spread_tasks, 0.0, 2 * block_mb * blocks / spread_tasks / per_core),
+        "regroup": (blocks, 0.0, 2 * block_mb / per_core),
+        "probe": (blocks, rows * probes * cell_rows * d / rate, (block_mb + probe_read_mb) / per_core),
+        "finish": (2 * blocks, 0.0, rows * 10 * 8 * 2 / 1e6 / per_core),
+    }
 
 if __name__ == "__main__":
     main()

@@ -464,10 +464,12 @@ def _probed_reference(X: np.ndarray, k: int, centroids: np.ndarray, probes: int)
                        n_corpus=X.shape[0])
 
 
-def test_approximate_probing_equals_brute_force_over_the_probed_cells_however_large_a_cell(client, tmp_path):
+def test_approximate_probing_equals_brute_force_over_the_probed_cells_however_large_a_cell(client, tmp_path,
+                                                                                          monkeypatch):
     """One giant cluster makes cells of many task blocks: its shards are cut
     into several probing tasks a side, and the result is still each row's
-    exact top-k over its probed cells; the parts written by the workers read
+    exact top-k over its probed cells, also through the two-step shuffle of
+    many files; the parts written by the workers read
     back as the in-memory result, with its recall."""
     from allknn.engines.dask.approx import dask_approx_neighbors
     from allknn.engines.kmeans import nearest_centroids
@@ -483,6 +485,10 @@ def test_approximate_probing_equals_brute_force_over_the_probed_cells_however_la
     cells = nearest_centroids(reference_unit_rows(X)[0], centroids, 1)[:, 0]
     assert np.bincount(cells).max() > 4 * 64  # a cell of more than four task blocks
     assert_same_result(held, _probed_reference(X, 5, centroids, 2))
+    from allknn.engines.dask import approx
+
+    monkeypatch.setattr(approx, "SPREAD_ABOVE", 2)  # through the two-step shuffle
+    assert_same_result(dask_approx_neighbors(tmp_path / "x.npy", 5, **options), held)
     written = allknn.load_result(tmp_path / "out")
     assert_same_result(written, held)
     assert written.recall == held.recall and held.recall.sample_size == 1000

@@ -31,6 +31,9 @@ before the next: no task waits on another's result, so the graph has no
 edge per (row block, cell), a lost worker loses no result, and the tasks
 are about four per row block. Each row is written twice (assigned, then
 regrouped) and each cell read by the probing tasks whose queries probe it.
+Past ``SPREAD_ABOVE`` files, the regrouping and the finish read through a
+two-step shuffle (:func:`spread`), so that no task opens every file of the
+stage before.
 
 A resumed run (``resume=True``, ``--resume``) takes the cells and the
 breadth the first run kept in the folder (``_cells.npy`` and the
@@ -59,6 +62,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -74,6 +78,7 @@ from allknn.engines.approx.cells import cell_centroids, n_cells_for
 from allknn.engines.approx.recall import estimate, row_recall
 from allknn.engines.approx.search import DEFAULT_RECALL_TARGET, RECALL_SAMPLE_ROWS
 from allknn.engines.dask.approx_tasks import (
+    ROW_ARRAYS,
     add_counts,
     assign_task,
     cell_ranges,
@@ -81,6 +86,8 @@ from allknn.engines.dask.approx_tasks import (
     probe_task,
     regroup_task,
     sample_task,
+    save_plan,
+    spread_task,
 )
 from allknn.engines.dask.run import (
     RETRIES,
@@ -103,6 +110,9 @@ logger = logging.getLogger("allknn")
 
 PILOT_ROWS = 1000
 """Rows of the pilot sample that chooses the breadth."""
+
+SPREAD_ABOVE = 64
+"""Files a consumer of a stage reads directly at most (see :func:`spread`)."""
 
 TASKS_PER_THREAD = 4
 """Probing tasks per worker thread at least (where there are rows enough),
@@ -250,6 +260,37 @@ def _held(client, small: np.ndarray) -> Any:
     return client.submit(np.array, small, pure=False)
 
 
+def spread(client, folder: str, inputs: list[str], boundaries: np.ndarray, names: tuple[str, ...], kind: str,
+           task_rows: int, n_keys: int) -> list[list[str]]:
+    """The files each consumer of filed ``inputs`` reads (consumer ``i``
+    takes keys ``boundaries[i]:boundaries[i + 1]``): the inputs themselves,
+    or past ``SPREAD_ABOVE`` of them, the files of a two-step shuffle.
+
+    Each first-step task (:func:`~allknn.engines.dask.approx_tasks.spread_task`)
+    reads one of about ``sqrt(inputs)`` groups of inputs for the keys of
+    one of about ``sqrt(consumers)`` runs of consumers, so a consumer opens
+    ``sqrt(inputs)`` files instead of every input (37M file opens become
+    about 1M at 100M rows) and each task still holds about a task's rows.
+    """
+    consumers = len(boundaries) - 1
+    if len(inputs) <= SPREAD_ABOVE:
+        return [inputs] * consumers
+    width, run = math.isqrt(len(inputs) - 1) + 1, math.isqrt(consumers - 1) + 1
+    groups = [inputs[i : i + width] for i in range(0, len(inputs), width)]
+    files: list[list[str]] = []
+    futures = []
+    for j, first in enumerate(range(0, consumers, run)):
+        stop = min(first + run, consumers)
+        keys = int(boundaries[first]), int(boundaries[stop])
+        names_j = [f"spread-{kind}-{i}-{j}" for i in range(len(groups))]
+        futures += [client.submit(spread_task, folder, group, name, *keys, n_keys, names, kind, task_rows,
+                                  pure=False, retries=RETRIES)
+                    for group, name in zip(groups, names_j, strict=True)]
+        files += [names_j] * (stop - first)
+    client.gather(futures)
+    return files
+
+
 def _tree(client, combine, parts: list[Any]) -> Any:
     """One future of ``combine`` over ``parts``, ``MERGE_FAN_IN`` at a time."""
     while True:
@@ -389,23 +430,26 @@ class _Search:
                                                           self.block_rows, pure=False, retries=RETRIES)
                                             for b, block in enumerate(blocks)]).result()
         range_starts = cell_ranges(counts, self.rows)
-        sizes = client.gather([client.submit(regroup_task, r, int(first), int(stop), len(blocks), folder,
+        assigned = spread(client, folder, [f"assigned-{b}" for b in range(len(blocks))], range_starts,
+                          ROW_ARRAYS, "cell", self.rows, counts.size)
+        sizes = client.gather([client.submit(regroup_task, r, int(first), int(stop), assigned[r], folder,
                                              pure=False, retries=RETRIES)
                                for r, (first, stop) in enumerate(itertools.pairwise(range_starts))])
         queries = self._query_rows()
-        done_blocks = np.array(sorted(done), dtype=np.int64)
-        probing = [client.submit(probe_task, t, r, start, min(start + queries, size), range_starts, folder, k,
-                                 self.block_rows, self.rows, len(blocks), done_blocks, pure=False,
-                                 retries=RETRIES)
+        save_plan(folder, range_starts, np.array(sorted(done), dtype=np.int64))
+        probing = [client.submit(probe_task, t, r, start, min(start + queries, size), folder, k,
+                                 self.block_rows, self.rows, len(blocks), pure=False, retries=RETRIES)
                    for t, (r, start, size) in enumerate((r, start, size) for r, size in enumerate(sizes)
                                                         for start in range(0, size, queries))]
         client.gather(probing)  # every states file written
+        states = spread(client, folder, [f"states-{t}" for t in range(len(probing))],
+                        np.arange(len(blocks) + 1), ("ids", "keys"), "block", self.rows, len(blocks))
         finishing, futures = {}, []
         for b in todo:
             block = blocks[b]
             block_bad = self.bad[(self.bad >= block.start) & (self.bad < block.stop)]
             audited = self.audit[(self.audit >= block.start) & (self.audit < block.stop)]
-            future = client.submit(finish_block_task, block, b, block_bad, audited, folder, len(probing), k,
+            future = client.submit(finish_block_task, block, b, block_bad, audited, folder, states[b], k,
                                    min_similarity=min_similarity,
                                    folder=None if manifest is None else str(manifest.folder.resolve()),
                                    part=b, n_corpus=n, n_rows=n, labels=labels, params=params, pure=False,

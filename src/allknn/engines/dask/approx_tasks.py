@@ -18,8 +18,16 @@ slices it needs):
     rows), gathered from every ``assigned-B``, in the same arrays.
 ``states-T``
     The top-k states found by probing task ``T`` for its query rows, sorted
-    by row, with ``ids``, ``keys`` and ``offsets`` (where each row block's
-    rows start).
+    by row block, with ``ids``, ``keys`` and ``offsets`` (where each row
+    block's rows start).
+
+``spread-KIND-I-J``
+    The first step of a two-step shuffle (:func:`spread_task`): the rows of
+    the J-th run of keys (cells, or row blocks) of the I-th group of files.
+
+Files filed by key (``assigned-B``, ``states-T``, ``spread-…``) keep
+``offsets`` over the whole key space, so any of them is sliced by key the
+same way (:func:`_slices`); a ``range-R``'s offsets cover its own cells.
 
 A probing task takes a slice of one range's rows as its queries and joins,
 cell by cell, the queries probing the cell with the cell's rows (read from
@@ -67,13 +75,29 @@ def _open(folder: str, name: str, *array_names: str) -> dict[str, np.ndarray]:
             for array_name in array_names}
 
 
-def _by_own_cell(arrays: dict[str, np.ndarray], first_cell: int, n_cells: int) -> dict[str, np.ndarray]:
-    """The rows sorted by own cell (stable: by row within a cell), with the cells' ``offsets``."""
-    own = arrays["probes"][:, 0].astype(np.int64) - first_cell
-    order = np.argsort(own, kind="stable")
-    offsets = np.zeros(n_cells + 1, dtype=np.int64)
-    np.cumsum(np.bincount(own, minlength=n_cells), out=offsets[1:])
-    return {**{name: arrays[name][order] for name in ROW_ARRAYS}, "offsets": offsets}
+def _filed(arrays: dict[str, np.ndarray], keys: np.ndarray, n_keys: int) -> dict[str, np.ndarray]:
+    """The rows sorted by ``keys`` in ``0..n_keys - 1`` (stable: in their
+    order within a key), with ``offsets`` (where each key's rows start)."""
+    order = np.argsort(keys, kind="stable")
+    offsets = np.zeros(n_keys + 1, dtype=np.int64)
+    np.cumsum(np.bincount(keys, minlength=n_keys), out=offsets[1:])
+    return {**{name: array[order] for name, array in arrays.items()}, "offsets": offsets}
+
+
+def _key(arrays: dict[str, np.ndarray], kind: str, task_rows: int) -> np.ndarray:
+    """The key a row is filed under: its own cell, or its row block."""
+    return arrays["probes"][:, 0].astype(np.int64) if kind == "cell" else arrays["ids"] // task_rows
+
+
+def _slices(folder: str, inputs: list[str], first_key: int, stop_key: int,
+            names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The rows of keys ``first_key:stop_key`` of the filed ``inputs``, in input order."""
+    parts = []
+    for name in inputs:
+        filed = _open(folder, name, *names, "offsets")
+        start, stop = filed["offsets"][first_key], filed["offsets"][stop_key]
+        parts.append({array: np.asarray(filed[array][start:stop]) for array in names})
+    return {array: np.concatenate([part[array] for part in parts]) for array in names}
 
 
 def assign_task(block: Block, index: int, centroids: np.ndarray, probes: int, folder: str,
@@ -89,8 +113,8 @@ def assign_task(block: Block, index: int, centroids: np.ndarray, probes: int, fo
         rows, norms, ids = normalised_block(block, None, block_rows)
         order = (nearest_centroids(rows, centroids, probes) if rows.shape[0]
                  else np.zeros((0, probes), np.int32))
-    n_cells = centroids.shape[0]
-    assigned = _by_own_cell({"rows": rows, "norms": norms, "ids": ids, "probes": order}, 0, n_cells)
+    assigned = _filed({"rows": rows, "norms": norms, "ids": ids, "probes": order},
+                      order[:, 0].astype(np.int64), centroids.shape[0])
     _save(folder, f"assigned-{index}", **assigned)
     return np.diff(assigned["offsets"])
 
@@ -119,36 +143,49 @@ def cell_ranges(counts: np.ndarray, limit: int) -> np.ndarray:
     return np.array([*starts, counts.size], dtype=np.int64)
 
 
-def regroup_task(index: int, first_cell: int, stop_cell: int, n_blocks: int, folder: str) -> int:
-    """Write ``range-index``, the rows of cells ``first_cell:stop_cell``,
-    from every ``assigned-B``; returns its rows."""
-    parts = []
-    for b in range(n_blocks):
-        assigned = _open(folder, f"assigned-{b}", *ROW_ARRAYS, "offsets")
-        start, stop = assigned["offsets"][first_cell], assigned["offsets"][stop_cell]
-        parts.append({name: np.asarray(assigned[name][start:stop]) for name in ROW_ARRAYS})
-    gathered = {name: np.concatenate([part[name] for part in parts]) for name in ROW_ARRAYS}
-    _save(folder, f"range-{index}", **_by_own_cell(gathered, first_cell, stop_cell - first_cell))
-    return int(gathered["ids"].size)
+def spread_task(folder: str, inputs: list[str], output: str, first_key: int, stop_key: int, n_keys: int,
+                names: tuple[str, ...], kind: str, task_rows: int) -> int:
+    """Write ``output``: the rows of keys ``first_key:stop_key`` of the
+    filed ``inputs``, filed again (the first half of a two-step shuffle,
+    see :func:`allknn.engines.dask.approx.spread`); returns its rows."""
+    found = _slices(folder, inputs, first_key, stop_key, names)
+    _save(folder, output, **_filed(found, _key(found, kind, task_rows), n_keys))
+    return int(found["ids"].size)
 
 
-def probe_task(index: int, range_index: int, start: int, stop: int, range_starts: np.ndarray, folder: str,
-               k: int, block_rows: int, task_rows: int, n_blocks: int, done_blocks: np.ndarray) -> int:
+def regroup_task(index: int, first_cell: int, stop_cell: int, inputs: list[str], folder: str) -> int:
+    """Write ``range-index``, the rows of cells ``first_cell:stop_cell``
+    from the filed ``inputs`` (every ``assigned-B``, or their spread);
+    returns its rows."""
+    found = _slices(folder, inputs, first_cell, stop_cell, ROW_ARRAYS)
+    cells = _key(found, "cell", 0) - first_cell
+    _save(folder, f"range-{index}", **_filed(found, cells, stop_cell - first_cell))
+    return int(found["ids"].size)
+
+
+def save_plan(folder: str, range_starts: np.ndarray, done_blocks: np.ndarray) -> None:
+    """Keep what every probing task reads in ``plan`` (rather than in each
+    task's spec): the first cell of each range (:func:`cell_ranges`), and
+    the row blocks whose rows are not queries (finished by an earlier run)."""
+    _save(folder, "plan", range_starts=range_starts, done_blocks=done_blocks)
+
+
+def probe_task(index: int, range_index: int, start: int, stop: int, folder: str, k: int, block_rows: int,
+               task_rows: int, n_blocks: int) -> int:
     """Write ``states-index``: the top-k of rows ``start:stop`` of range
-    ``range_index`` (those of row blocks not in ``done_blocks``) among the
-    rows of the cells each probes, the row itself left out; a cell of more
-    than ``task_rows`` rows is joined in pieces of ``task_rows``.
-
-    Parameters
-    ----------
-    range_starts : ndarray of shape (ranges + 1,), int64
-        :func:`cell_ranges`: where each cell's rows are.
+    ``range_index`` (those of row blocks the ``plan`` does not list as
+    done) among the rows of the cells each probes, the row itself left out;
+    a cell of more than ``task_rows`` rows is joined in pieces of
+    ``task_rows``.
 
     Returns
     -------
     int
         The query rows searched.
     """
+    plan = {name: np.asarray(array) for name, array in _open(folder, "plan", "range_starts",
+                                                              "done_blocks").items()}
+    range_starts, done_blocks = plan["range_starts"], plan["done_blocks"]
     queries = {name: np.asarray(array[start:stop])
                for name, array in _open(folder, f"range-{range_index}", *ROW_ARRAYS).items()}
     wanted = ~np.isin(queries["ids"] // task_rows, done_blocks)
@@ -180,17 +217,15 @@ def probe_task(index: int, range_index: int, start: int, stop: int, range_starts
                 keys[asking] = merge_states(keys[asking], found)
     keys[key_ids(keys) == queries["ids"][:, None]] = EMPTY_KEY
     keys = np.sort(keys, axis=1)[:, 1:]  # the row itself, or the worst of k + 1
-    by_row = np.argsort(queries["ids"])
-    ids = queries["ids"][by_row]
-    _save(folder, f"states-{index}", ids=ids, keys=keys[by_row],
-          offsets=np.searchsorted(ids, np.arange(n_blocks + 1, dtype=np.int64) * task_rows))
+    states = {"ids": queries["ids"], "keys": keys}
+    _save(folder, f"states-{index}", **_filed(states, _key(states, "block", task_rows), n_blocks))
     return n
 
 
 def finish_block_task(block: Block, index: int, bad_rows: np.ndarray, audit_rows: np.ndarray, scratch: str,
-                      n_probing: int, k: int, **finish: object) -> tuple[object, list[list[int]]]:
-    """Row block ``index``'s states from every ``states-T`` in ``scratch``
-    (``n_probing`` of them), finished by
+                      inputs: list[str], k: int, **finish: object) -> tuple[object, list[list[int]]]:
+    """Row block ``index``'s states from the filed ``inputs`` in ``scratch``
+    (every ``states-T``, or their spread), finished by
     :func:`~allknn.engines.dask.tasks.finish_task` (its options ``finish``), and the keys found for
     its audit rows ``audit_rows`` (before ``min_similarity``), as lists of
     int for the manifest.
@@ -203,13 +238,10 @@ def finish_block_task(block: Block, index: int, bad_rows: np.ndarray, audit_rows
     kept = np.setdiff1d(np.arange(block.start, block.stop), bad_rows)
     keys = new_state(kept.size, k)[0]
     found = np.zeros(kept.size, dtype=bool)
-    for t in range(n_probing):
-        states = _open(scratch, f"states-{t}", "ids", "keys", "offsets")
-        start, stop = states["offsets"][index], states["offsets"][index + 1]
-        if stop > start:
-            positions = np.searchsorted(kept, states["ids"][start:stop])
-            keys[positions] = states["keys"][start:stop]
-            found[positions] = True
+    states = _slices(scratch, inputs, index, index + 1, ("ids", "keys"))
+    positions = np.searchsorted(kept, states["ids"])
+    keys[positions] = states["keys"]
+    found[positions] = True
     if not found.all():
         raise RuntimeError(f"rows {kept[~found][:5].tolist()}... of block {index} have no search state in "
                            f"{scratch}: the scratch folder lost files; run again")
