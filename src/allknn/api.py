@@ -177,7 +177,9 @@ def neighbors(
     if client is not None:
         _check_cluster_options({"threads": threads, "refine": refine, "on_tile": on_tile,
                                 "resident": resident})
-        torch = _validate.check_backend(backend, device, "exact" if method == "auto" else method) == "torch"
+        # on a cluster the approximate engine's probing tiles run on the torch engine too
+        torch = _validate.check_backend(backend, device, "exact" if method in ("auto", "approx") else method
+                                        ) == "torch"
         device = (device or "cpu") if torch else None
         if method != "approx":
             check_options({"recall_target": recall_target, "probes": probes, "cells": cells}, "exact")
@@ -260,9 +262,6 @@ def _on_cluster(X, k, *, client, method: str, checkpoint, approx: dict, **option
     if method == "approx":
         if options.pop("queries") is not None or not options.pop("exclude_self"):
             raise ValueError("the approximate engine on a cluster runs the self-join with self excluded only")
-        if options.pop("device") is not None or options.pop("precision") is not None:
-            raise ValueError("device= and precision= run the exact engine's tiles on the workers' devices; "
-                             "the approximate engine on a cluster runs on their CPUs")
         options.pop("block_rows")
         return dask_approx_neighbors(X, k, client=client, **approx, **options)
     return dask_neighbors(X, k, client=client, **options)

@@ -236,9 +236,6 @@ def _cmd_run_on_cluster(args: argparse.Namespace) -> int:
     if args.method == "exact" and args.recall_target is not None:
         raise CliError("--recall-target is for --method approx; leave it out")
     device = args.device or ("cpu" if args.backend == "torch" else None)
-    if args.method == "approx" and (device is not None or args.precision is not None):
-        raise CliError("--device, --backend and --precision run the exact engine's tiles on the workers' "
-                       "devices; the approximate engine on a cluster runs on their CPUs")
     if args.method == "approx" and args.queries is not None:
         raise CliError("the approximate engine on a cluster runs the self-join only: leave --queries out")
     started = time.perf_counter()
@@ -257,7 +254,8 @@ def _cmd_run_on_cluster(args: argparse.Namespace) -> int:
                                       invalid=args.invalid, min_similarity=args.min_similarity,
                                       task_rows=args.task_rows, column=args.column,
                                       recall_target=args.recall_target, output=output, resume=args.resume,
-                                      ids=args.ids, id_column=args.id_column,
+                                      ids=args.ids, id_column=args.id_column, device=device,
+                                      precision=args.precision,
                                       on_task=lambda kind, rows: on_tile(None, rows))
             if not args.quiet:
                 print(f"measured {folder_recall(output)}")

@@ -489,6 +489,12 @@ def test_approximate_probing_equals_brute_force_over_the_probed_cells_however_la
 
     monkeypatch.setattr(approx, "SPREAD_ABOVE", 2)  # through the two-step shuffle
     assert_same_result(dask_approx_neighbors(tmp_path / "x.npy", 5, **options), held)
+    if importlib.util.find_spec("torch") is not None:  # the probing tiles on CPU torch, low precision
+        on_torch = dask_approx_neighbors(tmp_path / "x.npy", 5, device="cpu", precision="bf16", **options)
+        assert_same_result(on_torch, held)
+        assert on_torch.params["device"] == "cpu" and on_torch.params["precision"] == "bf16"
+        assert_same_result(allknn.neighbors(tmp_path / "x.npy", 5, method="approx", backend="torch",
+                                            precision="fp16", **options), held)
     written = allknn.load_result(tmp_path / "out")
     assert_same_result(written, held)
     assert written.recall == held.recall and held.recall.sample_size == 1000

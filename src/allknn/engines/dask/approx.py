@@ -93,6 +93,7 @@ from allknn.engines.dask.run import (
     RETRIES,
     Input,
     TaskCallback,
+    device_choice,
     part_labels,
     scan,
     scans_digest,
@@ -128,8 +129,8 @@ def dask_approx_neighbors(X: Any, k: int, *, client, recall_target: float | None
                           min_similarity: float | None = None, task_rows: int | None = None,
                           column: str | None = None, scratch: str | os.PathLike[str] | None = None,
                           output: str | os.PathLike[str] | None = None, resume: bool = False,
-                          ids: Any = None, id_column: str | None = None,
-                          on_task: TaskCallback | None = None) -> TopK | None:
+                          ids: Any = None, id_column: str | None = None, device: str | None = None,
+                          precision: str | None = None, on_task: TaskCallback | None = None) -> TopK | None:
     """The approximate top-k of every row of ``X`` on a cluster (see the module docstring).
 
     Parameters are those of :func:`allknn.engines.dask.dask_neighbors`, with:
@@ -152,6 +153,10 @@ def dask_approx_neighbors(X: Any, k: int, *, client, recall_target: float | None
         workers (the measured recall in its manifest's ``params``), resumed
         with the first run's cells and breadth; ``on_task("part", rows)``
         as each row block is finished.
+    device, precision
+        As for the exact form: the probing tiles run with the torch engine
+        on this device of every worker, with the same result bit for bit
+        (the cells, the pilot and the audit stay on the CPU engine).
 
     Returns
     -------
@@ -168,6 +173,7 @@ def dask_approx_neighbors(X: Any, k: int, *, client, recall_target: float | None
     target = DEFAULT_RECALL_TARGET if recall_target is None else _validate.check_fraction(recall_target,
                                                                                              "recall_target")
     budget = parse_memory(max_memory)
+    tiles = device_choice(client, device, precision)
     n, dim = corpus.shape
     block_rows = round_block_rows(choose_block_rows(budget // 2, dim, 1))
     rows = task_rows_for(budget, dim, k if isinstance(k, int) else 1, block_rows, n) if task_rows is None \
@@ -188,7 +194,9 @@ def dask_approx_neighbors(X: Any, k: int, *, client, recall_target: float | None
     fingerprint = {**params, "given": {"probes": probes, "cells": cells,
                                        "recall_target": None if probes is not None else target},
                    "X": scans_digest(scans), **({"labels": labels.digests} if labels.arrays else {})}
-    search = _Search(client, corpus, k, bad, seed=seed, budget=budget, rows=rows, block_rows=block_rows)
+    params.update(tiles)  # not in the fingerprint: every device gives the same result
+    search = _Search(client, corpus, k, bad, seed=seed, budget=budget, rows=rows, block_rows=block_rows,
+                     tiles=tiles)
     manifest = None
     if output is None:
         params.update(search.breadth(probes, cells, target))
@@ -304,8 +312,9 @@ class _Search:
     """The stages of the module docstring for one input, on one client."""
 
     def __init__(self, client, corpus: Input, k: int, bad: np.ndarray, *, seed: int, budget: int, rows: int,
-                 block_rows: int):
+                 block_rows: int, tiles: dict[str, Any]):
         self.client, self.corpus, self.k, self.bad = client, corpus, k, bad
+        self.tiles = tiles  # the probing tiles' device and precision (none: the CPU engine)
         self.budget, self.rows, self.block_rows = budget, rows, block_rows
         self.kept_rows = np.setdiff1d(np.arange(corpus.shape[0]), bad)
         rng = np.random.default_rng(seed)
@@ -437,8 +446,9 @@ class _Search:
                                for r, (first, stop) in enumerate(itertools.pairwise(range_starts))])
         queries = self._query_rows()
         save_plan(folder, range_starts, np.array(sorted(done), dtype=np.int64))
-        probing = [client.submit(probe_task, t, r, start, min(start + queries, size), folder, k,
-                                 self.block_rows, self.rows, len(blocks), pure=False, retries=RETRIES)
+        spec = JoinSpec(k=k + 1, skip_self=False, block_rows=self.block_rows, threads=1, **self.tiles)
+        probing = [client.submit(probe_task, t, r, start, min(start + queries, size), folder, spec,
+                                 self.rows, len(blocks), pure=False, retries=RETRIES)
                    for t, (r, start, size) in enumerate((r, start, size) for r, size in enumerate(sizes)
                                                         for start in range(0, size, queries))]
         client.gather(probing)  # every states file written

@@ -44,8 +44,15 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from allknn.engines.dask.tasks import Block, finish_task, normalised_block, to_global_ids
-from allknn.engines.exact.plans import QueryJoinPlan
+from allknn.engines.dask.tasks import (
+    Block,
+    JoinSpec,
+    device_settings,
+    finish_task,
+    normalised_block,
+    query_plan,
+    to_global_ids,
+)
 from allknn.engines.kmeans import nearest_centroids
 from allknn.kernels.topk import EMPTY_KEY, key_ids, merge_states, new_state
 
@@ -170,13 +177,14 @@ def save_plan(folder: str, range_starts: np.ndarray, done_blocks: np.ndarray) ->
     _save(folder, "plan", range_starts=range_starts, done_blocks=done_blocks)
 
 
-def probe_task(index: int, range_index: int, start: int, stop: int, folder: str, k: int, block_rows: int,
+def probe_task(index: int, range_index: int, start: int, stop: int, folder: str, spec: JoinSpec,
                task_rows: int, n_blocks: int) -> int:
     """Write ``states-index``: the top-k of rows ``start:stop`` of range
     ``range_index`` (those of row blocks the ``plan`` does not list as
     done) among the rows of the cells each probes, the row itself left out;
     a cell of more than ``task_rows`` rows is joined in pieces of
-    ``task_rows``.
+    ``task_rows``. ``spec`` gives the tiles (``spec.k`` is k + 1, room for
+    the row itself), on the CPU or on a device of the worker.
 
     Returns
     -------
@@ -191,13 +199,13 @@ def probe_task(index: int, range_index: int, start: int, stop: int, folder: str,
     wanted = ~np.isin(queries["ids"] // task_rows, done_blocks)
     queries = {name: array[wanted] for name, array in queries.items()}
     n, probes = queries["probes"].shape
-    keys = new_state(n, k + 1)[0]
+    keys = new_state(n, spec.k)[0]
     asked = queries["probes"].ravel()
     order = np.argsort(asked, kind="stable")  # (row, cell) pairs by cell, rows ascending within a cell
     cells, firsts = np.unique(asked[order], return_index=True)
     asking_rows = np.repeat(np.arange(n), probes)[order]
     ranges: dict[int, dict[str, np.ndarray]] = {}
-    with threadpool_limits(limits=1, user_api="blas"):
+    with threadpool_limits(limits=1, user_api="blas"), device_settings(spec):
         for cell, first, last in zip(cells.tolist(), firsts.tolist(), [*firsts[1:].tolist(), order.size],
                                      strict=True):
             asking = asking_rows[first:last]
@@ -209,10 +217,10 @@ def probe_task(index: int, range_index: int, start: int, stop: int, folder: str,
             query_rows = np.ascontiguousarray(queries["rows"][asking])
             for piece in range(low, high, task_rows):
                 end = min(piece + task_rows, high)
-                state, thresholds = new_state(asking.size, k + 1)
-                QueryJoinPlan(query_rows, np.ascontiguousarray(members["rows"][piece:end]),
-                              queries["norms"][asking], np.asarray(members["norms"][piece:end]),
-                              block_rows=block_rows).run(state, thresholds, threads=1)
+                state, thresholds = new_state(asking.size, spec.k)
+                query_plan(spec, query_rows, np.ascontiguousarray(members["rows"][piece:end]),
+                           queries["norms"][asking], np.asarray(members["norms"][piece:end])
+                           ).run(state, thresholds, threads=1)
                 found = to_global_ids(state, np.asarray(members["ids"][piece:end]))
                 keys[asking] = merge_states(keys[asking], found)
     keys[key_ids(keys) == queries["ids"][:, None]] = EMPTY_KEY

@@ -217,7 +217,7 @@ def dask_neighbors(
     invalid = _validate.check_invalid_choice(invalid)
     min_similarity = _validate.check_min_similarity(min_similarity)
     budget = parse_memory(max_memory)
-    tiles = _device_choice(client, device, precision)
+    tiles = device_choice(client, device, precision)
     dim = corpus.shape[1]
     if block_rows is None:
         block_rows = choose_block_rows(budget // 2, dim, 1)
@@ -353,7 +353,7 @@ class _Submitter:
                     _pairs(query.blocks[i], block))
 
 
-def _device_choice(client, device: str | None, precision: str | None) -> dict[str, Any]:
+def device_choice(client, device: str | None, precision: str | None) -> dict[str, Any]:
     """The tasks' torch device and precision (none: the CPU engine), checked
     on every worker.
 

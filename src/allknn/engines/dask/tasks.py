@@ -187,13 +187,13 @@ def pair_task(spec: JoinSpec, first: Block, second: Block | None, first_data: np
     -------
     tuple of ndarray of shape (kept rows, k), int64
     """
-    with threadpool_limits(limits=1, user_api="blas"), _device_settings(spec):
+    with threadpool_limits(limits=1, user_api="blas"), device_settings(spec):
         rows, norms, ids = RECENT_BLOCKS.get(first, first_data, spec)
         if query is not None:
             q_rows, q_norms, _ = RECENT_BLOCKS.get(query, query_data, spec)
             keys, thresholds = new_state(q_rows.shape[0], spec.k)
             if rows.shape[0] and q_rows.shape[0]:
-                _query_plan(spec, q_rows, rows, q_norms, norms).run(keys, thresholds, threads=spec.threads)
+                query_plan(spec, q_rows, rows, q_norms, norms).run(keys, thresholds, threads=spec.threads)
             return (to_global_ids(keys, ids),)
         if second is None:
             keys, thresholds = new_state(rows.shape[0], spec.k)
@@ -211,7 +211,8 @@ def pair_task(spec: JoinSpec, first: Block, second: Block | None, first_data: np
         return keys[: rows.shape[0]], keys[rows.shape[0] :]
 
 
-def _device_settings(spec: JoinSpec):
+def device_settings(spec: JoinSpec):
+    """torch's settings for the spec's precision while a task's tiles run on a device (else nothing)."""
     if spec.device is None:
         return contextlib.nullcontext()
     from allknn.engines.torch.product import torch_settings
@@ -244,8 +245,10 @@ def _self_plan(spec: JoinSpec, rows: np.ndarray, norms: np.ndarray):
     return DeviceSelfJoinPlan(rows, norms, skip_self=spec.skip_self, ids=None, **_device_options(spec, rows))
 
 
-def _query_plan(spec: JoinSpec, queries: np.ndarray, rows: np.ndarray, query_norms: np.ndarray,
+def query_plan(spec: JoinSpec, queries: np.ndarray, rows: np.ndarray, query_norms: np.ndarray,
                 norms: np.ndarray):
+    """The tiles of ``queries`` against ``rows``: the CPU engine's, or the
+    torch engine's on the spec's device."""
     if spec.device is None:
         return QueryJoinPlan(queries, rows, query_norms, norms, block_rows=spec.block_rows)
     from allknn.engines.torch.plans import DeviceQueryJoinPlan
