@@ -264,6 +264,40 @@ def test_a_killed_worker_costs_only_its_tasks(client, npy, data):
     client.wait_for_workers(2, timeout=60)
 
 
+def test_a_killed_worker_costs_the_approximate_engine_only_its_tasks(client, tmp_path):
+    """A worker killed while it runs one of the stages that meet through
+    files: the stage's tasks are run again, and the result is unchanged."""
+    import threading
+
+    from allknn.engines.dask.approx import dask_approx_neighbors
+
+    X = clustered_with_duplicates(6000, 24, seed=9)
+    np.save(tmp_path / "x.npy", X)
+    options = {"client": client, "task_rows": 256, "seed": 4, "probes": 6}
+    want = dask_approx_neighbors(tmp_path / "x.npy", 5, **options)
+    stages = ("assign_task", "regroup_task", "probe_task", "finish_block_task")
+    killed = []
+
+    def kill_a_busy_worker():
+        deadline = time.monotonic() + 120
+        while not killed and time.monotonic() < deadline:
+            busy = [worker for worker, keys in client.processing().items()
+                    if any(str(key).startswith(stages) for key in keys)]
+            if busy:
+                pid = client.run(os.getpid, workers=busy[:1])[busy[0]]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.005)
+
+    killer = threading.Thread(target=kill_a_busy_worker)
+    killer.start()
+    got = dask_approx_neighbors(tmp_path / "x.npy", 5, **options)
+    killer.join()
+    assert killed, "no stage task ran while the killer looked"
+    assert_same_result(got, want)
+    client.wait_for_workers(2, timeout=60)
+
+
 def test_parts_folder_reads_as_one_table_and_resumes(client, npy, data, tmp_path):
     local = allknn.neighbors(data, 6, invalid="drop")
     out = tmp_path / "out"
