@@ -302,11 +302,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
             print(f"{name + ':':<12} cannot run: {estimate.refusal}")
             continue
         what = "the exact self-join" if name == "exact" else f"method={name!r}"
-        print(f"estimate:    {estimate.seconds:.1f} s for {what} with k={found.k} on {found.threads} "
+        print(f"estimate:    {_seconds(estimate.seconds)} s for {what} with k={found.k} on {found.threads} "
               f"thread(s) ({how if name == 'exact' else 'modelled from the same speed'})")
         print(f"memory:      about {estimate.memory_bytes / 1e6:.0f} MB beyond the input "
               f"(block_rows={found.block_rows})")
     return 0
+
+
+def _seconds(seconds: float) -> str:
+    """Seconds to one decimal, or two significant digits below one second (never a bare 0.0)."""
+    return f"{seconds:.1f}" if seconds >= 1 else f"{seconds:.2g}"
 
 
 def _cmd_info_on_cluster(args: argparse.Namespace) -> int:
@@ -322,7 +327,7 @@ def _cmd_info_on_cluster(args: argparse.Namespace) -> int:
         if cluster is not None:
             cluster.close()
     print(f"file:        {args.input}")
-    print(f"estimate:    {seconds:.1f} s for the exact self-join with k={args.k} on {threads} worker "
+    print(f"estimate:    {_seconds(seconds)} s for the exact self-join with k={args.k} on {threads} worker "
           f"thread(s) (from {timed} tasks timed on the cluster)")
     return 0
 

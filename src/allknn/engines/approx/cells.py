@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
+from allknn._blas import single_threaded_blas
 from allknn.engines.exact.blocks import dense_product
 from allknn.engines.kmeans import fit_centroids
 from allknn.engines.schedule import run_tiles
@@ -168,5 +168,5 @@ def probe_rounds(
                     merge_rows(out, 0, s, chunk, index.order, keys, thresholds, skip_self, unique,
                                scoring_rows(block, query_norms), corpus, margin)
 
-        with threadpool_limits(limits=1, user_api="blas"):
+        with single_threaded_blas():
             run_tiles(tasks, work, threads=threads, blocks_of=lambda t: {t[0]})

@@ -42,8 +42,8 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
+from allknn._blas import single_threaded_blas
 from allknn.engines.dask.tasks import (
     Block,
     JoinSpec,
@@ -54,7 +54,15 @@ from allknn.engines.dask.tasks import (
     to_global_ids,
 )
 from allknn.engines.kmeans import nearest_centroids
-from allknn.kernels.topk import EMPTY_KEY, key_ids, merge_states, new_state
+from allknn.kernels.topk import (
+    EMPTY_KEY,
+    floored_state,
+    key_ids,
+    merge_states,
+    new_state,
+    thresholds_of,
+    without_placeholders,
+)
 
 ROW_ARRAYS = ("rows", "norms", "ids", "probes")
 
@@ -116,7 +124,7 @@ def assign_task(block: Block, index: int, centroids: np.ndarray, probes: int, fo
     ndarray of shape (cells,), int64
         The block's kept rows in each cell.
     """
-    with threadpool_limits(limits=1, user_api="blas"):
+    with single_threaded_blas():
         rows, norms, ids = normalised_block(block, None, block_rows)
         order = (nearest_centroids(rows, centroids, probes) if rows.shape[0]
                  else np.zeros((0, probes), np.int32))
@@ -203,10 +211,15 @@ def probe_task(index: int, range_index: int, start: int, stop: int, folder: str,
     asked = queries["probes"].ravel()
     order = np.argsort(asked, kind="stable")  # (row, cell) pairs by cell, rows ascending within a cell
     cells, firsts = np.unique(asked[order], return_index=True)
+    lasts = np.append(firsts[1:], order.size)
     asking_rows = np.repeat(np.arange(n), probes)[order]
+    # the range's own cells first: each query's nearest cell is among them, so
+    # its floor rises early and the other cells offer few candidates
+    own = (cells >= range_starts[range_index]) & (cells < range_starts[range_index + 1])
+    visits = np.concatenate([np.flatnonzero(own), np.flatnonzero(~own)])
     ranges: dict[int, dict[str, np.ndarray]] = {}
-    with threadpool_limits(limits=1, user_api="blas"), device_settings(spec):
-        for cell, first, last in zip(cells.tolist(), firsts.tolist(), [*firsts[1:].tolist(), order.size],
+    with single_threaded_blas(), device_settings(spec):
+        for cell, first, last in zip(cells[visits].tolist(), firsts[visits].tolist(), lasts[visits].tolist(),
                                      strict=True):
             asking = asking_rows[first:last]
             r = int(np.searchsorted(range_starts, cell, side="right")) - 1
@@ -217,11 +230,12 @@ def probe_task(index: int, range_index: int, start: int, stop: int, folder: str,
             query_rows = np.ascontiguousarray(queries["rows"][asking])
             for piece in range(low, high, task_rows):
                 end = min(piece + task_rows, high)
-                state, thresholds = new_state(asking.size, spec.k)
+                # floored at each query's k + 1-th best so far: only candidates that can still enter
+                state, thresholds = floored_state(thresholds_of(keys[asking]), spec.k)
                 query_plan(spec, query_rows, np.ascontiguousarray(members["rows"][piece:end]),
                            queries["norms"][asking], np.asarray(members["norms"][piece:end])
                            ).run(state, thresholds, threads=1)
-                found = to_global_ids(state, np.asarray(members["ids"][piece:end]))
+                found = to_global_ids(without_placeholders(state), np.asarray(members["ids"][piece:end]))
                 keys[asking] = merge_states(keys[asking], found)
     keys[key_ids(keys) == queries["ids"][:, None]] = EMPTY_KEY
     keys = np.sort(keys, axis=1)[:, 1:]  # the row itself, or the worst of k + 1

@@ -21,8 +21,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
+from allknn._blas import single_threaded_blas
 from allknn.engines.exact.plans import PairPlan, QueryJoinPlan, SelfJoinPlan
 from allknn.kernels.topk import (
     EMPTY_KEY,
@@ -187,7 +187,7 @@ def pair_task(spec: JoinSpec, first: Block, second: Block | None, first_data: np
     -------
     tuple of ndarray of shape (kept rows, k), int64
     """
-    with threadpool_limits(limits=1, user_api="blas"), device_settings(spec):
+    with single_threaded_blas(), device_settings(spec):
         rows, norms, ids = RECENT_BLOCKS.get(first, first_data, spec)
         if query is not None:
             q_rows, q_norms, _ = RECENT_BLOCKS.get(query, query_data, spec)

@@ -6,8 +6,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
+from allknn._blas import single_threaded_blas
 from allknn.engines.exact.blocks import dense_product
 from allknn.engines.exact.plans import SelfJoinPlan
 from allknn.engines.exact.sparse_layout import sparse_layout
@@ -39,7 +39,7 @@ def seconds_per_tile(rows: np.ndarray, block_rows: int, threads: int) -> float:
             dense_product(block, other, outs[worker])
 
     best = np.inf
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=threads) as pool:
+    with single_threaded_blas(), ThreadPoolExecutor(max_workers=threads) as pool:
         list(pool.map(products, range(threads)))  # warm-up
         for _ in range(3):
             started = time.perf_counter()

@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import scipy.sparse
-from threadpoolctl import threadpool_limits
 
+from allknn._blas import single_threaded_blas
 from allknn._memory import round_block_rows
 from allknn.engines.base import ProgressCallback
 from allknn.engines.exact.blocks import Blocks, dense_tile
@@ -127,7 +127,7 @@ class TilePlan(TaskPlan):
             if on_task is not None:
                 on_task(tile, self.pairs(tile))
 
-        with threadpool_limits(limits=1, user_api="blas"):
+        with single_threaded_blas():
             run_tiles(todo, work, threads=len(buffers), blocks_of=self._blocks_of)
 
 

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
+from allknn._blas import single_threaded_blas
 from allknn.engines.base import ProgressCallback
 from allknn.engines.exact.plans import PairPlan, QueryJoinPlan, SelfJoinPlan
 from allknn.engines.schedule import Tile, run_tiles
@@ -76,7 +76,7 @@ class _OnDevice:
             if on_task is not None:
                 on_task(tile, self.pairs(tile))
 
-        with threadpool_limits(limits=1, user_api="blas"):
+        with single_threaded_blas():
             run_tiles(todo, work, threads=min(len(self.lanes), len(todo)), blocks_of=self._blocks_of)
 
     def _nominees(self, a: Any, b: Any, row_floor: np.ndarray, col_floor: np.ndarray | None,
