@@ -51,6 +51,7 @@ def neighbors(
     device: str | None = None,
     precision: str | None = None,
     resident: bool | None = None,
+    scratch: str | os.PathLike[str] | None = None,
 ) -> TopK:
     """Find the ``k`` most cosine-similar rows of ``X`` for every row.
 
@@ -158,6 +159,11 @@ def neighbors(
         Torch backend: keep the rows on the device for the whole run
         (default: when they take at most half its free memory), or stream
         them from host memory block by block (``False``).
+    scratch : path-like, optional
+        With ``client`` and ``method="approx"``: a folder every worker and
+        this client read and write at the same path, for the rows regrouped
+        by cell (default this machine's temporary folder, enough for a
+        cluster on one machine; checked on every worker before the run).
 
     Returns
     -------
@@ -174,6 +180,9 @@ def neighbors(
         Input not 2-D or empty, mismatched dimensions, zero or NaN/Inf rows
         (with ``invalid="raise"``), ``k`` out of range, a budget too small.
     """
+    if scratch is not None and (client is None or method != "approx"):
+        raise ValueError("scratch= is the shared folder of the approximate engine on a cluster (client= and "
+                         "method='approx'); leave it out")
     if client is not None:
         _check_cluster_options({"threads": threads, "refine": refine, "on_tile": on_tile,
                                 "resident": resident})
@@ -188,7 +197,7 @@ def neighbors(
                            method=method, block_rows=block_rows, task_rows=task_rows, checkpoint=checkpoint,
                            device=device, precision=precision,
                            approx={"probes": probes, "cells": cells, "seed": seed,
-                                   "recall_target": recall_target})
+                                   "recall_target": recall_target, "scratch": scratch})
     self_join = queries is None or queries is X
     corpus = _validate.as_matrix(X, "X")
     query_matrix = corpus if self_join else _validate.as_matrix(queries, "queries")

@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--invalid", choices=("raise", "drop"), default="raise",
                      help="zero or NaN/Inf rows: stop with an error (default) or drop them")
     run.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoint")
+    run.add_argument("--scratch", metavar="DIR",
+                     help="with --method approx on a cluster: a folder every worker and this machine read "
+                          "and write at the same path (default: the temporary folder here)")
     run.add_argument("--checkpoint-every", type=float, default=5.0, metavar="SECONDS",
                      help="seconds between two saves of the progress (default 5)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
@@ -149,6 +152,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     if args.scheduler is not None or args.workers is not None:
         return _cmd_run_on_cluster(args)
+    if args.scratch is not None:
+        raise CliError("--scratch is the shared folder of --method approx on a cluster (--scheduler or "
+                       "--workers); leave it out")
     output = Path(args.output)
     if output.suffix not in OUTPUT_SUFFIXES:
         raise CliError(f"output {output} must end in one of {', '.join(OUTPUT_SUFFIXES)}")
@@ -236,6 +242,8 @@ def _cmd_run_on_cluster(args: argparse.Namespace) -> int:
     if args.method == "exact" and args.recall_target is not None:
         raise CliError("--recall-target is for --method approx; leave it out")
     device = args.device or ("cpu" if args.backend == "torch" else None)
+    if args.method != "approx" and args.scratch is not None:
+        raise CliError("--scratch is the shared folder of --method approx on a cluster; leave it out")
     if args.method == "approx" and args.queries is not None:
         raise CliError("the approximate engine on a cluster runs the self-join only: leave --queries out")
     started = time.perf_counter()
@@ -255,7 +263,7 @@ def _cmd_run_on_cluster(args: argparse.Namespace) -> int:
                                       task_rows=args.task_rows, column=args.column,
                                       recall_target=args.recall_target, output=output, resume=args.resume,
                                       ids=args.ids, id_column=args.id_column, device=device,
-                                      precision=args.precision,
+                                      precision=args.precision, scratch=args.scratch,
                                       on_task=lambda kind, rows: on_tile(None, rows))
             if not args.quiet:
                 print(f"measured {folder_recall(output)}")

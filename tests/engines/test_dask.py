@@ -606,6 +606,26 @@ def test_cell_ranges_hold_at_most_a_task_of_rows_unless_one_cell_does():
                    for total, b in zip(sums[:-1], starts[1:-1], strict=True))
 
 
+def test_a_scratch_folder_the_workers_do_not_share_is_named(client, npy, tmp_path):
+    from allknn.engines.dask.approx_tasks import SHARED_MARKER, scratch_refusal
+
+    folder = tmp_path / "scratch"
+    folder.mkdir()
+    missing = f"cannot read {folder / SHARED_MARKER} (No such file or directory)"
+    assert scratch_refusal(str(folder), "t0") == missing
+    (folder / SHARED_MARKER).write_text("another")  # another machine's folder at the same path
+    assert scratch_refusal(str(folder), "t0") == f"sees another folder at {folder} (not the client's)"
+    (folder / SHARED_MARKER).write_text("t0")
+    assert scratch_refusal(str(folder), "t0") is None
+    with pytest.raises(ValueError, match=r"scratch= is the shared folder of the approximate engine on a "
+                                         r"cluster \(client= and method='approx'\)"):
+        allknn.neighbors(np.ones((10, 3)), 2, scratch=folder)
+    with pytest.raises(ValueError, match="scratch= is the shared folder"):
+        allknn.neighbors(npy, 2, client=client, scratch=folder)
+    assert allknn.cli.main(["run", str(npy), "-o", str(tmp_path / "o"), "--scheduler",
+                            client.scheduler.address, "--scratch", str(folder)]) == 1
+
+
 def test_by_hand_scheduler_and_workers_survive_a_killed_worker(tmp_path):
     """The README's way: ``dask scheduler`` and ``dask worker`` started by
     hand, ``allknn run ... --scheduler``; a worker killed mid-run."""

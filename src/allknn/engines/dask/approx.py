@@ -60,12 +60,15 @@ of the shards.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
 import os
 import shutil
 import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +82,7 @@ from allknn.engines.approx.recall import estimate, row_recall
 from allknn.engines.approx.search import DEFAULT_RECALL_TARGET, RECALL_SAMPLE_ROWS
 from allknn.engines.dask.approx_tasks import (
     ROW_ARRAYS,
+    SHARED_MARKER,
     add_counts,
     assign_task,
     cell_ranges,
@@ -87,6 +91,7 @@ from allknn.engines.dask.approx_tasks import (
     regroup_task,
     sample_task,
     save_plan,
+    scratch_refusal,
     spread_task,
 )
 from allknn.engines.dask.run import (
@@ -186,56 +191,80 @@ def dask_approx_neighbors(X: Any, k: int, *, client, recall_target: float | None
     if output is not None and not resume and (Path(output) / MANIFEST).exists():
         raise ValueError(f"{output} holds the output of an earlier run; pass resume=True (--resume) to "
                          f"continue it, or write to another folder")
-    scans, bad = scan(client, corpus, invalid)
-    k = _validate.check_k(k, n - bad.size - 1, self_join=True)
-    params = {"k": k, "method": "approx", "self_join": True, "exclude_self": True, "invalid": invalid,
-              "min_similarity": min_similarity, "engine": "dask", "task_rows": rows, "refine": 0,
-              "seed": seed}
-    fingerprint = {**params, "given": {"probes": probes, "cells": cells,
-                                       "recall_target": None if probes is not None else target},
-                   "X": scans_digest(scans), **({"labels": labels.digests} if labels.arrays else {})}
-    params.update(tiles)  # not in the fingerprint: every device gives the same result
-    search = _Search(client, corpus, k, bad, seed=seed, budget=budget, rows=rows, block_rows=block_rows,
-                     tiles=tiles)
-    manifest = None
-    if output is None:
-        params.update(search.breadth(probes, cells, target))
-    else:
-        Path(output).mkdir(parents=True, exist_ok=True)
-        manifest = Manifest(output, fingerprint, {})
-        saved = manifest.resume() if resume else None
-        if saved is not None and saved.get("complete") and len(manifest.parts) == len(corpus.blocks):
-            return None  # finished, its recall measured: nothing to redo
-        cells_path = Path(output) / CELLS_FILE
-        if saved is not None and "probes" in saved["params"]:
-            search.centroids = _saved_cells(cells_path, saved["params"]["cells"], dim,
-                                            finished=bool(manifest.parts))
-            chosen = ("cells", "probes", "recall_target", "pilot_recall")
-            params.update({name: saved["params"][name] for name in chosen if name in saved["params"]})
-        if search.centroids is None:
+    with scratch_folder(client, scratch) as folder:
+        scans, bad = scan(client, corpus, invalid)
+        k = _validate.check_k(k, n - bad.size - 1, self_join=True)
+        params = {"k": k, "method": "approx", "self_join": True, "exclude_self": True, "invalid": invalid,
+                  "min_similarity": min_similarity, "engine": "dask", "task_rows": rows, "refine": 0,
+                  "seed": seed}
+        fingerprint = {**params, "given": {"probes": probes, "cells": cells,
+                                           "recall_target": None if probes is not None else target},
+                       "X": scans_digest(scans), **({"labels": labels.digests} if labels.arrays else {})}
+        params.update(tiles)  # not in the fingerprint: every device gives the same result
+        search = _Search(client, corpus, k, bad, seed=seed, budget=budget, rows=rows, block_rows=block_rows,
+                         tiles=tiles)
+        manifest = None
+        if output is None:
             params.update(search.breadth(probes, cells, target))
-            with atomic_path(cells_path) as tmp, open(tmp, "wb") as handle:
-                np.save(handle, search.centroids)
-        manifest.header = {"k": k, "n_rows": n, "n_corpus": n, "params": params, "labels": labels.columns}
-        labels.write(output)
-        manifest.save()
-    folder = tempfile.mkdtemp(prefix="allknn-shards-", dir=None if scratch is None else os.fspath(scratch))
-    try:
+        else:
+            Path(output).mkdir(parents=True, exist_ok=True)
+            manifest = Manifest(output, fingerprint, {})
+            saved = manifest.resume() if resume else None
+            if saved is not None and saved.get("complete") and len(manifest.parts) == len(corpus.blocks):
+                return None  # finished, its recall measured: nothing to redo
+            cells_path = Path(output) / CELLS_FILE
+            if saved is not None and "probes" in saved["params"]:
+                search.centroids = _saved_cells(cells_path, saved["params"]["cells"], dim,
+                                                finished=bool(manifest.parts))
+                chosen = ("cells", "probes", "recall_target", "pilot_recall")
+                params.update({name: saved["params"][name] for name in chosen if name in saved["params"]})
+            if search.centroids is None:
+                params.update(search.breadth(probes, cells, target))
+                with atomic_path(cells_path) as tmp, open(tmp, "wb") as handle:
+                    np.save(handle, search.centroids)
+            manifest.header = {"k": k, "n_rows": n, "n_corpus": n, "params": params, "labels": labels.columns}
+            labels.write(output)
+            manifest.save()
         results, audit_keys = search.run(folder, params, manifest=manifest, min_similarity=min_similarity,
                                          labels=labels.columns, on_task=on_task)
+        found = key_similarities(np.sort(np.array([audit_keys[row] for row in search.audit], np.int64),
+                                         axis=1)[:, ::-1])
+        recall = estimate(row_recall(np.where(np.isinf(found), np.nan, found), search.audit_kth()))
+        params.update(recall=recall.estimate, recall_interval=list(recall.interval),
+                      recall_rows=recall.sample_size)
+        if manifest is not None:
+            manifest.save(complete=True)
+            return None
+        indices = np.concatenate([results[b][0] for b in range(len(corpus.blocks))])
+        similarities = np.concatenate([results[b][1] for b in range(len(corpus.blocks))])
+        return TopK(indices=indices, similarities=similarities, n_corpus=n, params=params, recall=recall)
+
+
+@contextlib.contextmanager
+def scratch_folder(client, scratch: str | os.PathLike[str] | None) -> Iterator[str]:
+    """A new folder in ``scratch`` (default this machine's temporary folder)
+    that every worker reads and writes, removed at the end.
+
+    Raises
+    ------
+    ValueError
+        Naming the workers that do not see it (another machine's folder at
+        that path, or none) or cannot write in it.
+    """
+    folder = tempfile.mkdtemp(prefix="allknn-shards-", dir=None if scratch is None else os.fspath(scratch))
+    try:
+        token = uuid.uuid4().hex
+        (Path(folder) / SHARED_MARKER).write_text(token)
+        refusals = {address: reason for address, reason in client.run(scratch_refusal, folder, token).items()
+                    if reason}
+        if refusals:
+            raise ValueError(f"the scratch folder {folder} is not shared with every worker: "
+                             + "; ".join(f"worker {address} {reason}" for address, reason in refusals.items())
+                             + "; give scratch= (--scratch) a folder that every worker and this client read "
+                             "and write at the same path")
+        yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    found = key_similarities(np.sort(np.array([audit_keys[row] for row in search.audit], np.int64),
-                                     axis=1)[:, ::-1])
-    recall = estimate(row_recall(np.where(np.isinf(found), np.nan, found), search.audit_kth()))
-    params.update(recall=recall.estimate, recall_interval=list(recall.interval),
-                  recall_rows=recall.sample_size)
-    if manifest is not None:
-        manifest.save(complete=True)
-        return None
-    indices = np.concatenate([results[b][0] for b in range(len(corpus.blocks))])
-    similarities = np.concatenate([results[b][1] for b in range(len(corpus.blocks))])
-    return TopK(indices=indices, similarities=similarities, n_corpus=n, params=params, recall=recall)
 
 
 def _saved_cells(path: Path, cells: int, dim: int, *, finished: bool) -> np.ndarray | None:

@@ -67,6 +67,29 @@ from allknn.kernels.topk import (
 ROW_ARRAYS = ("rows", "norms", "ids", "probes")
 
 
+SHARED_MARKER = "_shared"
+"""The file the client leaves in the scratch folder, holding a token each
+worker must read back (:func:`scratch_refusal`)."""
+
+
+def scratch_refusal(folder: str, token: str) -> str | None:
+    """Why this worker cannot use the client's scratch ``folder`` (None if it can)."""
+    marker = Path(folder) / SHARED_MARKER
+    try:
+        seen = marker.read_text()
+    except OSError as exc:
+        return f"cannot read {marker} ({exc.strerror or exc})"
+    if seen != token:
+        return f"sees another folder at {folder} (not the client's)"
+    probe = Path(folder) / f"_written-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        return f"cannot write in {folder} ({exc.strerror or exc})"
+    return None
+
+
 def sample_task(block: Block, wanted: np.ndarray, block_rows: int) -> tuple[np.ndarray, np.ndarray]:
     """The normalised kept rows of ``block`` among global rows ``wanted``, and their ids."""
     rows, _, ids = normalised_block(block, None, block_rows)
