@@ -252,7 +252,8 @@ def _cmd_run_on_cluster(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"cluster: {len(client.scheduler_info()['workers'])} worker(s), dashboard "
                   f"{client.dashboard_link}", file=sys.stderr)
-        bar, on_tile = _progress(None, args.quiet, "allknn", "rows" if args.method == "approx" else "pairs")
+        bar, on_tile = _progress(None, args.quiet, "allknn", "rows searched" if args.method == "approx"
+                                 else "pairs")
         if args.method == "approx":
             from allknn.engines.dask.approx import dask_approx_neighbors
             from allknn.writers.parts import folder_recall
@@ -264,7 +265,8 @@ def _cmd_run_on_cluster(args: argparse.Namespace) -> int:
                                       recall_target=args.recall_target, output=output, resume=args.resume,
                                       ids=args.ids, id_column=args.id_column, device=device,
                                       precision=args.precision, scratch=args.scratch,
-                                      on_task=lambda kind, rows: on_tile(None, rows))
+                                      on_task=lambda kind, rows: on_tile(None, rows) if kind == "probe"
+                                      else None)
             if not args.quiet:
                 print(f"measured {folder_recall(output)}")
         else:

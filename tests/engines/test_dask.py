@@ -514,7 +514,12 @@ def test_approximate_probing_equals_brute_force_over_the_probed_cells_however_la
     np.save(tmp_path / "x.npy", X)
     options = {"client": client, "cells": 6, "probes": 2, "task_rows": 64, "seed": 2}
     held = dask_approx_neighbors(tmp_path / "x.npy", 5, **options)
-    dask_approx_neighbors(tmp_path / "x.npy", 5, output=tmp_path / "out", **options)
+    events = []
+    dask_approx_neighbors(tmp_path / "x.npy", 5, output=tmp_path / "out", **options,
+                          on_task=lambda kind, rows: events.append((kind, rows)))
+    for kind in ("probe", "part"):  # progress: every row searched once, every row written once
+        assert sum(rows for seen, rows in events if seen == kind) == X.shape[0]
+    assert [kind for kind, _ in events].index("part") > [kind for kind, _ in events].index("probe")
     centroids = np.load(tmp_path / "out" / "_cells.npy")
     cells = nearest_centroids(reference_unit_rows(X)[0], centroids, 1)[:, 0]
     assert np.bincount(cells).max() > 4 * 64  # a cell of more than four task blocks
@@ -551,9 +556,10 @@ def test_approximate_run_resumes_with_the_cells_and_breadth_it_kept(client, npy,
     finished = []
 
     def die_after_two_parts(kind, rows):
-        finished.append(rows)
-        if len(finished) == 2:
-            raise Interrupt
+        if kind == "part":
+            finished.append(rows)
+            if len(finished) == 2:
+                raise Interrupt
 
     out = tmp_path / "out"
     with pytest.raises(Interrupt):

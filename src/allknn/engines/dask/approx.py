@@ -68,7 +68,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +110,7 @@ from allknn.engines.kmeans import SAMPLE_ROWS, nearest_centroids
 from allknn.kernels.topk import EMPTY_KEY, key_ids, key_similarities
 from allknn.topk.result import TopK
 from allknn.writers.atomic import atomic_path
-from allknn.writers.parts import MANIFEST, Manifest
+from allknn.writers.parts import MANIFEST, Manifest, PartLabels
 
 logger = logging.getLogger("allknn")
 
@@ -156,8 +156,9 @@ def dask_approx_neighbors(X: Any, k: int, *, client, recall_target: float | None
     output, resume, ids, id_column, on_task
         As for the exact form: the result as a parts folder written by the
         workers (the measured recall in its manifest's ``params``), resumed
-        with the first run's cells and breadth; ``on_task("part", rows)``
-        as each row block is finished.
+        with the first run's cells and breadth; ``on_task("probe", rows)``
+        as each probing task has searched its rows, and ``on_task("part",
+        rows)`` as each row block is finished.
     device, precision
         As for the exact form: the probing tiles run with the torch engine
         on this device of every worker, with the same result bit for bit
@@ -207,24 +208,11 @@ def dask_approx_neighbors(X: Any, k: int, *, client, recall_target: float | None
         if output is None:
             params.update(search.breadth(probes, cells, target))
         else:
-            Path(output).mkdir(parents=True, exist_ok=True)
-            manifest = Manifest(output, fingerprint, {})
-            saved = manifest.resume() if resume else None
-            if saved is not None and saved.get("complete") and len(manifest.parts) == len(corpus.blocks):
+            manifest = _output_manifest(output, resume=resume, fingerprint=fingerprint, params=params,
+                                        labels=labels, search=search,
+                                        choose=lambda: search.breadth(probes, cells, target))
+            if manifest is None:
                 return None  # finished, its recall measured: nothing to redo
-            cells_path = Path(output) / CELLS_FILE
-            if saved is not None and "probes" in saved["params"]:
-                search.centroids = _saved_cells(cells_path, saved["params"]["cells"], dim,
-                                                finished=bool(manifest.parts))
-                chosen = ("cells", "probes", "recall_target", "pilot_recall")
-                params.update({name: saved["params"][name] for name in chosen if name in saved["params"]})
-            if search.centroids is None:
-                params.update(search.breadth(probes, cells, target))
-                with atomic_path(cells_path) as tmp, open(tmp, "wb") as handle:
-                    np.save(handle, search.centroids)
-            manifest.header = {"k": k, "n_rows": n, "n_corpus": n, "params": params, "labels": labels.columns}
-            labels.write(output)
-            manifest.save()
         results, audit_keys = search.run(folder, params, manifest=manifest, min_similarity=min_similarity,
                                          labels=labels.columns, on_task=on_task)
         found = key_similarities(np.sort(np.array([audit_keys[row] for row in search.audit], np.int64),
@@ -265,6 +253,35 @@ def scratch_folder(client, scratch: str | os.PathLike[str] | None) -> Iterator[s
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _output_manifest(output: str | os.PathLike[str], *, resume: bool, fingerprint: dict[str, Any],
+                     params: dict[str, Any], labels: PartLabels, search: _Search,
+                     choose: Callable[[], dict[str, Any]]) -> Manifest | None:
+    """The manifest of the parts folder ``output``, saved with the run's
+    cells and breadth: on resume those the folder kept (into
+    ``search.centroids`` and ``params``), else ``choose()``'s, kept in the
+    folder (``CELLS_FILE``). None if the resumed folder is finished."""
+    Path(output).mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(output, fingerprint, {})
+    saved = manifest.resume() if resume else None
+    if saved is not None and saved.get("complete") and len(manifest.parts) == len(search.corpus.blocks):
+        return None
+    cells_path = Path(output) / CELLS_FILE
+    if saved is not None and "probes" in saved["params"]:
+        search.centroids = _saved_cells(cells_path, saved["params"]["cells"], search.corpus.shape[1],
+                                        finished=bool(manifest.parts))
+        chosen = ("cells", "probes", "recall_target", "pilot_recall")
+        params.update({name: saved["params"][name] for name in chosen if name in saved["params"]})
+    if search.centroids is None:
+        params.update(choose())
+        with atomic_path(cells_path) as tmp, open(tmp, "wb") as handle:
+            np.save(handle, search.centroids)
+    n = search.corpus.shape[0]
+    manifest.header = {"k": search.k, "n_rows": n, "n_corpus": n, "params": params, "labels": labels.columns}
+    labels.write(output)
+    manifest.save()
+    return manifest
 
 
 def _saved_cells(path: Path, cells: int, dim: int, *, finished: bool) -> np.ndarray | None:
@@ -480,7 +497,11 @@ class _Search:
                                  self.rows, len(blocks), pure=False, retries=RETRIES)
                    for t, (r, start, size) in enumerate((r, start, size) for r, size in enumerate(sizes)
                                                         for start in range(0, size, queries))]
-        client.gather(probing)  # every states file written
+        as_completed = optional("distributed", "running on a Dask cluster").as_completed
+        for future in as_completed(probing):  # every states file written
+            searched = future.result()
+            if on_task is not None:
+                on_task("probe", searched)
         states = spread(client, folder, [f"states-{t}" for t in range(len(probing))],
                         np.arange(len(blocks) + 1), ("ids", "keys"), "block", self.rows, len(blocks))
         finishing, futures = {}, []
@@ -497,7 +518,7 @@ class _Search:
             futures.append(future)
         results = {}
         try:
-            for future in optional("distributed", "running on a Dask cluster").as_completed(futures):
+            for future in as_completed(futures):
                 b, audited = finishing.pop(future.key)
                 value, keys = future.result()
                 audit_keys.update(zip(audited.tolist(), keys, strict=True))

@@ -74,7 +74,8 @@ RETRIES = 3
 recomputed by the scheduler without counting)."""
 
 TaskCallback = Callable[[str, int], None]
-"""Called on the client as tasks finish: ``("pair", pairs)`` or ``("part", rows)``."""
+"""Called on the client as tasks finish: ``("pair", pairs)``, ``("probe", rows)`` (the
+approximate engine's rows searched) or ``("part", rows)``."""
 
 
 class Input:
