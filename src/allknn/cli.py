@@ -250,7 +250,7 @@ def _cmd_run_on_cluster(args: argparse.Namespace) -> int:
     client, cluster = _cluster(args)
     try:
         if not args.quiet:
-            print(f"cluster: {len(client.scheduler_info()['workers'])} worker(s), dashboard "
+            print(f"cluster: {len(client.nthreads())} worker(s), dashboard "
                   f"{client.dashboard_link}", file=sys.stderr)
         bar, on_tile = _progress(None, args.quiet, "allknn", "rows searched" if args.method == "approx"
                                  else "pairs")
@@ -329,7 +329,7 @@ def _cmd_info_on_cluster(args: argparse.Namespace) -> int:
 
     client, cluster = _cluster(args)
     try:
-        threads = sum(w["nthreads"] for w in client.scheduler_info()["workers"].values())
+        threads = sum(client.nthreads().values())
         seconds, timed = estimate_dask_seconds(args.input, args.k, client=client, max_memory=args.max_memory,
                                                task_rows=args.task_rows, column=args.column)
     finally:

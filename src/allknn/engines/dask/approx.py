@@ -452,7 +452,7 @@ class _Search:
         the cells a task reads are those its queries probe, and rows of the
         same few cells probe much the same cells; fewer where that leaves
         under ``TASKS_PER_THREAD`` tasks per worker thread."""
-        threads = sum(worker["nthreads"] for worker in self.client.scheduler_info()["workers"].values())
+        threads = sum(self.client.nthreads().values())
         by_threads = -(-self.kept_rows.size // (TASKS_PER_THREAD * max(threads, 1)))
         return max(BLOCK_MULTIPLE, min(self.rows, by_threads))
 
@@ -498,13 +498,15 @@ class _Search:
                    for t, (r, start, size) in enumerate((r, start, size) for r, size in enumerate(sizes)
                                                         for start in range(0, size, queries))]
         as_completed = optional("distributed", "running on a Dask cluster").as_completed
+        n_probing = len(probing)
         for future in as_completed(probing):  # every states file written
             searched = future.result()
             if on_task is not None:
                 on_task("probe", searched)
-        states = spread(client, folder, [f"states-{t}" for t in range(len(probing))],
+        del probing, future  # released: a worker lost later does not make the scheduler probe again
+        states = spread(client, folder, [f"states-{t}" for t in range(n_probing)],
                         np.arange(len(blocks) + 1), ("ids", "keys"), "block", self.rows, len(blocks))
-        finishing, futures = {}, []
+        finishing, pending = {}, {}
         for b in todo:
             block = blocks[b]
             block_bad = self.bad[(self.bad >= block.start) & (self.bad < block.stop)]
@@ -515,11 +517,12 @@ class _Search:
                                    part=b, n_corpus=n, n_rows=n, labels=labels, params=params, pure=False,
                                    retries=RETRIES)
             finishing[future.key] = (b, audited)
-            futures.append(future)
+            pending[future.key] = future
         results = {}
         try:
-            for future in as_completed(futures):
+            for future in as_completed(list(pending.values())):
                 b, audited = finishing.pop(future.key)
+                del pending[future.key]  # released once its part is recorded
                 value, keys = future.result()
                 audit_keys.update(zip(audited.tolist(), keys, strict=True))
                 if manifest is None:
@@ -529,5 +532,5 @@ class _Search:
                 if on_task is not None:
                     on_task("part", blocks[b].stop - blocks[b].start)
         finally:  # stopped early: the rest is not wanted (and its shards are about to go)
-            client.cancel([future for future in futures if not future.done()])
+            client.cancel(list(pending.values()))
         return results, audit_keys

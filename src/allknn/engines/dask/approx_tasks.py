@@ -98,8 +98,13 @@ def sample_task(block: Block, wanted: np.ndarray, block_rows: int) -> tuple[np.n
 
 
 def _save(folder: str, name: str, **arrays: np.ndarray) -> None:
-    """Write ``name``'s arrays, each published by a rename (a retried task
-    rewrites the same bytes; scratch needs no fsync)."""
+    """Write ``name``'s arrays, each published by a rename, in order (scratch
+    needs no fsync). A task run again finds its last array published and
+    writes nothing: the files a later stage may be reading are never
+    replaced (they would hold the same bytes, but a reader on a network
+    filesystem may lose a file replaced under it)."""
+    if (Path(folder) / f"{name}.{list(arrays)[-1]}.npy").exists():
+        return
     for array_name, array in arrays.items():
         path = Path(folder) / f"{name}.{array_name}.npy"
         tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")

@@ -46,7 +46,7 @@ def estimate_dask_seconds(X: Any, k: int, *, client, max_memory: str | int = "1G
              for a, i in enumerate(picks) for j in picks[a + 1 :]]
     own_seconds = [seconds for _, seconds in client.gather(list(own.values()))]
     pair_seconds = [seconds for _, seconds in client.gather(pairs)]
-    threads = sum(worker["nthreads"] for worker in client.scheduler_info()["workers"].values())
+    threads = sum(client.nthreads().values())
     n_blocks = len(bounds)
     total = n_blocks * float(np.mean(own_seconds))
     if pair_seconds:

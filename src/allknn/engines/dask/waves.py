@@ -42,7 +42,7 @@ class PairJob:
 
 def in_flight_for(client) -> int:
     """Unfinished pair tasks kept on a cluster of this many threads."""
-    threads = sum(worker["nthreads"] for worker in client.scheduler_info()["workers"].values())
+    threads = sum(client.nthreads().values())  # every worker (scheduler_info lists 5 in some releases)
     return max(MIN_IN_FLIGHT, IN_FLIGHT_PER_THREAD * threads)
 
 
