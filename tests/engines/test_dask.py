@@ -623,6 +623,12 @@ def test_a_scratch_folder_the_workers_do_not_share_is_named(client, npy, tmp_pat
     assert scratch_refusal(str(folder), "t0") == f"sees another folder at {folder} (not the client's)"
     (folder / SHARED_MARKER).write_text("t0")
     assert scratch_refusal(str(folder), "t0") is None
+    from allknn.engines.dask.approx_tasks import probe_task
+
+    # a worker that joined after the check
+    with pytest.raises(FileNotFoundError, match=r"cannot read .*plan\.range_starts\.npy: the scratch folder "
+                                                r"must be on storage every worker shares"):
+        probe_task(0, 0, 0, 10, str(folder), JoinSpec(k=3, skip_self=False, block_rows=64, threads=1), 64, 1)
     with pytest.raises(ValueError, match=r"scratch= is the shared folder of the approximate engine on a "
                                          r"cluster \(client= and method='approx'\)"):
         allknn.neighbors(np.ones((10, 3)), 2, scratch=folder)

@@ -38,6 +38,7 @@ search happens in one task, so no partial states travel between tasks.
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from pathlib import Path
 
@@ -114,8 +115,13 @@ def _save(folder: str, name: str, **arrays: np.ndarray) -> None:
 
 
 def _open(folder: str, name: str, *array_names: str) -> dict[str, np.ndarray]:
-    return {array_name: np.load(Path(folder) / f"{name}.{array_name}.npy", mmap_mode="r")
-            for array_name in array_names}
+    try:
+        return {array_name: np.load(Path(folder) / f"{name}.{array_name}.npy", mmap_mode="r")
+                for array_name in array_names}
+    except FileNotFoundError as exc:  # e.g. a worker that joined after the scratch check
+        where = f"worker {socket.gethostname()} (pid {os.getpid()})"
+        raise FileNotFoundError(f"{where} cannot read {exc.filename}: the scratch folder must be on storage "
+                                f"every worker shares at the same path (scratch=, --scratch)") from exc
 
 
 def _filed(arrays: dict[str, np.ndarray], keys: np.ndarray, n_keys: int) -> dict[str, np.ndarray]:
