@@ -73,6 +73,19 @@ def _parquet_folder(folder, matrix, parts):
     return folder
 
 
+def _dies_after_parts(count: int):
+    """An ``on_task`` callback raising :class:`Interrupt` (a killed client) once ``count`` parts are done."""
+    finished = []
+
+    def on_task(kind, rows):
+        if kind == "part":
+            finished.append(rows)
+            if len(finished) == count:
+                raise Interrupt
+
+    return on_task
+
+
 def test_self_join_equals_the_local_engine(client, npy, data):
     for options in ({"invalid": "drop"}, {"invalid": "drop", "exclude_self": False, "min_similarity": 0.5}):
         local = allknn.neighbors(data, 6, **options)
@@ -301,17 +314,9 @@ def test_a_killed_worker_costs_the_approximate_engine_only_its_tasks(client, tmp
 def test_parts_folder_reads_as_one_table_and_resumes(client, npy, data, tmp_path):
     local = allknn.neighbors(data, 6, invalid="drop")
     out = tmp_path / "out"
-    finished = []
-
-    def die_after_two_parts(kind, count):
-        if kind == "part":
-            finished.append(count)
-            if len(finished) == 2:
-                raise Interrupt
-
     with pytest.raises(Interrupt):
         allknn.dask_neighbors(npy, 6, client=client, task_rows=128, invalid="drop", output=out,
-                                           on_task=die_after_two_parts)
+                                           on_task=_dies_after_parts(2))
     manifest = json.loads((out / "_manifest.json").read_text())
     assert len(manifest["parts"]) == 2 and not manifest["complete"]
     with pytest.raises(ValueError, match=r"unfinished: .* --resume"):
@@ -553,17 +558,9 @@ def test_approximate_run_resumes_with_the_cells_and_breadth_it_kept(client, npy,
     labels = np.array([f"r{i}" for i in range(data.shape[0])])
     options = {"client": client, "task_rows": 256, "invalid": "drop", "seed": 1, "ids": labels}
     approx.dask_approx_neighbors(npy, 6, output=tmp_path / "whole", **options)
-    finished = []
-
-    def die_after_two_parts(kind, rows):
-        if kind == "part":
-            finished.append(rows)
-            if len(finished) == 2:
-                raise Interrupt
-
     out = tmp_path / "out"
     with pytest.raises(Interrupt):
-        approx.dask_approx_neighbors(npy, 6, output=out, on_task=die_after_two_parts, **options)
+        approx.dask_approx_neighbors(npy, 6, output=out, on_task=_dies_after_parts(2), **options)
     manifest = json.loads((out / "_manifest.json").read_text())
     assert len(manifest["parts"]) == 2 and not manifest["complete"]
     assert (out / "_cells.npy").is_file() and "pilot_recall" in manifest["params"]
