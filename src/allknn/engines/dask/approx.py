@@ -76,7 +76,7 @@ from typing import Any
 import numpy as np
 
 from allknn import _validate
-from allknn._memory import BLOCK_MULTIPLE, choose_block_rows, parse_memory, round_block_rows
+from allknn._memory import BLOCK_MULTIPLE, parse_memory
 from allknn._optional import optional
 from allknn.engines.approx.cells import cell_centroids, n_cells_for
 from allknn.engines.approx.recall import estimate, row_recall
@@ -99,11 +99,12 @@ from allknn.engines.dask.run import (
     RETRIES,
     Input,
     TaskCallback,
+    check_fresh_output,
     device_choice,
     part_labels,
     scan,
     scans_digest,
-    task_rows_for,
+    task_sizes,
 )
 from allknn.engines.dask.tasks import Block, JoinSpec, merge_task, pair_task
 from allknn.engines.dask.waves import MERGE_FAN_IN
@@ -111,7 +112,7 @@ from allknn.engines.kmeans import SAMPLE_ROWS, nearest_centroids
 from allknn.kernels.topk import EMPTY_KEY, key_ids, key_similarities
 from allknn.topk.result import TopK
 from allknn.writers.atomic import atomic_path
-from allknn.writers.parts import MANIFEST, Manifest, PartLabels
+from allknn.writers.parts import Manifest, PartLabels
 
 logger = logging.getLogger("allknn")
 
@@ -182,18 +183,13 @@ def dask_approx_neighbors(X: Any, k: int, *, client, recall_target: float | None
                                                                                              "recall_target")
     budget = parse_memory(max_memory)
     tiles = device_choice(client, device, precision)
-    n, dim = corpus.shape
-    block_rows = round_block_rows(choose_block_rows(budget // 2, dim, 1))
-    rows = task_rows_for(budget, dim, k if isinstance(k, int) else 1, block_rows, n) if task_rows is None \
-        else round_block_rows(_validate.check_optional_count(task_rows, "task_rows"))
-    block_rows = min(block_rows, rows)
+    n = corpus.shape[0]
+    block_rows, rows = task_sizes(budget, corpus.shape[1], k, n, task_rows=task_rows)
     corpus.cut(client, rows)
     if corpus.array is not None:
         raise TypeError("the approximate engine on a cluster reads a source on shared storage; pass a path")
     labels = part_labels(corpus, corpus, ids, None, id_column, output is not None, True)
-    if output is not None and not resume and (Path(output) / MANIFEST).exists():
-        raise ValueError(f"{output} holds the output of an earlier run; pass resume=True (--resume) to "
-                         f"continue it, or write to another folder")
+    check_fresh_output(output, resume)
     with scratch_folder(client, scratch) as folder:
         scans, bad = scan(client, corpus, invalid)
         k = _validate.check_k(k, n - bad.size - 1, self_join=True)
@@ -241,7 +237,7 @@ def scratch_folder(client, scratch: str | os.PathLike[str] | None) -> Iterator[s
         Naming the workers that do not see it (another machine's folder at
         that path, or none) or cannot write in it.
     """
-    folder = tempfile.mkdtemp(prefix="allknn-shards-", dir=None if scratch is None else os.fspath(scratch))
+    folder = tempfile.mkdtemp(prefix="allknn-scratch-", dir=None if scratch is None else os.fspath(scratch))
     try:
         token = uuid.uuid4().hex
         (Path(folder) / SHARED_MARKER).write_text(token)
@@ -384,12 +380,12 @@ class _Search:
                                for block in self.corpus.blocks])
         return np.concatenate([part[0] for part in parts])
 
-    def exact_keys(self, sample: np.ndarray) -> Any:
-        """A future of the exact top-(k + 1) keys of the rows ``sample``
-        (sorted): a query join of the sample against every block."""
-        rows = _held(self.client, self.read_rows(sample))
+    def exact_keys(self, sample_rows: np.ndarray) -> Any:
+        """A future of the exact top-(k + 1) keys of ``sample_rows`` (as
+        :meth:`read_rows` gives them): a query join against every block."""
+        rows = _held(self.client, sample_rows)
         spec = JoinSpec(k=self.k + 1, skip_self=False, block_rows=self.block_rows, threads=1)
-        query = Block(None, 0, sample.size)
+        query = Block(None, 0, sample_rows.shape[0])
         client = self.client
         parts = [(client.submit(pair_task, spec, block, None, None, None, query, rows, pure=False,
                                 retries=RETRIES), 0) for block in self.corpus.blocks]
@@ -428,12 +424,13 @@ class _Search:
         near-ties otherwise, which the audit then measures).
         """
         pilot, k, centroids = self.pilot, self.k, self.centroids
-        keys = self.neighbours(self.exact_keys(pilot).result(), pilot)
+        pilot_rows = self.read_rows(pilot)  # read once: joined exactly, then ranked against the cells
+        keys = self.neighbours(self.exact_keys(pilot_rows).result(), pilot)
         neighbours = np.where(keys == EMPTY_KEY, -1, key_ids(keys))
         listed = np.unique(neighbours[neighbours >= 0])
         cell_of = nearest_centroids(self.read_rows(listed), centroids, 1)[:, 0]
         cells = cell_of[np.minimum(np.searchsorted(listed, neighbours), listed.size - 1)]  # each neighbour's
-        similarities = self.read_rows(pilot) @ centroids.T
+        similarities = pilot_rows @ centroids.T
         ranks = np.argsort(np.argsort(-similarities, axis=1, kind="stable"), axis=1, kind="stable")
         found_at = np.take_along_axis(ranks, cells, axis=1)  # probes needed to find each neighbour, less one
         found_at[neighbours < 0] = centroids.shape[0]  # no neighbour there: never found
@@ -477,7 +474,7 @@ class _Search:
         done = {} if manifest is None else dict(manifest.parts)
         audit_keys = {row: keys for entry in done.values()
                       for row, keys in zip(entry["audit_rows"], entry["audit_keys"], strict=True)}
-        self._audit_truth = self.exact_keys(self.audit)
+        self._audit_truth = self.exact_keys(self.read_rows(self.audit))
         todo = [b for b in range(len(blocks)) if b not in done]
         if not todo:
             return {}, audit_keys
@@ -508,7 +505,7 @@ class _Search:
         del probing, future  # released: a worker lost later does not make the scheduler probe again
         states = spread(client, folder, [f"states-{t}" for t in range(n_probing)],
                         np.arange(len(blocks) + 1), ("ids", "keys"), "block", self.rows, len(blocks))
-        finishing, pending = {}, {}
+        pending = {}  # finish task key -> (future, row block, its audit rows)
         for b in todo:
             block = blocks[b]
             block_bad = self.bad[(self.bad >= block.start) & (self.bad < block.stop)]
@@ -518,13 +515,11 @@ class _Search:
                                    folder=None if manifest is None else str(manifest.folder.resolve()),
                                    part=b, n_corpus=n, n_rows=n, labels=labels, params=params, pure=False,
                                    retries=RETRIES)
-            finishing[future.key] = (b, audited)
-            pending[future.key] = future
+            pending[future.key] = (future, b, audited)
         results = {}
         try:
-            for future in as_completed(list(pending.values())):
-                b, audited = finishing.pop(future.key)
-                del pending[future.key]  # released once its part is recorded
+            for future in as_completed([future for future, _, _ in pending.values()]):
+                _, b, audited = pending.pop(future.key)  # released once its part is recorded
                 value, keys = future.result()
                 audit_keys.update(zip(audited.tolist(), keys, strict=True))
                 if manifest is None:
@@ -534,5 +529,5 @@ class _Search:
                 if on_task is not None:
                     on_task("part", blocks[b].stop - blocks[b].start)
         finally:  # stopped early: the rest is not wanted (and its files are about to go)
-            client.cancel(list(pending.values()))
+            client.cancel([future for future, _, _ in pending.values()])
         return results, audit_keys

@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from allknn._memory import choose_block_rows, parse_memory, round_block_rows
-from allknn.engines.dask.run import Input, task_rows_for
+from allknn._memory import parse_memory
+from allknn.engines.dask.run import Input, task_sizes
 from allknn.engines.dask.tasks import Block, JoinSpec, timed_floors_task, timed_pair_task, warm_up
 from allknn.engines.schedule import block_bounds
 
@@ -33,9 +33,8 @@ def estimate_dask_seconds(X: Any, k: int, *, client, max_memory: str | int = "1G
         raise TypeError("the estimate reads a source on shared storage; pass a path")
     budget = parse_memory(max_memory)
     dim, n = corpus.shape[1], corpus.shape[0]
-    block_rows = choose_block_rows(budget // 2, dim, 1)
-    rows = task_rows_for(budget, dim, k, block_rows, n) if task_rows is None else round_block_rows(task_rows)
-    spec = JoinSpec(k=k, skip_self=True, block_rows=min(block_rows, rows), threads=1)
+    block_rows, rows = task_sizes(budget, dim, k, n, task_rows=task_rows)
+    spec = JoinSpec(k=k, skip_self=True, block_rows=block_rows, threads=1)
     bounds = block_bounds(n, rows)
     picks = sorted({int(p) for p in np.linspace(0, len(bounds) - 1, min(samples, len(bounds)))})
     client.run(warm_up, spec)

@@ -137,6 +137,28 @@ def task_rows_for(budget: int, dim: int, k: int, block_rows: int, n_rows: int) -
     return int(rows)
 
 
+def task_sizes(budget: int, dim: int, k: object, n_rows: int, *, task_rows: int | None,
+               block_rows: int | None = None) -> tuple[int, int]:
+    """The tile side and the rows per task block of a cluster run: as
+    given (rounded up to a multiple of 64), else from ``budget``
+    (:func:`task_rows_for`); the tile no larger than a task block."""
+    if block_rows is None:
+        block_rows = choose_block_rows(budget // 2, dim, 1)
+    block_rows = round_block_rows(block_rows)
+    if task_rows is None:
+        rows = task_rows_for(budget, dim, k if isinstance(k, int) else 1, block_rows, n_rows)
+    else:
+        rows = round_block_rows(_validate.check_optional_count(task_rows, "task_rows"))
+    return min(block_rows, rows), rows
+
+
+def check_fresh_output(output: str | os.PathLike[str] | None, resume: bool) -> None:
+    """Refuse to write over an earlier run's parts folder unless resuming it."""
+    if output is not None and not resume and (Path(output) / MANIFEST).exists():
+        raise ValueError(f"{output} holds the output of an earlier run; pass resume=True (--resume) to "
+                         f"continue it, or write to another folder")
+
+
 def dask_neighbors(
     X: Any,
     k: int,
@@ -219,22 +241,12 @@ def dask_neighbors(
     min_similarity = _validate.check_min_similarity(min_similarity)
     budget = parse_memory(max_memory)
     tiles = device_choice(client, device, precision)
-    dim = corpus.shape[1]
-    if block_rows is None:
-        block_rows = choose_block_rows(budget // 2, dim, 1)
-    block_rows = round_block_rows(block_rows)
-    n_rows = max(corpus.shape[0], query.shape[0])
-    if task_rows is None:
-        rows = task_rows_for(budget, dim, k if isinstance(k, int) else 1, block_rows, n_rows)
-    else:
-        rows = round_block_rows(_validate.check_optional_count(task_rows, "task_rows"))
-    block_rows = min(block_rows, rows)
+    block_rows, rows = task_sizes(budget, corpus.shape[1], k, max(corpus.shape[0], query.shape[0]),
+                                  task_rows=task_rows, block_rows=block_rows)
     for side in {id(corpus): corpus, id(query): query}.values():
         side.cut(client, rows)
     labels = part_labels(corpus, query, ids, query_ids, id_column, output is not None, self_join)
-    if output is not None and not resume and (Path(output) / MANIFEST).exists():
-        raise ValueError(f"{output} holds the output of an earlier run; pass resume=True (--resume) to "
-                         f"continue it, or write to another folder")
+    check_fresh_output(output, resume)
 
     scans, bad = {}, {}
     for side in {id(corpus): corpus, id(query): query}.values():
