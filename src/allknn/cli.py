@@ -218,8 +218,9 @@ def _cluster(args: argparse.Namespace):
     if args.workers is not None:
         if args.workers < 1:
             raise CliError(f"--workers must be at least 1, got {args.workers}")
-        cluster = distributed.LocalCluster(n_workers=args.workers, threads_per_worker=args.threads or 1,
-                                           processes=True, dashboard_address=":0")
+        from allknn.engines.dask.cluster import local_cluster
+
+        cluster = local_cluster(args.workers, args.threads or 1, dashboard_address=":0")
         return distributed.Client(cluster), cluster
     try:
         return distributed.Client(args.scheduler, timeout="10s"), None

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,6 +36,8 @@ from allknn.engines.dask.tasks import Block, JoinSpec, merge_task, pair_task, sc
 from allknn.readers.sources import NpySource, open_source  # noqa: E402
 
 pytestmark = pytest.mark.cluster
+
+README = Path(__file__).parents[2] / "README.md"
 
 
 @pytest.fixture(scope="module")
@@ -486,6 +489,21 @@ def test_approximate_engine_meets_its_floor_and_its_interval_holds(client, tmp_p
     assert_same_result(with_target, fixed)  # ignored with probes, as locally
 
 
+def test_approximate_engine_reads_its_three_samples_in_one_pass(client, tmp_path, monkeypatch):
+    """The cells' sample, the pilot and the audit rows are read by one task
+    per block; only the pilot's neighbours need a second pass."""
+    from allknn.engines.dask import approx
+
+    X = np.load(REAL).astype(np.float32)
+    np.save(tmp_path / "real.npy", X)
+    monkeypatch.setattr(approx, "SAMPLE_ROWS", 500)  # the samples are then a part of the rows
+    with distributed.get_task_stream(client) as stream:
+        res = approx.dask_approx_neighbors(tmp_path / "real.npy", 10, client=client, task_rows=1024, seed=3)
+    reads = [task for task in stream.data if task["key"].startswith("sample_task-")]
+    assert len(reads) == 2 * 4  # two passes over the 4 blocks (there were four)
+    assert res.params["cells"] <= 500 and res.recall.estimate >= 0.9
+
+
 def _probed_reference(X: np.ndarray, k: int, centroids: np.ndarray, probes: int) -> allknn.TopK:
     """The approximate engine's answer by brute force: each row's exact
     top-k (by the contract's reference similarity, ties by smaller index)
@@ -635,6 +653,44 @@ def test_a_scratch_folder_the_workers_do_not_share_is_named(client, npy, tmp_pat
                             client.scheduler.address, "--scratch", str(folder)]) == 1
 
 
+QUIET_ENVIRONMENT = dict(assignment.split("=") for line in README.read_text().splitlines()
+                         if line.startswith("export DASK_") for assignment in line.split()[1:])
+"""The README's environment for a cluster of one's own (the settings of
+:mod:`allknn.engines.dask.cluster`)."""
+
+
+def _housekeeping():
+    """For ``client.run`` / ``run_on_scheduler``: how often a running worker
+    or scheduler checks its event loop, and whether it profiles its tasks
+    (nested, so that it travels by value to workers that cannot import the
+    tests)."""
+    def housekeeping(dask_worker=None, dask_scheduler=None) -> dict:
+        server = dask_worker or dask_scheduler
+        return {"tick ms": server.periodic_callbacks["tick"].callback_time,
+                "profiles": "profile" in server.periodic_callbacks}
+
+    return housekeeping
+
+
+QUIET = {"tick ms": 1000, "profiles": False}
+"""What :data:`QUIET_SETTINGS` make of every process."""
+
+
+def test_the_cluster_the_cli_starts_has_the_quiet_settings_in_every_process():
+    from allknn.engines.dask.cluster import local_cluster
+
+    with local_cluster(1, 1, dashboard_address=None, host="127.0.0.1") as cluster, \
+            distributed.Client(cluster) as client:
+        assert list(client.run(_housekeeping()).values()) == [QUIET]
+        assert client.run_on_scheduler(_housekeeping()) == QUIET
+        nanny = next(iter(cluster.workers.values()))  # in this process: it reads the workers' memory
+        assert nanny.periodic_callbacks["memory_monitor"].callback_time == 500
+        assert client.submit(sum, [1, 2]).result() == 3
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  host="127.0.0.1") as cluster, distributed.Client(cluster) as client:
+        assert list(client.run(_housekeeping()).values()) == [{"tick ms": 20, "profiles": True}]  # Dask's
+
+
 def test_by_hand_scheduler_and_workers_survive_a_killed_worker(tmp_path):
     """The README's way: ``dask scheduler`` and ``dask worker`` started by
     hand, ``allknn run ... --scheduler``; a worker killed mid-run."""
@@ -642,9 +698,10 @@ def test_by_hand_scheduler_and_workers_survive_a_killed_worker(tmp_path):
     X = clustered_with_duplicates(4000, 16, seed=8)
     np.save(tmp_path / "emb.npy", X)
     file = tmp_path / "scheduler.json"
+    env = {**os.environ, **QUIET_ENVIRONMENT}  # the README's settings for a cluster of one's own
     started = [subprocess.Popen([dask_cli, "scheduler", "--host", "127.0.0.1", "--port", "0",
                                  "--dashboard-address", ":0", "--scheduler-file", str(file)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]
     try:
         deadline = time.monotonic() + 60
         while not file.exists() and time.monotonic() < deadline:
@@ -652,9 +709,11 @@ def test_by_hand_scheduler_and_workers_survive_a_killed_worker(tmp_path):
         address = json.loads(file.read_text())["address"]
         started.append(subprocess.Popen([dask_cli, "worker", address, "--nworkers", "2", "--nthreads", "1",
                                          "--no-dashboard"], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL))
+                                        stderr=subprocess.DEVNULL, env=env))
         with distributed.Client(address, timeout="30s") as client:
             client.wait_for_workers(2, timeout=60)
+            assert list(client.run(_housekeeping()).values()) == [QUIET, QUIET]
+            assert client.run_on_scheduler(_housekeeping()) == QUIET
             run = subprocess.Popen([sys.executable, "-m", "allknn.cli", "run", str(tmp_path / "emb.npy"),
                                     "-k", "6", "-o", str(tmp_path / "out"), "--scheduler", address,
                                     "--task-rows", "128", "-q"])

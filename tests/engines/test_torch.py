@@ -89,7 +89,7 @@ def test_refusals_and_bad_options(real):
         allknn.neighbors(real, 3, device="cuda:x")
     with pytest.raises(ValueError, match="device= mixes the CPU and CUDA devices"):
         allknn.neighbors(real, 3, device=["cpu", "cuda:0"])
-    for twice in ("cuda:0,cuda:0", "cuda,cuda:1"):  # one GPU, two resident copies and shares
+    for twice in ("cuda:0,cuda:0", "cuda,cuda:1", "cuda:1, cuda:01"):  # one GPU, two copies and shares
         with pytest.raises(ValueError, match=r"device= names a device twice \('cuda.*'\): .* name each once, "
                                              r"by its index \('cuda:0,cuda:1'\)"):
             allknn.neighbors(real, 3, device=twice)
@@ -98,6 +98,16 @@ def test_refusals_and_bad_options(real):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match=r"found no CUDA device \(torch\.cuda\.is_available\(\) is"):
             allknn.neighbors(real, 3, device="cuda")
+
+
+def test_devices_are_named_as_torch_names_them():
+    from allknn.engines.torch.devices import parse_devices
+
+    assert parse_devices(" cuda:01,cuda:2 ") == ("cuda:1", "cuda:2")
+    assert parse_devices(["cuda:0"]) == ("cuda:0",) and parse_devices("cpu") == ("cpu",)
+    for bad in ("cuda:\u0663", "cuda:-1", "cuda:", "CUDA", 0):  # an Arabic-Indic digit, a sign, no index
+        with pytest.raises(ValueError, match="device must be 'cpu', 'cuda' or 'cuda:N'"):
+            parse_devices(bad)
 
 
 def test_auto_never_picks_the_torch_engine(real):

@@ -91,3 +91,24 @@ def test_a_folder_whose_run_stopped_before_its_last_step_is_unfinished(tmp_path,
     with pytest.raises(ValueError, match=r"unfinished: it has every part, but the run stopped before its "
                                          r"last step .* --resume"):
         allknn.load_result(folder)
+
+
+def test_the_manifest_is_rewritten_at_most_once_per_interval_and_flushed_when_a_run_stops(tmp_path, result):
+    folder = _folder(tmp_path / "whole", result, rows=64)
+    entries = json.loads((folder / "_manifest.json").read_text())["parts"]
+    manifest = Manifest(tmp_path / "throttled", {"test": 1}, {"k": result.k})
+    manifest.folder.mkdir()
+    manifest.save()  # as a run does before its first part
+    manifest.save_interval = 3600.0
+    for block, entry in entries.items():
+        manifest.add(int(block), entry)
+    on_disk = json.loads(manifest.path.read_text())
+    assert on_disk["parts"] == {} and not on_disk["complete"]  # one rewrite per interval: none yet
+    manifest.flush()
+    assert json.loads(manifest.path.read_text())["parts"] == entries
+    inode = manifest.path.stat().st_ino  # a rewrite renames a new file over it
+    manifest.flush()  # nothing new: not rewritten
+    assert manifest.path.stat().st_ino == inode
+    manifest.save_interval = 0.0
+    manifest.add(0, entries["0"])
+    assert manifest.path.stat().st_ino != inode  # past the interval: rewritten at once

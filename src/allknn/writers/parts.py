@@ -16,9 +16,13 @@ needs.
 ``_manifest.json`` : the format, the run's fingerprint (input digests and
 parameters), ``k``, ``n_rows``, ``n_corpus``, the run's ``params``, which labels
 each id column holds (``labels``) and the finished parts (file, first
-row, rows). It is rewritten atomically after
-each part, so a killed run leaves a manifest naming only complete parts,
-and a resumed run skips exactly those. Its name starts with ``_`` so that
+row, rows). It is rewritten atomically as parts finish, at most once per
+``Manifest.save_interval`` seconds (a rewrite per part would cost the
+client O(parts²) at thousands of parts) and when the run stops, by an
+error or an interrupt, so a killed run leaves a manifest naming only
+complete parts, and a resumed run skips exactly those (a client killed
+outright also loses the record of the parts of its last second, which the
+resumed run writes again, the same bytes). Its name starts with ``_`` so that
 parquet readers (``pandas.read_parquet(folder)``) skip it and read the
 parts as one table.
 """
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,6 +50,8 @@ if TYPE_CHECKING:
 
 MANIFEST = "_manifest.json"
 FORMAT = "allknn.parts/1"
+SAVE_INTERVAL = 1.0
+"""Seconds between rewrites of the manifest while parts finish."""
 LABEL_FILES = {"ids": "_ids.arrow", "query_ids": "_query_ids.arrow"}
 
 
@@ -183,6 +190,9 @@ class Manifest:
         self.fingerprint = fingerprint
         self.header = header
         self.parts: dict[int, dict[str, Any]] = {}
+        self.save_interval = SAVE_INTERVAL
+        self._saved_at = -float("inf")
+        self._unsaved = False
 
     @property
     def path(self) -> Path:
@@ -219,9 +229,18 @@ class Manifest:
         return saved
 
     def add(self, block: int, entry: dict[str, Any]) -> None:
-        """Record a finished part and rewrite the manifest."""
+        """Record a finished part; rewrite the manifest if the last rewrite
+        is ``save_interval`` seconds old (else at :meth:`flush`)."""
         self.parts[block] = entry
-        self.save()
+        self._unsaved = True
+        if time.monotonic() - self._saved_at >= self.save_interval:
+            self.save()
+
+    def flush(self) -> None:
+        """Rewrite the manifest if parts were added since the last rewrite
+        (call it when a run stops early)."""
+        if self._unsaved:
+            self.save()
 
     def save(self, *, complete: bool = False) -> None:
         """Write the manifest atomically."""
@@ -229,6 +248,7 @@ class Manifest:
                       "parts": {str(block): self.parts[block] for block in sorted(self.parts)}})
         with atomic_path(self.path) as tmp:
             tmp.write_text(text)
+        self._saved_at, self._unsaved = time.monotonic(), False
 
 
 def read_parts(folder: str | os.PathLike[str]) -> TopK:

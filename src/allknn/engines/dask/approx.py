@@ -372,13 +372,24 @@ class _Search:
             if self.kept_rows.size >= RECALL_SAMPLE_ROWS + PILOT_ROWS else self.audit
         self.centroids: np.ndarray | None = None
         self._audit_truth: Any = None
+        self._kept: tuple[np.ndarray, np.ndarray] | None = None
 
-    def read_rows(self, wanted: np.ndarray) -> np.ndarray:
-        """The normalised rows ``wanted`` (sorted kept row numbers), read by tasks."""
+    def read_rows(self, wanted: np.ndarray, *, keep: bool = False) -> np.ndarray:
+        """The normalised rows ``wanted`` (sorted kept row numbers): from
+        the rows read last with ``keep``, if they are all there, else read
+        by a task per block (a pass over the input), and kept with ``keep``."""
+        if self._kept is not None:
+            ids, rows = self._kept
+            at = np.minimum(np.searchsorted(ids, wanted), ids.size - 1)
+            if np.array_equal(ids[at], wanted):
+                return rows[at]
         client = self.client
         parts = client.gather([client.submit(sample_task, block, wanted, self.block_rows, pure=False)
                                for block in self.corpus.blocks])
-        return np.concatenate([part[0] for part in parts])
+        rows = np.concatenate([part[0] for part in parts])
+        if keep:
+            self._kept = (wanted, rows)
+        return rows
 
     def exact_keys(self, sample_rows: np.ndarray) -> Any:
         """A future of the exact top-(k + 1) keys of ``sample_rows`` (as
@@ -402,6 +413,8 @@ class _Search:
 
     def breadth(self, probes: int | None, cells: int | None, target: float) -> dict[str, Any]:
         """Fit the cells (:attr:`centroids`) and choose the breadth: the params they make."""
+        # one pass over the input for the three samples (cells, pilot, audit)
+        self.read_rows(np.union1d(np.union1d(self.sample, self.pilot), self.audit), keep=True)
         sample_rows = self.read_rows(self.sample)
         n_cells = min(cells or n_cells_for(self.kept_rows.size), sample_rows.shape[0])
         self.centroids = cell_centroids(sample_rows, n_cells, budget=self.budget, seed=self.seed)
@@ -424,7 +437,7 @@ class _Search:
         near-ties otherwise, which the audit then measures).
         """
         pilot, k, centroids = self.pilot, self.k, self.centroids
-        pilot_rows = self.read_rows(pilot)  # read once: joined exactly, then ranked against the cells
+        pilot_rows = self.read_rows(pilot)  # joined exactly, then ranked against the cells
         keys = self.neighbours(self.exact_keys(pilot_rows).result(), pilot)
         neighbours = np.where(keys == EMPTY_KEY, -1, key_ids(keys))
         listed = np.unique(neighbours[neighbours >= 0])
@@ -475,6 +488,7 @@ class _Search:
         audit_keys = {row: keys for entry in done.values()
                       for row, keys in zip(entry["audit_rows"], entry["audit_keys"], strict=True)}
         self._audit_truth = self.exact_keys(self.read_rows(self.audit))
+        self._kept = None  # the samples are read
         todo = [b for b in range(len(blocks)) if b not in done]
         if not todo:
             return {}, audit_keys
@@ -530,4 +544,6 @@ class _Search:
                     on_task("part", blocks[b].stop - blocks[b].start)
         finally:  # stopped early: the rest is not wanted (and its files are about to go)
             client.cancel([future for future, _, _ in pending.values()])
+            if manifest is not None:
+                manifest.flush()  # the parts recorded since the last rewrite
         return results, audit_keys

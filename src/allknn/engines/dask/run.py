@@ -314,6 +314,8 @@ def dask_neighbors(
                 on_task("part", query.blocks[count].stop - query.blocks[count].start)
     finally:
         events.close()  # submits nothing more when the loop stops early
+        if manifest is not None:
+            manifest.flush()  # the parts recorded since the last rewrite
         with contextlib.suppress(Exception):  # a lost cluster keeps nothing anyway
             client.run(forget_run, run)
     if manifest is not None:

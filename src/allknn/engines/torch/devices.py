@@ -51,12 +51,7 @@ def parse_devices(value: object) -> tuple[str, ...]:
     names = value.split(",") if isinstance(value, str) else value
     if not isinstance(names, list | tuple) or not names:
         names = [value]
-    devices = tuple(name.strip() if isinstance(name, str) else name for name in names)
-    for device in devices:
-        if not isinstance(device, str) or not (device in ("cpu", "cuda") or
-                                               (device.startswith("cuda:") and device[5:].isdigit())):
-            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N' (several: 'cuda:0,cuda:1'), "
-                             f"got {value!r}")
+    devices = tuple(_device_name(name, value) for name in names)
     gpus = [device for device in devices if device != "cpu"]  # "cpu,cpu" stands in for two devices in tests
     if len(set(gpus)) < len(gpus) or ("cuda" in gpus and len(gpus) > 1):
         raise ValueError(f"device= names a device twice ({value!r}): each device takes one share of the "
@@ -65,6 +60,18 @@ def parse_devices(value: object) -> tuple[str, ...]:
         raise ValueError(f"device= mixes the CPU and CUDA devices ({value!r}); give CUDA devices only, "
                          f"or 'cpu'")
     return devices
+
+
+def _device_name(name: object, value: object) -> str:
+    """One device of ``value``, as torch names it (``"cuda:01"`` is ``"cuda:1"``)."""
+    device = name.strip() if isinstance(name, str) else name
+    if device in ("cpu", "cuda"):
+        return device
+    index = device[5:] if isinstance(device, str) and device.startswith("cuda:") else ""
+    if not (index.isascii() and index.isdigit()):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N' (several: 'cuda:0,cuda:1'), "
+                         f"got {value!r}")
+    return f"cuda:{int(index)}"
 
 
 def device_block_rows(free_bytes: int, dim: int, lanes_per_device: int, n_rows: int, *,
