@@ -174,6 +174,7 @@ def test_tasks_on_a_torch_device_are_the_local_result(client, npy, data, tmp_pat
                                   task_rows=256, invalid="drop")
         assert_same_result(remote, local)
         assert remote.params["device"] == "cpu" and remote.params["precision"] == precision
+        assert "device_tasks" not in remote.params  # how tiles are sized is not a result's parameter
     Q = data[::5] + np.float32(0.25)
     np.save(tmp_path / "q.npy", Q)
     assert_same_result(allknn.neighbors(npy, 4, queries=tmp_path / "q.npy", client=client, backend="torch",
@@ -190,6 +191,22 @@ def test_tasks_on_a_torch_device_are_the_local_result(client, npy, data, tmp_pat
     if not __import__("torch").cuda.is_available():
         with pytest.raises(ValueError, match=r"worker tcp://127\.0\.0\.1:\d+ has no CUDA device"):
             allknn.neighbors(npy, 4, client=client, device="cuda", invalid="drop")
+
+
+def test_workers_sharing_a_gpu_size_their_tiles_from_one_share_of_it(client):
+    """Tasks may run at once on one GPU from every worker process that
+    found it (by host and UUID): each task's tiles take that share of its
+    free memory (``test_tasks_sharing_a_device_stay_within_its_free_memory``)."""
+    from allknn.engines.dask.run import _device_check, device_choice, device_tasks
+
+    threads = {"a": 2, "b": 1, "c": 1, "d": 4}
+    assert device_tasks({"a": "h/GPU-1", "b": "h/GPU-1", "c": "h/GPU-2", "d": None}, threads) == 4
+    assert device_tasks({"a": "h/GPU-1", "b": "h/GPU-1", "c": "h/GPU-2"}, threads) == 3
+    assert device_tasks({"a": "h/GPU-1", "c": "g/GPU-1"}, threads) == 2  # two machines: their own GPUs
+    assert device_tasks({}, {}) == 1
+    pytest.importorskip("torch")
+    assert _device_check("cpu") == (None, None)  # CPU torch: every worker its own
+    assert device_choice(client, "cpu", None) == {"device": "cpu", "precision": "fp32", "device_tasks": 1}
 
 
 def test_waves_bound_the_unfinished_pair_tasks(client, npy, data):

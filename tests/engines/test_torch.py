@@ -252,8 +252,9 @@ def test_tasks_sharing_a_device_stay_within_its_free_memory():
         assert side % 64 == 0 and tasks * used <= free
         assert tasks == 1 or side < task_block_rows(free, rows, 1)
     rows = (np.zeros((16384, 4096), np.float32),) * 2  # 512 MB of rows per task
-    with pytest.raises(ValueError, match=r"8 tasks at once leave each .* too few for one tile; start the GPU "
-                                         r"workers with --nthreads 1"):
+    with pytest.raises(ValueError, match=r"8 tasks at once \(the threads of the workers sharing the device\) "
+                                         r"leave each .* too few for one tile; start one worker per GPU with "
+                                         r"--nthreads 1"):
         task_block_rows(4 * 2**30, rows, 8)
 
 

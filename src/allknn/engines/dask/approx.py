@@ -101,6 +101,7 @@ from allknn.engines.dask.run import (
     TaskCallback,
     check_fresh_output,
     device_choice,
+    device_params,
     part_labels,
     scan,
     scans_digest,
@@ -199,7 +200,7 @@ def dask_approx_neighbors(X: Any, k: int, *, client, recall_target: float | None
         fingerprint = {**params, "given": {"probes": probes, "cells": cells,
                                            "recall_target": None if probes is not None else target},
                        "X": scans_digest(scans), **({"labels": labels.digests} if labels.arrays else {})}
-        params.update(tiles)  # not in the fingerprint: every device gives the same result
+        params.update(device_params(tiles))  # not in the fingerprint: every device gives the same result
         search = _Search(client, corpus, k, bad, seed=seed, budget=budget, rows=rows, block_rows=block_rows,
                          tiles=tiles)
         manifest = None

@@ -32,6 +32,7 @@ import hashlib
 import logging
 import math
 import os
+import socket
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -260,7 +261,7 @@ def dask_neighbors(
     fingerprint = {**params, "X": scans_digest(scans["X"]),
                    "queries": None if self_join else scans_digest(scans["queries"]),
                    **({"labels": labels.digests} if labels.arrays else {})}
-    params.update(tiles)  # not in the fingerprint: every device gives the same result
+    params.update(device_params(tiles))  # not in the fingerprint: every device gives the same result
     manifest = None
     if output is not None:
         Path(output).mkdir(parents=True, exist_ok=True)
@@ -370,7 +371,13 @@ class _Submitter:
 
 def device_choice(client, device: str | None, precision: str | None) -> dict[str, Any]:
     """The tasks' torch device and precision (none: the CPU engine), checked
-    on every worker.
+    on every worker, and how many tasks may run at once on one device.
+
+    Returns
+    -------
+    dict
+        ``device``, ``precision`` and ``device_tasks`` (the fields of
+        :class:`JoinSpec`), or nothing for the CPU engine.
 
     Raises
     ------
@@ -392,26 +399,57 @@ def device_choice(client, device: str | None, precision: str | None) -> dict[str
     precision = TorchEngine.options["precision"](precision or "auto")
     if precision == "auto":
         precision = "fp32" if devices[0] == "cpu" else "bf16"
-    refusals = client.run(_device_refusal, devices[0])
-    missing = {address: reason for address, reason in refusals.items() if reason}
+    checks = client.run(_device_check, devices[0])
+    missing = {address: reason for address, (reason, _) in checks.items() if reason}
     if missing:
         raise ValueError("; ".join(f"worker {address} {reason}" for address, reason in missing.items()))
-    return {"device": devices[0], "precision": precision}
+    nthreads = client.nthreads()
+    shared = device_tasks({address: found for address, (_, found) in checks.items()},
+                          {address: nthreads.get(address, 1) for address in checks})
+    return {"device": devices[0], "precision": precision, "device_tasks": shared}
 
 
-def _device_refusal(device: str) -> str | None:
-    """Why this worker cannot run tiles on ``device`` (run on each worker)."""
+def device_params(tiles: dict[str, Any]) -> dict[str, Any]:
+    """What a run's :func:`device_choice` adds to its result's params: the
+    device and the precision."""
+    return {name: tiles[name] for name in ("device", "precision") if name in tiles}
+
+
+def device_tasks(devices: dict[str, str | None], threads: dict[str, int]) -> int:
+    """The most tasks that may run at once on one device: the threads of
+    the workers that found the same physical device (``devices``: an
+    identity per worker address, None where it has none of its own, as
+    CPU torch), summed per device.
+
+    Two worker processes on one GPU (``dask worker --nworkers 2`` on a
+    one-GPU machine) each see the device's whole free memory; sized from
+    it, their tiles would take it twice.
+    """
+    per_device: dict[str, int] = {}
+    alone = [threads[address] for address, found in devices.items() if found is None]
+    for address, found in devices.items():
+        if found is not None:
+            per_device[found] = per_device.get(found, 0) + threads[address]
+    return max([*per_device.values(), *alone, 1])
+
+
+def _device_check(device: str) -> tuple[str | None, str | None]:
+    """Why this worker cannot run tiles on ``device`` (None: it can), and
+    which physical device it is (host and GPU UUID; None for the CPU), run
+    on each worker."""
     try:
         import torch
     except ImportError:
-        return "has no torch; pip install 'allknn[gpu]' on every worker"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            return "has no CUDA device (torch.cuda.is_available() is False)"
-        index = torch.device(device).index
-        if index is not None and index >= torch.cuda.device_count():
-            return f"has {torch.cuda.device_count()} CUDA device(s), so no {device}"
-    return None
+        return "has no torch; pip install 'allknn[gpu]' on every worker", None
+    if not device.startswith("cuda"):
+        return None, None
+    if not torch.cuda.is_available():
+        return "has no CUDA device (torch.cuda.is_available() is False)", None
+    index = torch.device(device).index
+    if index is not None and index >= torch.cuda.device_count():
+        return f"has {torch.cuda.device_count()} CUDA device(s), so no {device}", None
+    properties = torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index)
+    return None, f"{socket.gethostname()}/{getattr(properties, 'uuid', properties.name)}"
 
 
 def part_labels(corpus: Input, query: Input, ids: Any, query_ids: Any, id_column: str | None, output: bool,

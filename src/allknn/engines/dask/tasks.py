@@ -67,6 +67,10 @@ class JoinSpec:
     """Run the tiles on this torch device of the worker (``"cuda"``, or
     ``"cpu"`` for CPU torch), in ``precision``; None: the CPU engine."""
     precision: str = "fp32"
+    device_tasks: int = 1
+    """Tasks that may run at once on one device: the threads of every
+    worker process that shares it (:func:`allknn.engines.dask.run.device_choice`),
+    each task's tiles sized from that share of its free memory."""
 
 
 @dataclass(frozen=True)
@@ -224,17 +228,7 @@ def _device_options(spec: JoinSpec, *rows: np.ndarray) -> dict:
     from allknn.engines.torch.devices import task_plan_options
 
     return task_plan_options(spec.device, spec.precision, spec.k, spec.threads, spec.block_rows, rows,
-                             tasks_at_once=_worker_threads())
-
-
-def _worker_threads() -> int:
-    """Tasks this worker runs at once (1 outside a worker)."""
-    try:
-        from distributed import get_worker
-
-        return int(get_worker().state.nthreads)
-    except (ImportError, ValueError):
-        return 1
+                             tasks_at_once=spec.device_tasks)
 
 
 def _self_plan(spec: JoinSpec, rows: np.ndarray, norms: np.ndarray):

@@ -197,7 +197,8 @@ def task_plan_options(device: str, precision: str, k: int, threads: int, block_r
     rows : tuple of ndarray of shape (n_i, d), float32
         The row blocks the task puts on the device.
     tasks_at_once : int
-        Tasks the worker runs at once on the device (its threads).
+        Tasks that may run at once on the device: the threads of every
+        worker process sharing it.
     """
     if device.startswith("cuda"):
         block_rows = task_block_rows(free_device_bytes(device), rows, tasks_at_once)
@@ -223,7 +224,7 @@ def task_block_rows(free_bytes: int, rows: tuple[np.ndarray, ...], tasks_at_once
     except ValueError:
         if tasks_at_once == 1:
             raise
-        raise ValueError(f"{tasks_at_once} tasks at once leave each {share} bytes of the device's "
-                         f"{free_bytes} free bytes after its rows, too few for one tile; start the GPU "
-                         f"workers with --nthreads 1 (one task per GPU at a time is enough to keep it "
-                         f"busy), or give smaller task_rows") from None
+        raise ValueError(f"{tasks_at_once} tasks at once (the threads of the workers sharing the device) "
+                         f"leave each {share} bytes of the device's {free_bytes} free bytes after its rows, "
+                         f"too few for one tile; start one worker per GPU with --nthreads 1 (one task per "
+                         f"GPU at a time is enough to keep it busy), or give smaller task_rows") from None
