@@ -107,3 +107,41 @@ def test_block_pairs_with_floors_merge_to_the_self_join():
         assert np.array_equal(_sorted(merge_states(np.concatenate(own), keys)), _sorted(whole))
         kept[floored] = int((keys != EMPTY_KEY).sum())
     assert kept[True] < kept[False]
+
+
+def test_merging_a_locally_numbered_floored_state_is_merge_states():
+    """:func:`merge_found` (the cluster's probing, one pass) equals the
+    placeholders removed, the local ids replaced and :func:`merge_states`."""
+    from allknn.engines.dask.tasks import to_global_ids
+    from allknn.kernels.topk import floored_state, key_similarities, merge_found, without_placeholders
+
+    rng = np.random.default_rng(4)
+    k, n = 5, 40
+    values = rng.choice(np.linspace(-1, 1, 9, dtype=np.float32), size=(n, 30))  # ties and repeats
+
+    def state_of(similarities, ids):
+        keys = new_state(len(similarities), k)[0]
+        for row, (values_row, ids_row) in enumerate(zip(similarities, ids, strict=True)):
+            order = np.lexsort((ids_row, -values_row))[:k]
+            bits = floored_state(values_row[order], 1)[0][:, 0]  # keys of these similarities, id EMPTY_ID
+            keys[row, : order.size] = bits - np.int64(ids_row[order] + 1) + np.int64(2**32)
+        return np.sort(keys, axis=1)
+
+    ids = np.sort(rng.choice(1000, size=30, replace=False))
+    keys = state_of(values[:, :12], np.tile(ids[:12], (n, 1)))
+    keys[::7] = EMPTY_KEY  # rows with nothing yet
+    rows = np.sort(rng.choice(n, size=25, replace=False))
+    floors = key_similarities(keys[rows, 0])
+    found, _ = floored_state(floors, k)  # placeholders at the floors, as the probing's tiles start
+    local = state_of(values[rows, 8:], np.tile(np.arange(22), (rows.size, 1)))  # overlaps the kept ids
+    local = local[:, ::-1].copy()  # any order
+    enters = local > found[:, :1]
+    found[:, : enters.shape[1]] = np.where(enters, local, found[:, : enters.shape[1]])
+    before, want = keys.copy(), keys.copy()
+    want[rows] = merge_states(keys[rows], to_global_ids(without_placeholders(found.copy()), ids[8:]))
+    merge_found(keys, rows, found, ids[8:].astype(np.int64))
+    assert np.array_equal(keys, want)
+    assert (np.diff(keys, axis=1) >= 0).all()  # sorted: column 0 is each row's worst
+    changed = (keys != before).any(axis=1)
+    assert changed[rows].sum() > 10 and not changed[np.setdiff1d(np.arange(n), rows)].any()
+    assert len(np.unique(key_similarities(keys[keys != EMPTY_KEY]))) > 3

@@ -130,6 +130,56 @@ def merge_states(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(both[:, both.shape[1] - a.shape[1] :])
 
 
+@njit(nogil=True, cache=True)
+def merge_found(keys, rows, found, ids):
+    """Merge ``found`` into rows ``rows`` of ``keys``, in place.
+
+    ``found[t]`` is a state of row ``rows[t]`` made from a
+    :func:`floored_state` (placeholders left in), its candidates numbered
+    locally: candidate ``c`` is row ``ids[c]``. The same as
+    ``keys[rows] = merge_states(keys[rows], found')``, ``found'`` being
+    ``found`` without its placeholders and with ``ids[c]`` for ``c``, in
+    one pass: each merged row sorted ascending, a key held by both once.
+
+    Parameters
+    ----------
+    keys : ndarray of shape (n, k), int64
+    rows : ndarray of shape (m,), int64
+        Distinct rows of ``keys``.
+    found : ndarray of shape (m, k2), int64
+    ids : ndarray of int64
+        Id of each local candidate.
+    """
+    k = keys.shape[1]
+    buffer = np.empty(k + found.shape[1], dtype=np.int64)
+    for t in range(rows.shape[0]):
+        r = rows[t]
+        n = 0
+        for m in range(k):
+            buffer[n] = keys[r, m]
+            n += 1
+        for m in range(found.shape[1]):
+            key = found[t, m]
+            low = key & 0xFFFFFFFF
+            if low == 0:  # an empty slot or a placeholder: id EMPTY_ID
+                continue
+            buffer[n] = (key - low) | (0xFFFFFFFF - ids[0xFFFFFFFF - low])
+            n += 1
+        merged = buffer[:n]
+        merged.sort()
+        out = k - 1
+        for m in range(n - 1, -1, -1):
+            if out < 0:
+                break
+            if m < n - 1 and merged[m] == merged[m + 1]:
+                continue
+            keys[r, out] = merged[m]
+            out -= 1
+        while out >= 0:
+            keys[r, out] = EMPTY_KEY
+            out -= 1
+
+
 @njit(nogil=True, cache=True, inline="always")
 def _encode(bits, j):
     """Key of a candidate with float32 bit pattern ``bits`` and id ``j``."""

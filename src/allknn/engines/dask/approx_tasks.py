@@ -52,17 +52,15 @@ from allknn.engines.dask.tasks import (
     finish_task,
     normalised_block,
     query_plan,
-    to_global_ids,
 )
 from allknn.engines.kmeans import nearest_centroids
 from allknn.kernels.topk import (
     EMPTY_KEY,
     floored_state,
     key_ids,
-    merge_states,
+    key_similarities,
+    merge_found,
     new_state,
-    thresholds_of,
-    without_placeholders,
 )
 
 ROW_ARRAYS = ("rows", "norms", "ids", "probes")
@@ -265,12 +263,11 @@ def probe_task(index: int, range_index: int, start: int, stop: int, folder: str,
             for piece in range(low, high, task_rows):
                 end = min(piece + task_rows, high)
                 # floored at each query's k + 1-th best so far: only candidates that can still enter
-                state, thresholds = floored_state(thresholds_of(keys[asking]), spec.k)
+                state, thresholds = floored_state(key_similarities(keys[asking, 0]), spec.k)
                 query_plan(spec, query_rows, np.ascontiguousarray(members["rows"][piece:end]),
                            queries["norms"][asking], np.asarray(members["norms"][piece:end])
                            ).run(state, thresholds, threads=1)
-                found = to_global_ids(without_placeholders(state), np.asarray(members["ids"][piece:end]))
-                keys[asking] = merge_states(keys[asking], found)
+                merge_found(keys, asking, state, np.asarray(members["ids"][piece:end], dtype=np.int64))
     keys[key_ids(keys) == queries["ids"][:, None]] = EMPTY_KEY
     keys = np.sort(keys, axis=1)[:, 1:]  # the row itself, or the worst of k + 1
     states = {"ids": queries["ids"], "keys": keys}
