@@ -109,13 +109,14 @@ def test_block_pairs_with_floors_merge_to_the_self_join():
     assert kept[True] < kept[False]
 
 
-def test_merging_a_locally_numbered_floored_state_is_merge_states():
+@pytest.mark.parametrize("seed", range(4))
+def test_merging_a_locally_numbered_floored_state_is_merge_states(seed):
     """:func:`merge_found` (the cluster's probing, one pass) equals the
     placeholders removed, the local ids replaced and :func:`merge_states`."""
     from allknn.engines.dask.tasks import to_global_ids
     from allknn.kernels.topk import floored_state, key_similarities, merge_found, without_placeholders
 
-    rng = np.random.default_rng(4)
+    rng = np.random.default_rng(seed)
     k, n = 5, 40
     values = rng.choice(np.linspace(-1, 1, 9, dtype=np.float32), size=(n, 30))  # ties and repeats
 

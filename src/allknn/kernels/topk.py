@@ -139,11 +139,14 @@ def merge_found(keys, rows, found, ids):
     locally: candidate ``c`` is row ``ids[c]``. The same as
     ``keys[rows] = merge_states(keys[rows], found')``, ``found'`` being
     ``found`` without its placeholders and with ``ids[c]`` for ``c``, in
-    one pass: each merged row sorted ascending, a key held by both once.
+    one pass: each candidate that beats the row's worst and is not held
+    yet is inserted in order, the worst dropped (a floored state holds few).
 
     Parameters
     ----------
     keys : ndarray of shape (n, k), int64
+        Rows sorted ascending, no real key twice (as :func:`merge_states`
+        and this function leave them).
     rows : ndarray of shape (m,), int64
         Distinct rows of ``keys``.
     found : ndarray of shape (m, k2), int64
@@ -151,33 +154,28 @@ def merge_found(keys, rows, found, ids):
         Id of each local candidate.
     """
     k = keys.shape[1]
-    buffer = np.empty(k + found.shape[1], dtype=np.int64)
     for t in range(rows.shape[0]):
         r = rows[t]
-        n = 0
-        for m in range(k):
-            buffer[n] = keys[r, m]
-            n += 1
         for m in range(found.shape[1]):
             key = found[t, m]
             low = key & 0xFFFFFFFF
             if low == 0:  # an empty slot or a placeholder: id EMPTY_ID
                 continue
-            buffer[n] = (key - low) | (0xFFFFFFFF - ids[0xFFFFFFFF - low])
-            n += 1
-        merged = buffer[:n]
-        merged.sort()
-        out = k - 1
-        for m in range(n - 1, -1, -1):
-            if out < 0:
-                break
-            if m < n - 1 and merged[m] == merged[m + 1]:
+            key = (key - low) | (0xFFFFFFFF - ids[0xFFFFFFFF - low])
+            if key <= keys[r, 0]:  # no better than the worst (or the worst itself)
                 continue
-            keys[r, out] = merged[m]
-            out -= 1
-        while out >= 0:
-            keys[r, out] = EMPTY_KEY
-            out -= 1
+            held = False
+            for x in range(1, k):
+                if keys[r, x] == key:
+                    held = True
+                    break
+            if held:
+                continue
+            at = 0
+            while at + 1 < k and keys[r, at + 1] < key:
+                keys[r, at] = keys[r, at + 1]
+                at += 1
+            keys[r, at] = key
 
 
 @njit(nogil=True, cache=True, inline="always")
