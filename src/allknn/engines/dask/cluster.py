@@ -5,7 +5,7 @@ A Dask process checks its event loop every 20 ms (``admin.tick``), a worker
 samples its threads' stacks every 10 ms (``worker.profile``) and its nanny
 reads the worker's memory every 100 ms: on an idle 2-core machine, a
 scheduler and two workers took 1.9 s of CPU per 10 s, which a kNN job's
-tasks lose. With these settings they take 0.2 s. The task stream in the
+tasks lose. With these settings they take 0.28 s. The task stream in the
 dashboard is unchanged; the per-task profiles are not collected, and
 memory limits are enforced within half a second rather than a tenth.
 The same settings suit a cluster of one's own, dedicated to allknn
