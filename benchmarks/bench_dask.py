@@ -93,8 +93,8 @@ def main() -> None:
         # the next run: on 2 cores an idle cluster's processes take CPU too.
         seconds, local = _timed(lambda: allknn.neighbors(X, args.k, threads=args.threads))
         times["local"].append(seconds)
-        runs = [(1, "", local_cluster), (args.workers, ", Dask's default settings", default_cluster),
-                (args.workers, "", local_cluster)]
+        runs = [(w, "", local_cluster) for w in sorted({1, args.workers})]
+        runs.insert(len(runs) - 1, (args.workers, ", Dask's default settings", default_cluster))
         for w, label, start in runs:
             with start(w) as cluster, distributed.Client(cluster) as client:
                 dask_neighbors(warm_path, args.k, client=client)  # load the kernels outside the timing
