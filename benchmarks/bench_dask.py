@@ -67,10 +67,10 @@ def main() -> None:
     import allknn
     from allknn.datasets import make_clustered
     from allknn.engines.dask import dask_neighbors
-    from allknn.engines.dask.cluster import local_cluster as quiet_cluster
+    from allknn.engines.dask.cluster import local_cluster
 
-    def local_cluster(workers: int):
-        return quiet_cluster(workers, 1, dashboard_address=None, host="127.0.0.1", silence_logs=logging.ERROR)
+    def quiet_cluster(workers: int):  # as allknn run --workers starts it
+        return local_cluster(workers, 1, dashboard_address=None, host="127.0.0.1", silence_logs=logging.ERROR)
 
     def default_cluster(workers: int):
         return distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
@@ -93,7 +93,7 @@ def main() -> None:
         # the next run: on 2 cores an idle cluster's processes take CPU too.
         seconds, local = _timed(lambda: allknn.neighbors(X, args.k, threads=args.threads))
         times["local"].append(seconds)
-        runs = [(w, "", local_cluster) for w in sorted({1, args.workers})]
+        runs = [(w, "", quiet_cluster) for w in sorted({1, args.workers})]
         runs.insert(len(runs) - 1, (args.workers, ", Dask's default settings", default_cluster))
         for w, label, start in runs:
             with start(w) as cluster, distributed.Client(cluster) as client:
