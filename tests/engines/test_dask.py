@@ -279,7 +279,26 @@ def test_repeated_tasks_change_nothing(client, npy, data):
     np.testing.assert_array_equal(np.sort(once, axis=1), np.sort(twice, axis=1))
 
 
-def test_a_killed_worker_costs_only_its_tasks(client, npy, data):
+def _two_workers_again(cluster, client) -> None:
+    """Wait for the nanny of a SIGKILLed worker to start a new one. In a
+    known race of distributed (dask/distributed#7312) the nanny closes
+    instead; a new worker then takes its place, so that the module's later
+    tests still have two."""
+    from distributed.core import Status
+
+    deadline = time.monotonic() + 60
+    while len(client.nthreads()) < 2 and time.monotonic() < deadline:
+        closed = [name for name, nanny in cluster.workers.items() if nanny.status in (Status.closed,
+                                                                                     Status.failed)]
+        for name in closed:
+            del cluster.worker_spec[name], cluster.workers[name]
+        if closed:
+            cluster.scale(2)
+        time.sleep(0.1)
+    client.wait_for_workers(2, timeout=60)
+
+
+def test_a_killed_worker_costs_only_its_tasks(cluster, client, npy, data):
     local = allknn.neighbors(data, 6, invalid="drop")
     pids = client.run(os.getpid)
     killed = []
@@ -294,10 +313,10 @@ def test_a_killed_worker_costs_only_its_tasks(client, npy, data):
                                                 on_task=kill_one)
     assert killed
     assert_same_result(remote, local)
-    client.wait_for_workers(2, timeout=60)
+    _two_workers_again(cluster, client)
 
 
-def test_a_killed_worker_costs_the_approximate_engine_only_its_tasks(client, tmp_path):
+def test_a_killed_worker_costs_the_approximate_engine_only_its_tasks(cluster, client, tmp_path):
     """A worker killed while it runs one of the stages that meet through
     files: the stage's tasks are run again, and the result is unchanged."""
     import threading
@@ -328,7 +347,7 @@ def test_a_killed_worker_costs_the_approximate_engine_only_its_tasks(client, tmp
     killer.join()
     assert killed, "no stage task ran while the killer looked"
     assert_same_result(got, want)
-    client.wait_for_workers(2, timeout=60)
+    _two_workers_again(cluster, client)
 
 
 def test_parts_folder_reads_as_one_table_and_resumes(client, npy, data, tmp_path):
