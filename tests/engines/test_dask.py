@@ -235,6 +235,26 @@ def test_waves_bound_the_unfinished_pair_tasks(client, npy, data):
     assert 0 < max(seen) <= 3
 
 
+def test_a_thread_runs_the_pair_tasks_in_the_order_of_the_schedule(npy, data):
+    """Own joins first, then the pairs row by row, as submitted. Dask queues
+    tasks of a large group without dependencies (the own joins) on the
+    scheduler and sends the pairs, which wait for floors, straight to the
+    workers; without the own joins' restriction and the jobs' priorities,
+    the last own joins ran after most pairs, and so did the pairs waiting
+    for their floors."""
+    with (distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                   dashboard_address=None) as cluster,
+          distributed.Client(cluster) as client,
+          distributed.get_task_stream(client) as stream):
+        remote = allknn.dask_neighbors(npy, 5, client=client, task_rows=192, invalid="drop")
+    assert_same_result(remote, allknn.neighbors(data, 5, invalid="drop"))
+    started = sorted((span["start"], str(task["key"])) for task in stream.data for span in task["startstops"]
+                     if span["action"] == "compute" and str(task["key"]).startswith("allknn-pair-"))
+    blocks = -(-data.shape[0] // 192)
+    schedule = [(i, i) for i in range(blocks)] + list(itertools.combinations(range(blocks), 2))
+    assert [tuple(int(b) for b in key.split("-")[2:4]) for _, key in started] == schedule
+
+
 def test_workers_reuse_a_run_s_blocks_only_within_the_run(client, tmp_path, data):
     """Each worker keeps the blocks it read last for the run's next tasks;
     a later run at the same path reads the file again (it may have been

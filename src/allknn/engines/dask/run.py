@@ -57,7 +57,7 @@ from allknn.engines.dask.tasks import (
     pair_task,
     scan_block,
 )
-from allknn.engines.dask.waves import PairJob, in_flight_for, run_in_waves
+from allknn.engines.dask.waves import BOOKKEEPING, PairJob, in_flight_for, run_in_waves
 from allknn.engines.schedule import block_bounds
 from allknn.readers.sources import ParquetSource, open_source
 from allknn.topk.result import TopK
@@ -295,7 +295,7 @@ def dask_neighbors(
         return client.submit(finish_task, state, block, block_bad, min_similarity=min_similarity,
                              folder=folder, part=b, n_corpus=corpus.shape[0], n_rows=query.shape[0],
                              labels=labels.columns, params=params, key=f"allknn-finish-{b}-{token}",
-                             retries=RETRIES)
+                             retries=RETRIES, priority=BOOKKEEPING)
 
     in_flight = _validate.check_optional_count(in_flight, "in_flight") or in_flight_for(client)
     events = run_in_waves(client, jobs, expected, in_flight=in_flight, finish=finish, retries=RETRIES,
@@ -333,39 +333,50 @@ class _Submitter:
     def __init__(self, client, spec: JoinSpec, token: str):
         self.client, self.spec, self.token = client, spec, token
 
-    def _pair(self, name: str, *args, **kwargs) -> Any:
+    def _pair(self, name: str, priority: int, *args, **kwargs) -> Any:
         return self.client.submit(pair_task, self.spec, *args, key=f"allknn-pair-{name}-{self.token}",
-                                  retries=RETRIES, **kwargs)
+                                  retries=RETRIES, priority=priority, **kwargs)
 
     def self_join_jobs(self, corpus: Input, todo: set[int]) -> Iterator[PairJob]:
         """Own joins first (their thresholds floor the pairs), then the pairs
-        ``(i, j), i < j`` row by row, skipping those of finished blocks only."""
+        ``(i, j), i < j`` row by row, skipping those of finished blocks only.
+
+        The own joins may run on any worker, but are submitted with that as
+        a (loose) restriction: Dask holds back tasks of a large group without
+        dependencies (its root-ish tasks) in a queue on the scheduler, and
+        sends the pairs, which depend on floors, straight to the workers,
+        which ran them first whatever their priority; the last own joins,
+        and every pair waiting for their floors, then ran at the end of the
+        run, one worker idle while the other finished them. Dask does not
+        queue restricted tasks.
+        """
         blocks, data = corpus.blocks, corpus.data
         floors: dict[int, Any] = {}
+        anywhere = {"workers": list(self.client.nthreads()), "allow_other_workers": True}
 
-        def own(i: int) -> Any:
-            future = self._pair(f"{i}-{i}", blocks[i], None, data[i])
+        def own(i: int, priority: int) -> Any:
+            future = self._pair(f"{i}-{i}", priority, blocks[i], None, data[i], **anywhere)
             floors[i] = self.client.submit(floors_task, future, key=f"allknn-floors-{i}-{self.token}",
-                                           retries=RETRIES)
+                                           retries=RETRIES, priority=BOOKKEEPING)
             return future
 
         for i in range(len(blocks)):
-            yield PairJob(lambda i=i: own(i), ((i, 0),) if i in todo else (), _pairs(blocks[i], None))
+            yield PairJob(lambda p, i=i: own(i, p), ((i, 0),) if i in todo else (), _pairs(blocks[i], None))
         for i in range(len(blocks)):
             for j in range(i + 1, len(blocks)):
                 if i not in todo and j not in todo:
                     continue
                 targets = tuple((b, side) for side, b in enumerate((i, j)) if b in todo)
-                yield PairJob(lambda i=i, j=j: self._pair(f"{i}-{j}", blocks[i], blocks[j], data[i], data[j],
-                                                          floors=(floors[i], floors[j])),
+                yield PairJob(lambda p, i=i, j=j: self._pair(f"{i}-{j}", p, blocks[i], blocks[j], data[i],
+                                                             data[j], floors=(floors[i], floors[j])),
                               targets, _pairs(blocks[i], blocks[j]))
 
     def query_join_jobs(self, query: Input, corpus: Input, todo: list[int]) -> Iterator[PairJob]:
         """Every (query block, corpus block) task, query block by query block."""
         for i in todo:
             for j, (block, data) in enumerate(zip(corpus.blocks, corpus.data, strict=True)):
-                yield PairJob(lambda i=i, j=j, block=block, data=data: self._pair(
-                    f"{i}-{j}", block, None, data, None, query.blocks[i], query.data[i]), ((i, 0),),
+                yield PairJob(lambda p, i=i, j=j, block=block, data=data: self._pair(
+                    f"{i}-{j}", p, block, None, data, None, query.blocks[i], query.data[i]), ((i, 0),),
                     _pairs(query.blocks[i], block))
 
 

@@ -8,6 +8,13 @@ one finishes, in row-block order so that row blocks complete (and their
 parts are written) one after the other. Each pair task's partial states
 join their row blocks' merges as soon as it is submitted, ``MERGE_FAN_IN``
 at a time, and a row block's finish task is submitted with its last pair.
+
+Dask gives tasks submitted within its FIFO timeout one priority, and a
+worker then starts its ready tasks in no set order. So each job is
+submitted with a priority that falls along the sequence
+(:func:`job_priority`), and the merge, floors and finish tasks, which are
+small and release memory or let pairs start, with ``BOOKKEEPING``, above
+every job.
 """
 
 from __future__ import annotations
@@ -28,14 +35,24 @@ enough for the scheduler to keep every thread busy and to steal work."""
 
 MIN_IN_FLIGHT = 64
 
+BOOKKEEPING = 1
+"""Dask priority of the merge, floors and finish tasks: above every job's
+(:func:`job_priority`), so that a worker runs them as soon as they are ready."""
+
+
+def job_priority(position: int) -> int:
+    """Dask priority of the job at ``position`` (from 0) of a run's
+    sequence: earlier jobs first (Dask runs higher priorities first)."""
+    return -position
+
 
 @dataclass(frozen=True)
 class PairJob:
-    """One pair task to submit: ``submit()`` returns its future; its state
+    """One pair task to submit: ``submit(priority)`` returns its future; its state
     ``side`` belongs to row block ``block`` for each ``(block, side)`` of
     ``targets``; it scores ``pairs`` pairs (for progress)."""
 
-    submit: Callable[[], Any]
+    submit: Callable[[int], Any]
     targets: tuple[tuple[int, int], ...]
     pairs: int
 
@@ -59,7 +76,8 @@ def run_in_waves(client, jobs: Iterable[PairJob], expected: dict[int, int], *, i
         For each row block to compute, how many jobs target it.
     in_flight : int
     finish : callable
-        ``finish(block, state_future)`` submits a row block's finish task.
+        ``finish(block, state_future)`` submits a row block's finish task
+        (with priority ``BOOKKEEPING``).
     retries : int
     key : str
         Suffix of the merge tasks' keys (the run's token).
@@ -77,18 +95,18 @@ def run_in_waves(client, jobs: Iterable[PairJob], expected: dict[int, int], *, i
     running: dict[str, int] = {}
     finishing: dict[str, int] = {}
     queue = as_completed()
-    pending = iter(jobs)
+    pending = enumerate(jobs)
 
     def merge(block: int, parts: list[Any]) -> Any:
         merges[block] += 1
         return client.submit(merge_task, *parts, key=f"allknn-merge-{block}-{merges[block]}-{key}",
-                             retries=retries)
+                             retries=retries, priority=BOOKKEEPING)
 
     def submit_next() -> bool:
-        job = next(pending, None)
+        position, job = next(pending, (0, None))
         if job is None:
             return False
-        future = job.submit()
+        future = job.submit(job_priority(position))
         running[future.key] = job.pairs
         queue.add(future)
         for block, side in job.targets:
