@@ -54,6 +54,14 @@ def _add_input_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--id-column", help="id column (parquet)")
 
 
+def _add_device_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:N or several: cuda:0,cuda:1 (torch; cuda implies "
+                             "--backend torch)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "tf32", "bf16", "fp16"), default=None,
+                        help="torch products' precision (the result is the same in all)")
+
+
 def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
     cluster = parser.add_mutually_exclusive_group()
     cluster.add_argument("--scheduler", metavar="ADDRESS",
@@ -89,11 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="recall@k an approximate run aims for (default 0.95)")
     run.add_argument("--backend", choices=("numba", "torch"), default="numba",
                      help="numba (default) or torch: the exact engine's tiles with products by torch")
-    run.add_argument("--device", default=None,
-                     help="cpu, cuda, cuda:N or several: cuda:0,cuda:1 (torch; cuda implies "
-                          "--backend torch)")
-    run.add_argument("--precision", choices=("auto", "fp32", "tf32", "bf16", "fp16"), default=None,
-                     help="torch products' precision (the result is the same in all)")
+    _add_device_options(run)
     run.add_argument("--invalid", choices=("raise", "drop"), default="raise",
                      help="zero or NaN/Inf rows: stop with an error (default) or drop them")
     run.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoint")
@@ -109,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("input")
     _add_search_options(info)
     _add_input_options(info)
+    _add_device_options(info)
     _add_cluster_options(info)
 
     graph = commands.add_parser("graph", help="an edge list of a result's graph: knn, mutual or union")
@@ -296,7 +301,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     named = Path(args.input).suffix.lower() in (".npz", ".h5", ".hdf5")
     found = allknn.inspect(args.input, args.k, max_memory=args.max_memory, threads=args.threads,
                            column=None if named else args.column, dataset=args.column if named else None,
-                           id_column=args.id_column)
+                           id_column=args.id_column, device=args.device, precision=args.precision)
     n, d = found.shape
     zero, nonfinite = found.zero_rows, found.nonfinite_rows
     print(f"file:        {args.input}")
@@ -306,18 +311,23 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"zero rows:   {zero.size}" + (f" (first: {', '.join(map(str, zero[:5]))})" if zero.size else ""))
     print(f"NaN/Inf rows: {nonfinite.size}"
           + (f" (first: {', '.join(map(str, nonfinite[:5]))})" if nonfinite.size else ""))
-    how = ("timed here on a sample of its tiles; usually high, by up to 2x" if found.stored_values is not None
-           else "from tile products timed here")
+    device = args.device or "cpu"
+    what = {"exact": "the exact self-join", "approx": "method='approx'",
+            "torch": f"--backend torch on {device} (precision {args.precision or 'auto'})"}
+    how = {"exact": _SAMPLED if found.stored_values is not None else "from tile products timed here",
+           "approx": "modelled from the exact engine's speed", "torch": _SAMPLED}
     for name, estimate in found.engines.items():
         if estimate.refusal is not None:
             print(f"{name + ':':<12} cannot run: {estimate.refusal}")
             continue
-        what = "the exact self-join" if name == "exact" else f"method={name!r}"
-        print(f"estimate:    {_seconds(estimate.seconds)} s for {what} with k={found.k} on {found.threads} "
-              f"thread(s) ({how if name == 'exact' else 'modelled from the same speed'})")
+        print(f"estimate:    {_seconds(estimate.seconds)} s for {what[name]} with k={found.k} on "
+              f"{found.threads} thread(s) ({how[name]})")
         print(f"memory:      about {estimate.memory_bytes / 1e6:.0f} MB beyond the input "
               f"(block_rows={found.block_rows})")
     return 0
+
+
+_SAMPLED = "timed here on a sample of its tiles; usually high, by up to 2x"
 
 
 def _seconds(seconds: float) -> str:
@@ -332,7 +342,8 @@ def _cmd_info_on_cluster(args: argparse.Namespace) -> int:
     try:
         threads = sum(client.nthreads().values())
         seconds, timed = estimate_dask_seconds(args.input, args.k, client=client, max_memory=args.max_memory,
-                                               task_rows=args.task_rows, column=args.column)
+                                               task_rows=args.task_rows, column=args.column,
+                                               device=args.device, precision=args.precision)
     finally:
         client.close()
         if cluster is not None:

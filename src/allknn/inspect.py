@@ -72,12 +72,14 @@ class Inspection:
 
 def inspect(source: str | os.PathLike[str] | ArrayLike, k: int = 10, *, max_memory: str | int = "1GB",
             threads: int | None = None, column: str | None = None, id_column: str | None = None,
-            dataset: str | None = None) -> Inspection:
+            dataset: str | None = None, device: str | None = None,
+            precision: str | None = None) -> Inspection:
     """Shape, bad rows and every engine's estimates for the self-join of ``source``.
 
     The estimates are measured here: the exact engine times a few of its
     tile products on these rows (sparse rows: a sample of the real plan's
-    tiles), the approximate engine models its probing from the same speed.
+    tiles), the approximate engine models its probing from the same speed,
+    and the torch engine times a sample of its plan's tiles on ``device``.
 
     Parameters
     ----------
@@ -86,8 +88,9 @@ def inspect(source: str | os.PathLike[str] | ArrayLike, k: int = 10, *, max_memo
         ``dataset`` as there), or the rows themselves.
     k : int
         Neighbours per row to estimate for (capped at the rows there are).
-    max_memory, threads
-        As in :func:`allknn.neighbors`.
+    max_memory, threads, device, precision
+        As in :func:`allknn.neighbors` (``device`` and ``precision``: of
+        the torch engine's estimate; default CPU torch).
 
     Returns
     -------
@@ -104,6 +107,7 @@ def inspect(source: str | os.PathLike[str] | ArrayLike, k: int = 10, *, max_memo
     matrix = _validate.as_matrix(matrix, "X")
     n_threads = _validate.check_threads(threads)
     budget = parse_memory(max_memory)
+    options = check_options({"device": device, "precision": precision})
     sparse = is_sparse(matrix)
     block_rows = cap_block_rows(choose_block_rows(budget, matrix.shape[1], n_threads, sparse=sparse),
                                 matrix.shape[0])
@@ -120,14 +124,14 @@ def inspect(source: str | os.PathLike[str] | ArrayLike, k: int = 10, *, max_memo
     if sparse:  # compile the sparse kernels outside the timing
         sample = normalize_rows(matrix[:_WARM_UP_ROWS], name="X", block_rows=64, invalid="drop")
         if sample.rows.shape[0] >= 2:
-            _estimate(_job(sample, min(k, sample.rows.shape[0] - 1), 1, budget, 64))
-    report.engines.update(_estimate(_job(rows, k, n_threads, budget, block_rows)))
+            _estimate(_job(sample, min(k, sample.rows.shape[0] - 1), 1, budget, 64, options))
+    report.engines.update(_estimate(_job(rows, k, n_threads, budget, block_rows, options)))
     return report
 
 
-def _job(rows, k: int, threads: int, budget: int, block_rows: int) -> Job:
+def _job(rows, k: int, threads: int, budget: int, block_rows: int, options: dict) -> Job:
     return Job(queries=rows, corpus=rows, k=k, self_join=True, exclude_self=True, threads=threads,
-               budget=budget, block_rows=block_rows, options=check_options({}))
+               budget=budget, block_rows=block_rows, options=options)
 
 
 def _estimate(job: Job) -> dict[str, EngineEstimate]:

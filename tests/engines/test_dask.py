@@ -499,6 +499,14 @@ def test_cli_info_estimates_from_tasks_timed_on_the_cluster(cluster, npy, data, 
     assert "on 2 worker thread(s) (from 6 tasks timed on the cluster)" in shown
     seconds = float(shown.split("estimate:")[1].split()[0])
     assert seconds > 0
+    torch = pytest.importorskip("torch")
+    argv = ["info", str(tmp_path / "clean.npy"), "-k", "5", "--task-rows", "256", "--scheduler",
+            cluster.scheduler_address]
+    assert allknn.cli.main([*argv, "--device", "cpu", "--precision", "bf16"]) == 0  # tiles in CPU torch
+    assert "(from 6 tasks timed on the cluster)" in capsys.readouterr().out
+    if not torch.cuda.is_available():  # nor on the workers, on this machine
+        assert allknn.cli.main([*argv, "--device", "cuda"]) == 1
+        assert "has no CUDA device (torch.cuda.is_available() is False)" in capsys.readouterr().err
 
 
 def test_approximate_engine_meets_its_floor_and_its_interval_holds(client, tmp_path):

@@ -140,11 +140,54 @@ def test_cuda_streams_queries_and_sizes_its_tiles(real):
                                         max_memory="64MB"), allknn.neighbors(real, 8))
 
 
+@cuda()
+def test_cuda_estimate_times_tiles_on_the_device(real):
+    found = allknn.inspect(real, 10, device="cuda", precision="bf16")
+    assert found.engines["torch"].refusal is None and found.engines["torch"].seconds > 0
+
+
 @cuda(devices=2)
 def test_several_cuda_devices_are_the_exact_result(real):
     devices = ",".join(f"cuda:{i}" for i in range(torch.cuda.device_count()))
     assert_same_result(allknn.neighbors(real, 10, device=devices, block_rows=256), allknn.neighbors(real, 10))
 
+
+
+def test_the_estimate_times_a_share_of_the_engine_s_own_tiles(real, monkeypatch):
+    """The torch engine's estimate runs its own plan's tiles on the device
+    and in the precision asked, a share of them: not the CPU engine's BLAS
+    tiles, which are off by the device's speed-up."""
+    import allknn.engines.torch.plans as plans
+
+    ran = []
+    work = plans.DeviceSelfJoinPlan._work_on
+
+    def spy(self, lane, tile, *rest):
+        ran.append((lane.device, self.precision, tile))
+        return work(self, lane, tile, *rest)
+
+    monkeypatch.setattr(plans.DeviceSelfJoinPlan, "_work_on", spy)
+    found = allknn.inspect(real, 10, device="cpu", precision="bf16", threads=1, max_memory="1MB")
+    assert found.engines["torch"].seconds > 0 and found.engines["exact"].seconds > 0
+    assert {(device, precision) for device, precision, _ in ran} == {("cpu", "bf16")}
+    blocks = -(-real.shape[0] // found.block_rows)
+    assert 16 <= blocks * (blocks + 1) // 2  # enough tiles to time a share of them
+    assert 0 < len(ran) < 0.5 * blocks * (blocks + 1) // 2
+    with pytest.raises(ValueError, match="precision must be 'auto' or one of"):
+        allknn.inspect(real, 10, precision="fp8")
+
+
+def test_cli_info_estimates_the_torch_engine_on_the_device_asked(tmp_path, real, capsys):
+    import allknn.cli
+
+    np.save(tmp_path / "x.npy", real[:1200])
+    assert allknn.cli.main(["info", str(tmp_path / "x.npy"), "--device", "cpu", "--precision", "fp16"]) == 0
+    shown = capsys.readouterr().out
+    assert ("s for --backend torch on cpu (precision fp16) with k=10 on" in shown
+            and "(timed here on a sample of its tiles; usually high, by up to 2x)" in shown)
+    if not torch.cuda.is_available():
+        assert allknn.cli.main(["info", str(tmp_path / "x.npy"), "--device", "cuda"]) == 0
+        assert "torch:       cannot run: found no CUDA device" in capsys.readouterr().out
 
 
 def test_cli_runs_the_torch_backend(tmp_path, real):

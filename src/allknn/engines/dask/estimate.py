@@ -7,20 +7,23 @@ from typing import Any
 import numpy as np
 
 from allknn._memory import parse_memory
-from allknn.engines.dask.run import Input, task_sizes
+from allknn.engines.dask.run import Input, device_choice, task_sizes
 from allknn.engines.dask.tasks import Block, JoinSpec, timed_floors_task, timed_pair_task, warm_up
 from allknn.engines.schedule import block_bounds
 
 
 def estimate_dask_seconds(X: Any, k: int, *, client, max_memory: str | int = "1GB",
                           task_rows: int | None = None, column: str | None = None,
+                          device: str | None = None, precision: str | None = None,
                           samples: int = 3) -> tuple[float, int]:
     """Seconds the exact self-join of ``X`` would take on the cluster, from a few timed tasks.
 
     The own joins of ``samples`` blocks spread over the input, then the
     block pairs among them (floored, as in a run), each timed where it ran,
     all at once on the cluster's threads; the mean task times are scaled to
-    all tasks over the worker threads.
+    all tasks over the worker threads. With ``device`` (and
+    ``precision``), the tasks' tiles run there, as in
+    :func:`~allknn.engines.dask.run.dask_neighbors`.
 
     Returns
     -------
@@ -34,7 +37,8 @@ def estimate_dask_seconds(X: Any, k: int, *, client, max_memory: str | int = "1G
     budget = parse_memory(max_memory)
     dim, n = corpus.shape[1], corpus.shape[0]
     block_rows, rows = task_sizes(budget, dim, k, n, task_rows=task_rows)
-    spec = JoinSpec(k=k, skip_self=True, block_rows=block_rows, threads=1)
+    spec = JoinSpec(k=k, skip_self=True, block_rows=block_rows, threads=1,
+                    **device_choice(client, device, precision))
     bounds = block_bounds(n, rows)
     picks = sorted({int(p) for p in np.linspace(0, len(bounds) - 1, min(samples, len(bounds)))})
     client.run(warm_up, spec)

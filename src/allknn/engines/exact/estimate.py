@@ -9,7 +9,7 @@ import numpy as np
 
 from allknn._blas import single_threaded_blas
 from allknn.engines.exact.blocks import dense_product
-from allknn.engines.exact.plans import SelfJoinPlan
+from allknn.engines.exact.plans import SelfJoinPlan, TilePlan
 from allknn.engines.exact.sparse_layout import sparse_layout
 from allknn.kernels.topk import new_state
 from allknn.rows import NormalizedRows
@@ -48,27 +48,36 @@ def seconds_per_tile(rows: np.ndarray, block_rows: int, threads: int) -> float:
     return best / TIMED_TILES_PER_THREAD
 
 
-def estimate_sparse_self_join_seconds(corpus: NormalizedRows, k: int, *, block_rows: int, threads: int,
-                                      budget: int, share: float = 0.02) -> float:
-    """Seconds the exact self-join of sparse rows would take, measured here.
+def timed_share_seconds(plan: TilePlan, k: int, *, threads: int, share: float = 0.02) -> float:
+    """Seconds all of ``plan``'s tiles would take, from a timed share of them.
 
-    The plan is built as a run builds it (layout choice included); an evenly
-    spread ``share`` of its tiles (at least eight per thread) warms the
-    top-k state up, and a second such share is timed and scaled to all
-    tiles (all are timed when there are fewer than sixteen per thread). The
-    state is still colder than in a real run (more candidates pass the
-    thresholds), so the estimate errs high, by up to about 2x.
+    An evenly spread ``share`` of the tiles (at least eight per thread)
+    warms the top-k state up (and loads the kernels, or a device's), and a
+    second such share is timed and scaled to all tiles (all are timed,
+    after a first untimed pass, when there are fewer than sixteen per
+    thread). The state is still colder than in a real run (more candidates
+    pass the thresholds), so the estimate errs high, by up to about 2x.
     """
-    started = time.perf_counter()
-    layout = sparse_layout(corpus.rows, corpus.rows, k, skip_self=True, budget=budget, threads=threads)
-    plan = SelfJoinPlan(corpus.rows, corpus.norms, block_rows=block_rows, layout=layout)
-    setup = time.perf_counter() - started
     keys, thresholds = new_state(plan.n_queries, k)
     timed = plan.tasks
     if len(plan.tasks) >= 16 * threads:
         stride = max(2, min(round(1 / share), len(plan.tasks) // (8 * threads)))
         plan.run(keys, thresholds, threads=threads, tasks=plan.tasks[::stride])
         timed = plan.tasks[stride // 2 :: stride]
+    else:
+        plan.run(*new_state(plan.n_queries, k), threads=threads)
     started = time.perf_counter()
     plan.run(keys, thresholds, threads=threads, tasks=timed)
-    return setup + (time.perf_counter() - started) * len(plan.tasks) / len(timed)
+    return (time.perf_counter() - started) * len(plan.tasks) / len(timed)
+
+
+def estimate_sparse_self_join_seconds(corpus: NormalizedRows, k: int, *, block_rows: int, threads: int,
+                                      budget: int) -> float:
+    """Seconds the exact self-join of sparse rows would take, measured here:
+    the plan built as a run builds it (layout choice included, and timed),
+    then :func:`timed_share_seconds`."""
+    started = time.perf_counter()
+    layout = sparse_layout(corpus.rows, corpus.rows, k, skip_self=True, budget=budget, threads=threads)
+    plan = SelfJoinPlan(corpus.rows, corpus.norms, block_rows=block_rows, layout=layout)
+    setup = time.perf_counter() - started
+    return setup + timed_share_seconds(plan, k, threads=threads)

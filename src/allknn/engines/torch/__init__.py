@@ -12,6 +12,7 @@ it.
 from __future__ import annotations
 
 import importlib.util
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -20,6 +21,7 @@ import numpy as np
 
 from allknn.engines.base import Job
 from allknn.engines.exact import ExactEngine
+from allknn.engines.exact.estimate import timed_share_seconds
 from allknn.engines.exact.plans import TilePlan
 from allknn.engines.torch.devices import (
     CUDA_LANES,
@@ -131,6 +133,18 @@ class TorchEngine(ExactEngine):
             return DeviceSelfJoinPlan(corpus.rows, corpus.norms, skip_self=job.skip_self, ids=order,
                                       **options)
         return DeviceQueryJoinPlan(queries.rows, corpus.rows, queries.norms, corpus.norms, **options)
+
+    def estimate_seconds(self, job: Job) -> float:
+        """A share of the device plan's tiles timed on its devices, in its
+        precision (:func:`~allknn.engines.exact.estimate.timed_share_seconds`),
+        plus the copy of the rows to the devices. The rows keep their order
+        (a run groups them by cluster first, raising thresholds sooner), so
+        the estimate errs high."""
+        with torch_settings(self._precision(job)):
+            started = time.perf_counter()
+            plan = self.make_plan(job, None, None, None)
+            setup = time.perf_counter() - started
+            return setup + timed_share_seconds(plan, job.k, threads=job.threads)
 
     @contextmanager
     def plan(self, job: Job, saved: Mapping[str, np.ndarray] | None) -> Iterator[TilePlan]:
