@@ -553,6 +553,30 @@ def test_approximate_engine_meets_its_floor_and_its_interval_holds(client, tmp_p
     assert_same_result(with_target, fixed)  # ignored with probes, as locally
 
 
+def test_a_thread_probes_the_largest_tasks_first(tmp_path):
+    """The probing tasks run largest first (by query rows), so that the
+    short ones fill the workers' last gaps rather than a long one running
+    alone at the end."""
+    from allknn.engines.dask.approx import dask_approx_neighbors
+
+    X = np.load(REAL)[:4000].astype(np.float32)
+    np.save(tmp_path / "real.npy", X)
+    searched = []
+
+    def probed(kind: str, rows: int) -> None:
+        if kind == "probe":
+            searched.append(rows)
+
+    with (distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                   dashboard_address=None) as cluster,
+          distributed.Client(cluster) as client):
+        res = dask_approx_neighbors(tmp_path / "real.npy", 10, client=client, task_rows=640, seed=3,
+                                    on_task=probed)
+    assert sum(searched) == X.shape[0] and len(set(searched)) > 3
+    assert searched == sorted(searched, reverse=True)
+    assert res.recall.estimate >= 0.9
+
+
 def test_approximate_engine_reads_its_three_samples_in_one_pass(client, tmp_path, monkeypatch):
     """The cells' sample, the pilot and the audit rows are read by one task
     per block; only the pilot's neighbours need a second pass."""

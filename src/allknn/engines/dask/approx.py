@@ -127,6 +127,10 @@ TASKS_PER_THREAD = 4
 """Probing tasks per worker thread at least (where there are rows enough),
 so that uneven tasks even out."""
 
+BACKGROUND = -1
+"""Dask priority of the audit's exact join: below the tasks the client
+waits for before the probing (the default, 0)."""
+
 CELLS_FILE = "_cells.npy"
 """The centroids a parts folder's run searched with (for ``resume``)."""
 
@@ -392,15 +396,16 @@ class _Search:
             self._kept = (wanted, rows)
         return rows
 
-    def exact_keys(self, sample_rows: np.ndarray) -> Any:
+    def exact_keys(self, sample_rows: np.ndarray, *, priority: int = 0) -> Any:
         """A future of the exact top-(k + 1) keys of ``sample_rows`` (as
-        :meth:`read_rows` gives them): a query join against every block."""
+        :meth:`read_rows` gives them): a query join against every block,
+        its tasks at Dask ``priority``."""
         rows = _held(self.client, sample_rows)
         spec = JoinSpec(k=self.k + 1, skip_self=False, block_rows=self.block_rows, threads=1)
         query = Block(None, 0, sample_rows.shape[0])
         client = self.client
         parts = [(client.submit(pair_task, spec, block, None, None, None, query, rows, pure=False,
-                                retries=RETRIES), 0) for block in self.corpus.blocks]
+                                retries=RETRIES, priority=priority), 0) for block in self.corpus.blocks]
         return _tree(client, merge_task, parts)
 
     def neighbours(self, keys: np.ndarray, sample: np.ndarray) -> np.ndarray:
@@ -416,20 +421,26 @@ class _Search:
         """Fit the cells (:attr:`centroids`) and choose the breadth: the params they make."""
         # one pass over the input for the three samples (cells, pilot, audit)
         self.read_rows(np.union1d(np.union1d(self.sample, self.pilot), self.audit), keep=True)
+        # the pilot's and the audit's exact joins run on the workers while the cells are fitted here,
+        # the audit's behind every task the client waits for (it is needed at the end only)
+        pilot = None if probes is not None else self.exact_keys(self.read_rows(self.pilot))
+        self._audit_truth = pilot if pilot is not None and self.audit is self.pilot else \
+            self.exact_keys(self.read_rows(self.audit), priority=BACKGROUND)
         sample_rows = self.read_rows(self.sample)
         n_cells = min(cells or n_cells_for(self.kept_rows.size), sample_rows.shape[0])
         self.centroids = cell_centroids(sample_rows, n_cells, budget=self.budget, seed=self.seed)
         n_cells = self.centroids.shape[0]
         chosen: dict[str, Any] = {"cells": n_cells}
-        if probes is None:
-            probes, chosen["pilot_recall"] = self._pilot_breadth(target)
+        if pilot is not None:
+            probes, chosen["pilot_recall"] = self._pilot_breadth(pilot.result(), target)
             chosen["recall_target"] = target
         chosen["probes"] = min(probes, n_cells)
         return chosen
 
-    def _pilot_breadth(self, target: float) -> tuple[int, float]:
+    def _pilot_breadth(self, truth: np.ndarray, target: float) -> tuple[int, float]:
         """The smallest breadth whose pilot recall, less one standard error,
-        reaches ``target`` (see the module docstring), and that recall.
+        reaches ``target`` (see the module docstring), and that recall;
+        ``truth``: the pilot's :meth:`exact_keys`.
 
         A row probing its ``p`` nearest cells finds exactly its neighbours
         whose cell is among them, so the pilot recall at every ``p`` follows
@@ -438,8 +449,8 @@ class _Search:
         near-ties otherwise, which the audit then measures).
         """
         pilot, k, centroids = self.pilot, self.k, self.centroids
-        pilot_rows = self.read_rows(pilot)  # joined exactly, then ranked against the cells
-        keys = self.neighbours(self.exact_keys(pilot_rows).result(), pilot)
+        pilot_rows = self.read_rows(pilot)  # ranked against the cells
+        keys = self.neighbours(truth, pilot)
         neighbours = np.where(keys == EMPTY_KEY, -1, key_ids(keys))
         listed = np.unique(neighbours[neighbours >= 0])
         cell_of = nearest_centroids(self.read_rows(listed), centroids, 1)[:, 0]
@@ -488,7 +499,8 @@ class _Search:
         done = {} if manifest is None else dict(manifest.parts)
         audit_keys = {row: keys for entry in done.values()
                       for row, keys in zip(entry["audit_rows"], entry["audit_keys"], strict=True)}
-        self._audit_truth = self.exact_keys(self.read_rows(self.audit))
+        if self._audit_truth is None:  # resumed with the cells and breadth kept
+            self._audit_truth = self.exact_keys(self.read_rows(self.audit))
         self._kept = None  # the samples are read
         todo = [b for b in range(len(blocks)) if b not in done]
         if not todo:
@@ -507,10 +519,13 @@ class _Search:
         queries = self._query_rows()
         save_plan(folder, range_starts, np.array(sorted(done), dtype=np.int64))
         spec = JoinSpec(k=k + 1, skip_self=False, block_rows=self.block_rows, threads=1, **self.tiles)
-        probing = [client.submit(probe_task, t, r, start, min(start + queries, size), folder, spec,
-                                 self.rows, len(blocks), pure=False, retries=RETRIES)
-                   for t, (r, start, size) in enumerate((r, start, size) for r, size in enumerate(sizes)
-                                                        for start in range(0, size, queries))]
+        tasks = [(t, r, start, min(start + queries, size)) for t, (r, start, size) in enumerate(
+            (r, start, size) for r, size in enumerate(sizes) for start in range(0, size, queries))]
+        # the most query rows first, submitted and run, so that the short tasks fill the last gaps
+        tasks.sort(key=lambda task: task[2] - task[3])
+        probing = [client.submit(probe_task, t, r, start, stop, folder, spec, self.rows, len(blocks),
+                                 pure=False, retries=RETRIES, priority=stop - start)
+                   for t, r, start, stop in tasks]
         as_completed = optional("distributed", "running on a Dask cluster").as_completed
         n_probing = len(probing)
         for future in as_completed(probing):  # every states file written
