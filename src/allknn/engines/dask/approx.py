@@ -111,7 +111,7 @@ from allknn.engines.dask.tasks import Block, JoinSpec, merge_task, pair_task
 from allknn.engines.dask.waves import MERGE_FAN_IN
 from allknn.engines.kmeans import SAMPLE_ROWS, nearest_centroids
 from allknn.kernels.topk import EMPTY_KEY, key_ids, key_similarities
-from allknn.topk.result import TopK
+from allknn.topk.result import RecallEstimate, TopK
 from allknn.writers.atomic import atomic_path
 from allknn.writers.parts import Manifest, PartLabels
 
@@ -218,9 +218,7 @@ def dask_approx_neighbors(X: Any, k: int, *, client, recall_target: float | None
                 return None  # finished, its recall measured: nothing to redo
         results, audit_keys = search.run(folder, params, manifest=manifest, min_similarity=min_similarity,
                                          labels=labels.columns, on_task=on_task)
-        found = key_similarities(np.sort(np.array([audit_keys[row] for row in search.audit], np.int64),
-                                         axis=1)[:, ::-1])
-        recall = estimate(row_recall(np.where(np.isinf(found), np.nan, found), search.audit_kth()))
+        recall = search.audited_recall(audit_keys)
         params.update(recall=recall.estimate, recall_interval=list(recall.interval),
                       recall_rows=recall.sample_size)
         if manifest is not None:
@@ -413,9 +411,13 @@ class _Search:
         keys[key_ids(keys) == sample[:, None]] = EMPTY_KEY
         return np.sort(keys, axis=1)[:, :0:-1]  # the k best of k + 1 (larger keys are better)
 
-    def audit_kth(self) -> np.ndarray:
-        """The exact k-th similarity of every audit row."""
-        return key_similarities(self.neighbours(self._audit_truth.result(), self.audit))[:, self.k - 1]
+    def audited_recall(self, audit_keys: dict[int, list[int]]) -> RecallEstimate:
+        """The recall of the keys found for the audit rows (``audit_keys``,
+        by row), against their exact k-th similarities."""
+        found = key_similarities(np.sort(np.array([audit_keys[row] for row in self.audit], np.int64),
+                                         axis=1)[:, ::-1])
+        kth = key_similarities(self.neighbours(self._audit_truth.result(), self.audit))[:, self.k - 1]
+        return estimate(row_recall(np.where(np.isinf(found), np.nan, found), kth))
 
     def breadth(self, probes: int | None, cells: int | None, target: float) -> dict[str, Any]:
         """Fit the cells (:attr:`centroids`) and choose the breadth: the params they make."""
