@@ -15,11 +15,18 @@ The clusters have the settings ``allknn run --workers N`` starts its own
 with (:mod:`allknn.engines.dask.cluster`); the 2-worker run is also timed
 on a cluster of Dask's default settings.
 
-Every Dask result is checked bit for bit against the local one.
+Every Dask result is checked bit for bit against the local one. Each Dask
+run's task stream gives its idle worker-seconds (each worker's wall time
+less its tasks' time, summed) and its task seconds, far less noisy than
+the wall times on a shared machine.
+
+With ``--approx FILE`` (for example the Debian rows of ``shared/data``),
+the approximate engine also runs on the 2-worker cluster, on that file.
 
 Usage (the command behind BENCHMARKS.md)::
 
-    python benchmarks/bench_dask.py --n 100000 --d 100 --k 10 --repeats 3
+    python benchmarks/bench_dask.py --n 100000 --d 100 --k 10 --repeats 3 \
+        --approx shared/data/debian_packages_minilm384_f16.npy
 """
 
 from __future__ import annotations
@@ -45,6 +52,21 @@ def _timed(run) -> tuple[float, object]:
     return time.perf_counter() - started, value
 
 
+def _streamed(client, run) -> tuple[float, object, float, float]:
+    """:func:`_timed` on a cluster, with the run's idle worker-seconds and task seconds."""
+    import distributed
+
+    with distributed.get_task_stream(client) as stream:
+        seconds, value = _timed(run)
+    busy: dict[str, float] = {}
+    for task in stream.data:
+        for span in task["startstops"]:
+            if span["action"] == "compute":
+                busy[task["worker"]] = busy.get(task["worker"], 0.0) + span["stop"] - span["start"]
+    workers = len(client.nthreads())
+    return seconds, value, workers * seconds - sum(busy.values()), sum(busy.values())
+
+
 def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.parquet"))
 
@@ -59,6 +81,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="most worker processes")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--task-rows", type=int, default=None)
+    parser.add_argument("--approx", default=None, metavar="FILE",
+                        help="also run the approximate engine on this .npy on the 2-worker cluster")
     args = parser.parse_args()
 
     import distributed
@@ -86,6 +110,17 @@ def main() -> None:
     print(f"# {platform.processor() or platform.machine()}, BLAS {blas}, n={args.n} d={args.d} k={args.k}")
 
     times: dict[str, list[float]] = {"local": []}
+    idle: dict[str, list[float]] = {}
+    tasks: dict[str, list[float]] = {}
+    approx_results = []
+
+    def record(name: str, measured: tuple[float, object, float, float]) -> object:
+        seconds, value, idle_seconds, task_seconds = measured
+        times.setdefault(name, []).append(seconds)
+        idle.setdefault(name, []).append(idle_seconds)
+        tasks.setdefault(name, []).append(task_seconds)
+        return value
+
     warm_path = work / "warm.npy"
     np.save(warm_path, X[:9000])
     for repeat in range(args.repeats):
@@ -98,32 +133,43 @@ def main() -> None:
         for w, label, start in runs:
             with start(w) as cluster, distributed.Client(cluster) as client:
                 dask_neighbors(warm_path, args.k, client=client)  # load the kernels outside the timing
-                seconds, remote = _timed(lambda c=client: dask_neighbors(path, args.k, client=c,
-                                                                         task_rows=args.task_rows))
-                times.setdefault(f"dask {w} worker(s){label}", []).append(seconds)
+                remote = record(f"dask {w} worker(s){label}", _streamed(client, lambda c=client: dask_neighbors(
+                    path, args.k, client=c, task_rows=args.task_rows)))
                 assert np.array_equal(remote.indices, local.indices), "dask differs from local"
                 assert np.array_equal(remote.similarities.view(np.int32), local.similarities.view(np.int32))
                 if w != args.workers or label:
                     continue
                 out = work / f"out{repeat}"
-                seconds, _ = _timed(lambda c=client, o=out: dask_neighbors(path, args.k, client=c, output=o,
-                                                                           task_rows=args.task_rows))
-                times.setdefault(f"dask {w} worker(s), parts folder", []).append(seconds)
+                record(f"dask {w} worker(s), parts folder", _streamed(client, lambda c=client, o=out: dask_neighbors(
+                    path, args.k, client=c, output=o, task_rows=args.task_rows)))
+                if args.approx:
+                    approx_results.append(record(f"dask {w} worker(s), approximate, {Path(args.approx).name}",
+                                                 _streamed(client, lambda c=client: allknn.neighbors(
+                                                     args.approx, args.k, client=c, method="approx"))))
         assert np.array_equal(allknn.load_result(out).indices, local.indices)
         written = _folder_bytes(out)
         shown = ", ".join(f"{name} {values[-1]:.2f} s" for name, values in times.items())
         print(f"run {repeat + 1}: {shown}; parts {written / 1e6:.1f} MB")
     base = statistics.median(times["local"])
-    print("\n| run | median s | runs s | time / local |")
-    print("|---|---|---|---|")
+    print("\n| run | median s | runs s | time / local | idle worker-s, median | task s, median |")
+    print("|---|---|---|---|---|---|")
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"| {name} | {median:.2f} | {[round(v, 2) for v in values]} | {median / base:.2f}x |")
+        ratio = f"{median / base:.2f}x" if "approximate" not in name else "(another input)"
+        stream = (f"{statistics.median(idle[name]):.2f} | {statistics.median(tasks[name]):.2f}" if name in idle
+                  else "- | -")
+        print(f"| {name} | {median:.2f} | {[round(v, 2) for v in values]} | {ratio} | {stream} |")
+    for found in approx_results[1:]:
+        assert np.array_equal(found.indices, approx_results[0].indices), "approximate runs differ"
+    if approx_results:
+        print(f"\napproximate: {approx_results[0].recall}, {approx_results[0].params['probes']} probes of "
+              f"{approx_results[0].params['cells']} cells")
     parts = statistics.median(times[f"dask {args.workers} worker(s), parts folder"])
     print(f"\nparts folder: {args.n / parts:,.0f} rows/s, {written / 1e6 / parts:.1f} MB/s of the whole run")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"dask_n{args.n}_d{args.d}_k{args.k}.json").write_text(json.dumps(
-        {"args": vars(args), "blas": blas, "times": times, "parts_bytes": written}, indent=1))
+        {"args": vars(args), "blas": blas, "times": times, "idle": idle, "tasks": tasks, "parts_bytes": written},
+        indent=1))
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -21,6 +21,9 @@ OUTPUT_SUFFIXES = (".parquet", ".npz", ".csv", ".tsv")
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 
+_SAMPLED = "timed here on a sample of its tiles; usually high, by up to 2x"
+"""How ``allknn info`` says an estimate was made from timed tiles of the real plan."""
+
 
 class CliError(Exception):
     """An error the CLI reports as one line."""
@@ -56,8 +59,8 @@ def _add_input_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_device_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None,
-                        help="cpu, cuda, cuda:N or several: cuda:0,cuda:1 (torch; cuda implies "
-                             "--backend torch)")
+                        help="torch device: cpu, cuda, cuda:N or several: cuda:0,cuda:1 (with run, cuda "
+                             "implies --backend torch)")
     parser.add_argument("--precision", choices=("auto", "fp32", "tf32", "bf16", "fp16"), default=None,
                         help="torch products' precision (the result is the same in all)")
 
@@ -327,9 +330,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-_SAMPLED = "timed here on a sample of its tiles; usually high, by up to 2x"
-
-
 def _seconds(seconds: float) -> str:
     """Seconds to one decimal, or two significant digits below one second (never a bare 0.0)."""
     return f"{seconds:.1f}" if seconds >= 1 else f"{seconds:.2g}"
@@ -349,8 +349,9 @@ def _cmd_info_on_cluster(args: argparse.Namespace) -> int:
         if cluster is not None:
             cluster.close()
     print(f"file:        {args.input}")
+    on = f", tiles on {args.device}" if args.device else ""
     print(f"estimate:    {_seconds(seconds)} s for the exact self-join with k={args.k} on {threads} worker "
-          f"thread(s) (from {timed} tasks timed on the cluster)")
+          f"thread(s) (from {timed} tasks timed on the cluster{on})")
     return 0
 
 

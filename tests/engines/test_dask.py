@@ -241,7 +241,8 @@ def test_a_thread_runs_the_pair_tasks_in_the_order_of_the_schedule(npy, data):
     scheduler and sends the pairs, which wait for floors, straight to the
     workers; without the own joins' restriction and the jobs' priorities,
     the last own joins ran after most pairs, and so did the pairs waiting
-    for their floors."""
+    for their floors. A pair whose floors reach the scheduler late may be
+    overtaken by a few later ones (these tasks take milliseconds)."""
     with (distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
                                    dashboard_address=None) as cluster,
           distributed.Client(cluster) as client,
@@ -251,8 +252,12 @@ def test_a_thread_runs_the_pair_tasks_in_the_order_of_the_schedule(npy, data):
     started = sorted((span["start"], str(task["key"])) for task in stream.data for span in task["startstops"]
                      if span["action"] == "compute" and str(task["key"]).startswith("allknn-pair-"))
     blocks = -(-data.shape[0] // 192)
-    schedule = [(i, i) for i in range(blocks)] + list(itertools.combinations(range(blocks), 2))
-    assert [tuple(int(b) for b in key.split("-")[2:4]) for _, key in started] == schedule
+    ran = [tuple(int(b) for b in key.split("-")[2:4]) for _, key in started]
+    assert ran[:blocks] == [(i, i) for i in range(blocks)]
+    pairs = list(itertools.combinations(range(blocks), 2))
+    assert sorted(ran[blocks:]) == pairs
+    overtaken = sum(1 for a, b in itertools.combinations(ran[blocks:], 2) if a > b)
+    assert overtaken <= blocks, ran  # a shuffled order: about 190 times
 
 
 def test_workers_reuse_a_run_s_blocks_only_within_the_run(client, tmp_path, data):
@@ -499,11 +504,15 @@ def test_cli_info_estimates_from_tasks_timed_on_the_cluster(cluster, npy, data, 
     assert "on 2 worker thread(s) (from 6 tasks timed on the cluster)" in shown
     seconds = float(shown.split("estimate:")[1].split()[0])
     assert seconds > 0
+
+
+def test_cli_info_on_the_cluster_times_tasks_on_the_device_asked(cluster, npy, data, tmp_path, capsys):
     torch = pytest.importorskip("torch")
+    np.save(tmp_path / "clean.npy", np.nan_to_num(data, nan=1.0) + np.float32(0.5))
     argv = ["info", str(tmp_path / "clean.npy"), "-k", "5", "--task-rows", "256", "--scheduler",
             cluster.scheduler_address]
     assert allknn.cli.main([*argv, "--device", "cpu", "--precision", "bf16"]) == 0  # tiles in CPU torch
-    assert "(from 6 tasks timed on the cluster)" in capsys.readouterr().out
+    assert "(from 6 tasks timed on the cluster, tiles on cpu)" in capsys.readouterr().out
     if not torch.cuda.is_available():  # nor on the workers, on this machine
         assert allknn.cli.main([*argv, "--device", "cuda"]) == 1
         assert "has no CUDA device (torch.cuda.is_available() is False)" in capsys.readouterr().err

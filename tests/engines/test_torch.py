@@ -153,26 +153,29 @@ def test_several_cuda_devices_are_the_exact_result(real):
 
 
 
-def test_the_estimate_times_a_share_of_the_engine_s_own_tiles(real, monkeypatch):
+def test_the_estimate_times_the_engine_s_own_tiles_on_the_first_blocks(real, monkeypatch):
     """The torch engine's estimate runs its own plan's tiles on the device
-    and in the precision asked, a share of them: not the CPU engine's BLAS
-    tiles, which are off by the device's speed-up."""
+    and in the precision asked (not the CPU engine's BLAS tiles, which are
+    off by the device's speed-up): a share of the tiles of the first
+    ``ESTIMATE_BLOCKS`` row blocks, so that its time and memory stay
+    bounded whatever the input."""
     import allknn.engines.torch.plans as plans
+    from allknn.engines.torch import ESTIMATE_BLOCKS
 
     ran = []
     work = plans.DeviceSelfJoinPlan._work_on
 
     def spy(self, lane, tile, *rest):
-        ran.append((lane.device, self.precision, tile))
+        ran.append((lane.device, self.precision, self.normed.shape[0]))
         return work(self, lane, tile, *rest)
 
     monkeypatch.setattr(plans.DeviceSelfJoinPlan, "_work_on", spy)
     found = allknn.inspect(real, 10, device="cpu", precision="bf16", threads=1, max_memory="1MB")
     assert found.engines["torch"].seconds > 0 and found.engines["exact"].seconds > 0
     assert {(device, precision) for device, precision, _ in ran} == {("cpu", "bf16")}
-    blocks = -(-real.shape[0] // found.block_rows)
-    assert 16 <= blocks * (blocks + 1) // 2  # enough tiles to time a share of them
-    assert 0 < len(ran) < 0.5 * blocks * (blocks + 1) // 2
+    assert ESTIMATE_BLOCKS * found.block_rows < real.shape[0]
+    assert {rows for *_, rows in ran} == {ESTIMATE_BLOCKS * found.block_rows}
+    assert 0 < len(ran) < ESTIMATE_BLOCKS * (ESTIMATE_BLOCKS + 1) // 2  # a share of their tiles
     with pytest.raises(ValueError, match="precision must be 'auto' or one of"):
         allknn.inspect(real, 10, precision="fp8")
 

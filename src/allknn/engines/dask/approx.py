@@ -22,8 +22,11 @@
    (:mod:`allknn.writers.parts`), with the keys found for the block's audit
    rows; the client never holds the result.
 7. Audit: the recall on another seeded sample of rows against their exact
-   neighbours (an exact query join of the sample on the cluster, run
-   beside the search), with its 95% interval, recorded in the manifest.
+   neighbours (an exact query join of the sample on the cluster, submitted
+   with the pilot's as soon as the samples are read, so that both run
+   while the client fits the cells, the audit's at a lower priority than
+   every task the client waits for), with its 95% interval, recorded in
+   the manifest.
 
 The stages meet through files in the scratch folder (see
 :mod:`allknn.engines.dask.approx_tasks`), the client waiting for each stage
@@ -408,7 +411,7 @@ class _Search:
 
     def neighbours(self, keys: np.ndarray, sample: np.ndarray) -> np.ndarray:
         """The k best of :meth:`exact_keys`, the rows themselves left out, best first."""
-        keys[key_ids(keys) == sample[:, None]] = EMPTY_KEY
+        keys = np.where(key_ids(keys) == sample[:, None], EMPTY_KEY, keys)
         return np.sort(keys, axis=1)[:, :0:-1]  # the k best of k + 1 (larger keys are better)
 
     def audited_recall(self, audit_keys: dict[int, list[int]]) -> RecallEstimate:
@@ -486,8 +489,9 @@ class _Search:
             min_similarity: float | None, labels: dict[str, str | None],
             on_task: TaskCallback | None) -> tuple[dict[int, Any], dict[int, list[int]]]:
         """Assign, regroup, probe and finish every row block not in
-        ``manifest`` (stages 3 to 6), their files in ``folder``, the
-        audit's exact join beside them.
+        ``manifest`` (stages 3 to 6), their files in ``folder`` (and the
+        audit's exact join, where :meth:`breadth` did not submit it: a
+        resumed run).
 
         Returns
         -------
@@ -502,7 +506,7 @@ class _Search:
         audit_keys = {row: keys for entry in done.values()
                       for row, keys in zip(entry["audit_rows"], entry["audit_keys"], strict=True)}
         if self._audit_truth is None:  # resumed with the cells and breadth kept
-            self._audit_truth = self.exact_keys(self.read_rows(self.audit))
+            self._audit_truth = self.exact_keys(self.read_rows(self.audit), priority=BACKGROUND)
         self._kept = None  # the samples are read
         todo = [b for b in range(len(blocks)) if b not in done]
         if not todo:

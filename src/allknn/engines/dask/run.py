@@ -341,23 +341,25 @@ class _Submitter:
         """Own joins first (their thresholds floor the pairs), then the pairs
         ``(i, j), i < j`` row by row, skipping those of finished blocks only.
 
-        The own joins and their floors tasks may run on any worker, but are
-        submitted with that as a (loose) restriction: Dask holds back tasks
-        of a large group with few dependencies (its root-ish tasks) in a
-        queue on the scheduler, and sends the pairs, which depend on many
-        floors, straight to the workers, which ran them first whatever their
-        priority; the last own joins (or floors), and every pair waiting for
-        them, then ran at the end of the run, one worker idle while the
-        other finished them. Dask does not queue restricted tasks.
+        Each own join and its floors task is submitted with a loose
+        restriction to a worker, taken in turn (any other worker may still
+        run or steal them): Dask holds back tasks of a large group with few
+        dependencies (its root-ish tasks) in a queue on the scheduler, and
+        sends the pairs, which depend on many floors, straight to the
+        workers, which ran them first whatever their priority; the last own
+        joins (or floors), and every pair waiting for them, then ran at the
+        end of the run, one worker idle while the other finished them. Dask
+        does not queue restricted tasks.
         """
         blocks, data = corpus.blocks, corpus.data
         floors: dict[int, Any] = {}
-        anywhere = {"workers": list(self.client.nthreads()), "allow_other_workers": True}
+        workers = list(self.client.nthreads())
 
         def own(i: int, priority: int) -> Any:
-            future = self._pair(f"{i}-{i}", priority, blocks[i], None, data[i], **anywhere)
+            near = {"workers": [workers[i % len(workers)]], "allow_other_workers": True} if workers else {}
+            future = self._pair(f"{i}-{i}", priority, blocks[i], None, data[i], **near)
             floors[i] = self.client.submit(floors_task, future, key=f"allknn-floors-{i}-{self.token}",
-                                           retries=RETRIES, priority=BOOKKEEPING, **anywhere)
+                                           retries=RETRIES, priority=BOOKKEEPING, **near)
             return future
 
         for i in range(len(blocks)):

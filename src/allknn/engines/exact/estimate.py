@@ -52,11 +52,12 @@ def timed_share_seconds(plan: TilePlan, k: int, *, threads: int, share: float = 
     """Seconds all of ``plan``'s tiles would take, from a timed share of them.
 
     An evenly spread ``share`` of the tiles (at least eight per thread)
-    warms the top-k state up (and loads the kernels, or a device's), and a
-    second such share is timed and scaled to all tiles (all are timed,
-    after a first untimed pass, when there are fewer than sixteen per
-    thread). The state is still colder than in a real run (more candidates
-    pass the thresholds), so the estimate errs high, by up to about 2x.
+    warms the top-k state up, and a second such share is timed and scaled
+    to all tiles. With fewer than sixteen tiles per thread, one tile per
+    thread loads the kernels (or a device's) and all tiles are timed, from
+    an empty state as in a run. The warmed state is still colder than in a
+    real run (more candidates pass the thresholds), so the estimate errs
+    high, by up to about 2x.
     """
     keys, thresholds = new_state(plan.n_queries, k)
     timed = plan.tasks
@@ -65,7 +66,7 @@ def timed_share_seconds(plan: TilePlan, k: int, *, threads: int, share: float = 
         plan.run(keys, thresholds, threads=threads, tasks=plan.tasks[::stride])
         timed = plan.tasks[stride // 2 :: stride]
     else:
-        plan.run(*new_state(plan.n_queries, k), threads=threads)
+        plan.run(*new_state(plan.n_queries, k), threads=threads, tasks=plan.tasks[:threads])
     started = time.perf_counter()
     plan.run(keys, thresholds, threads=threads, tasks=timed)
     return (time.perf_counter() - started) * len(plan.tasks) / len(timed)

@@ -11,8 +11,8 @@ it.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -32,6 +32,7 @@ from allknn.engines.torch.devices import (
 )
 from allknn.engines.torch.plans import DeviceQueryJoinPlan, DeviceSelfJoinPlan
 from allknn.engines.torch.product import PRECISIONS, torch_settings
+from allknn.rows import NormalizedRows
 
 
 def _check_device(value: object) -> str:
@@ -43,6 +44,9 @@ def _check_resident(value: object) -> bool:
         raise ValueError(f"resident must be True or False (None: by free device memory), got {value!r}")
     return value
 
+
+ESTIMATE_BLOCKS = 8
+"""Row blocks of the rows the time estimate's plan holds (the first ones)."""
 
 RESIDENT_SHARE = 0.5
 """The rows stay on the device when they take at most this share of its free memory."""
@@ -135,16 +139,38 @@ class TorchEngine(ExactEngine):
         return DeviceQueryJoinPlan(queries.rows, corpus.rows, queries.norms, corpus.norms, **options)
 
     def estimate_seconds(self, job: Job) -> float:
-        """A share of the device plan's tiles timed on its devices, in its
-        precision (:func:`~allknn.engines.exact.estimate.timed_share_seconds`),
-        plus the copy of the rows to the devices. The rows keep their order
-        (a run groups them by cluster first, raising thresholds sooner), so
-        the estimate errs high."""
+        """The device plan's tiles timed on its devices, in its precision,
+        scaled to the job's pairs.
+
+        The plan holds the first ``ESTIMATE_BLOCKS`` row blocks only (of the
+        queries and of the corpus), tiles as large as a run's, so that the
+        estimate takes bounded time and memory whatever the input; a share
+        of its tiles is timed
+        (:func:`~allknn.engines.exact.estimate.timed_share_seconds`). Left
+        out: the copy of the rows to the devices and the run's grouping of
+        the rows by cluster, which raises the thresholds sooner (so the
+        estimate errs high).
+        """
+        sample = self._first_blocks(job)
         with torch_settings(self._precision(job)):
-            started = time.perf_counter()
-            plan = self.make_plan(job, None, None, None)
-            setup = time.perf_counter() - started
-            return setup + timed_share_seconds(plan, job.k, threads=job.threads)
+            plan = self.make_plan(sample, None, None, None)
+            seconds = timed_share_seconds(plan, sample.k, threads=job.threads)
+        return seconds * job.pairs / max(1, sample.pairs)
+
+    def _first_blocks(self, job: Job) -> Job:
+        """``job`` on its first ``ESTIMATE_BLOCKS`` row blocks, tiles sized for the whole job."""
+        block_rows = self._block_rows(job, self._resident(job), None)
+        rows = ESTIMATE_BLOCKS * block_rows
+
+        def first(side: NormalizedRows) -> NormalizedRows:
+            return NormalizedRows(rows=side.rows[:rows], norms=side.norms[:rows], kept=None,
+                                  n_original=min(rows, side.rows.shape[0]))
+
+        corpus = first(job.corpus)
+        queries = corpus if job.self_join else first(job.queries)
+        k = min(job.k, corpus.rows.shape[0] - (1 if job.skip_self else 0))
+        return dataclasses.replace(job, corpus=corpus, queries=queries, k=k, block_rows=block_rows,
+                                   block_rows_given=True)
 
     @contextmanager
     def plan(self, job: Job, saved: Mapping[str, np.ndarray] | None) -> Iterator[TilePlan]:
