@@ -133,19 +133,22 @@ def main() -> None:
         for w, label, start in runs:
             with start(w) as cluster, distributed.Client(cluster) as client:
                 dask_neighbors(warm_path, args.k, client=client)  # load the kernels outside the timing
-                remote = record(f"dask {w} worker(s){label}", _streamed(client, lambda c=client: dask_neighbors(
-                    path, args.k, client=c, task_rows=args.task_rows)))
+
+                def exact(c=client, **options):
+                    return dask_neighbors(path, args.k, client=c, task_rows=args.task_rows, **options)
+
+                remote = record(f"dask {w} worker(s){label}", _streamed(client, exact))
                 assert np.array_equal(remote.indices, local.indices), "dask differs from local"
                 assert np.array_equal(remote.similarities.view(np.int32), local.similarities.view(np.int32))
                 if w != args.workers or label:
                     continue
                 out = work / f"out{repeat}"
-                record(f"dask {w} worker(s), parts folder", _streamed(client, lambda c=client, o=out: dask_neighbors(
-                    path, args.k, client=c, output=o, task_rows=args.task_rows)))
+                record(f"dask {w} worker(s), parts folder", _streamed(client, lambda o=out: exact(output=o)))
                 if args.approx:
+                    found = _streamed(client, lambda c=client: allknn.neighbors(args.approx, args.k, client=c,
+                                                                                method="approx"))
                     approx_results.append(record(f"dask {w} worker(s), approximate, {Path(args.approx).name}",
-                                                 _streamed(client, lambda c=client: allknn.neighbors(
-                                                     args.approx, args.k, client=c, method="approx"))))
+                                                 found))
         assert np.array_equal(allknn.load_result(out).indices, local.indices)
         written = _folder_bytes(out)
         shown = ", ".join(f"{name} {values[-1]:.2f} s" for name, values in times.items())
@@ -156,8 +159,9 @@ def main() -> None:
     for name, values in times.items():
         median = statistics.median(values)
         ratio = f"{median / base:.2f}x" if "approximate" not in name else "(another input)"
-        stream = (f"{statistics.median(idle[name]):.2f} | {statistics.median(tasks[name]):.2f}" if name in idle
-                  else "- | -")
+        stream = "- | -"
+        if name in idle:
+            stream = f"{statistics.median(idle[name]):.2f} | {statistics.median(tasks[name]):.2f}"
         print(f"| {name} | {median:.2f} | {[round(v, 2) for v in values]} | {ratio} | {stream} |")
     for found in approx_results[1:]:
         assert np.array_equal(found.indices, approx_results[0].indices), "approximate runs differ"
@@ -168,8 +172,8 @@ def main() -> None:
     print(f"\nparts folder: {args.n / parts:,.0f} rows/s, {written / 1e6 / parts:.1f} MB/s of the whole run")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"dask_n{args.n}_d{args.d}_k{args.k}.json").write_text(json.dumps(
-        {"args": vars(args), "blas": blas, "times": times, "idle": idle, "tasks": tasks, "parts_bytes": written},
-        indent=1))
+        {"args": vars(args), "blas": blas, "times": times, "idle": idle, "tasks": tasks,
+         "parts_bytes": written}, indent=1))
     shutil.rmtree(work, ignore_errors=True)
 
 
