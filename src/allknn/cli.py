@@ -16,6 +16,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import allknn
+from allknn.engines.torch import resolved_precision
 
 OUTPUT_SUFFIXES = (".parquet", ".npz", ".csv", ".tsv")
 EXIT_ERROR = 1
@@ -316,7 +317,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
           + (f" (first: {', '.join(map(str, nonfinite[:5]))})" if nonfinite.size else ""))
     device = args.device or "cpu"
     what = {"exact": "the exact self-join", "approx": "method='approx'",
-            "torch": f"--backend torch on {device} (precision {args.precision or 'auto'})"}
+            "torch": f"--backend torch on {device} (precision {resolved_precision(device, args.precision)})"}
     how = {"exact": _SAMPLED if found.stored_values is not None else "from tile products timed here",
            "approx": "modelled from the exact engine's speed", "torch": _SAMPLED}
     for name, estimate in found.engines.items():

@@ -188,9 +188,19 @@ def test_cli_info_estimates_the_torch_engine_on_the_device_asked(tmp_path, real,
     shown = capsys.readouterr().out
     assert ("s for --backend torch on cpu (precision fp16) with k=10 on" in shown
             and "(timed here on a sample of its tiles; usually high, by up to 2x)" in shown)
+    assert allknn.cli.main(["info", str(tmp_path / "x.npy"), "--device", "cpu"]) == 0
+    assert "s for --backend torch on cpu (precision fp32) with k=10" in capsys.readouterr().out  # auto on CPU
     if not torch.cuda.is_available():
         assert allknn.cli.main(["info", str(tmp_path / "x.npy"), "--device", "cuda"]) == 0
         assert "torch:       cannot run: found no CUDA device" in capsys.readouterr().out
+
+
+def test_auto_precision_is_fp32_on_cpu_and_bf16_on_cuda():
+    from allknn.engines.torch import resolved_precision
+
+    assert resolved_precision("cpu", None) == resolved_precision("cpu", "auto") == "fp32"
+    assert resolved_precision("cuda:1", "auto") == resolved_precision("cuda:0,cuda:1", None) == "bf16"
+    assert resolved_precision("cuda", "tf32") == "tf32" and resolved_precision("cpu", "fp16") == "fp16"
 
 
 def test_cli_runs_the_torch_backend(tmp_path, real):

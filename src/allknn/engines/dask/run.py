@@ -402,16 +402,14 @@ def device_choice(client, device: str | None, precision: str | None) -> dict[str
         if precision is not None:
             raise ValueError("precision= is for the tiles on a device; give device= too")
         return {}
-    from allknn.engines.torch import TorchEngine
+    from allknn.engines.torch import TorchEngine, resolved_precision
     from allknn.engines.torch.devices import parse_devices
 
     devices = parse_devices(device)
     if len(devices) > 1:
         raise ValueError(f"on a cluster each worker uses one device; give one (got {device!r}) and start "
                          f"one worker per GPU")
-    precision = TorchEngine.options["precision"](precision or "auto")
-    if precision == "auto":
-        precision = "fp32" if devices[0] == "cpu" else "bf16"
+    precision = resolved_precision(devices[0], TorchEngine.options["precision"](precision or "auto"))
     checks = client.run(_device_check, devices[0])
     missing = {address: reason for address, (reason, _) in checks.items() if reason}
     if missing:

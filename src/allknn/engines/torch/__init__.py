@@ -52,6 +52,14 @@ RESIDENT_SHARE = 0.5
 """The rows stay on the device when they take at most this share of its free memory."""
 
 
+def resolved_precision(device: str, precision: str | None) -> str:
+    """The products' precision on ``device`` (its first, if several):
+    ``precision``, or for ``"auto"`` (and None) fp32 on CPU, bf16 on CUDA."""
+    if precision not in (None, "auto"):
+        return precision
+    return "fp32" if device.split(",")[0].strip() == "cpu" else "bf16"
+
+
 def _check_precision(value: object) -> str:
     if value != "auto" and value not in PRECISIONS:
         names = ", ".join(map(repr, PRECISIONS))
@@ -121,10 +129,7 @@ class TorchEngine(ExactEngine):
                                  n_rows, streamed_budget=None if resident else job.budget)
 
     def _precision(self, job: Job) -> str:
-        precision = job.options.get("precision") or "auto"
-        if precision == "auto":
-            return "fp32" if self._devices(job)[0] == "cpu" else "bf16"
-        return precision
+        return resolved_precision(self._devices(job)[0], job.options.get("precision"))
 
     def make_plan(self, job: Job, order: np.ndarray | None, layout,
                   saved: Mapping[str, np.ndarray] | None) -> TilePlan:
