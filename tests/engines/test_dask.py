@@ -193,6 +193,25 @@ def test_tasks_on_a_torch_device_are_the_local_result(client, npy, data, tmp_pat
             allknn.neighbors(npy, 4, client=client, device="cuda", invalid="drop")
 
 
+@pytest.mark.cuda
+def test_cuda_workers_are_the_local_result(client, npy, data):
+    """On a GPU machine: the tasks' tiles on the workers' GPU are the local
+    result, bit for bit; the two worker processes find the one GPU by its
+    UUID, so their tasks share its memory."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device, this machine has 0")
+    from allknn.engines.dask.run import device_choice
+
+    local = allknn.neighbors(data, 6, invalid="drop")
+    for precision in ("bf16", "tf32"):
+        remote = allknn.neighbors(npy, 6, client=client, device="cuda", precision=precision, task_rows=256,
+                                  invalid="drop")
+        assert_same_result(remote, local)
+        assert remote.params["device"] == "cuda" and remote.params["precision"] == precision
+    assert device_choice(client, "cuda", None)["device_tasks"] == 2  # both workers' "cuda" is device 0
+
+
 def test_workers_sharing_a_gpu_size_their_tiles_from_one_share_of_it(client):
     """Tasks may run at once on one GPU from every worker process that
     found it (by host and UUID): each task's tiles take that share of its
