@@ -48,10 +48,15 @@ def seconds_per_tile(rows: np.ndarray, block_rows: int, threads: int) -> float:
     return best / TIMED_TILES_PER_THREAD
 
 
-def timed_share_seconds(plan: TilePlan, k: int, *, threads: int, share: float = 0.02) -> float:
+TIMED_SHARE = 0.02
+"""Share of a plan's tiles :func:`timed_share_seconds` runs to warm the state
+up, and again to time."""
+
+
+def timed_share_seconds(plan: TilePlan, k: int, *, threads: int) -> float:
     """Seconds all of ``plan``'s tiles would take, from a timed share of them.
 
-    An evenly spread ``share`` of the tiles (at least eight per thread)
+    An evenly spread ``TIMED_SHARE`` of the tiles (at least eight per thread)
     warms the top-k state up, and a second such share is timed and scaled
     to all tiles. With fewer than sixteen tiles per thread, one tile per
     thread loads the kernels (or a device's) and all tiles are timed, from
@@ -62,7 +67,7 @@ def timed_share_seconds(plan: TilePlan, k: int, *, threads: int, share: float = 
     keys, thresholds = new_state(plan.n_queries, k)
     timed = plan.tasks
     if len(plan.tasks) >= 16 * threads:
-        stride = max(2, min(round(1 / share), len(plan.tasks) // (8 * threads)))
+        stride = max(2, min(round(1 / TIMED_SHARE), len(plan.tasks) // (8 * threads)))
         plan.run(keys, thresholds, threads=threads, tasks=plan.tasks[::stride])
         timed = plan.tasks[stride // 2 :: stride]
     else:
