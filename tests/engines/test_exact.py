@@ -650,3 +650,33 @@ def test_merge_order_and_rounding_do_not_matter():
     for keys, thresholds in states[1:]:
         np.testing.assert_array_equal(keys, states[0][0])
         np.testing.assert_array_equal(thresholds, states[0][1])
+
+
+@pytest.mark.parametrize("bj", [3, 4, 5, 64, 100, 130])
+@pytest.mark.parametrize("k", [1, 4, 11])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_merge_rows_into_an_empty_state_with_adversarial_rounding(bj, k, seed):
+    """An empty row's first tile, its values moved by the whole product
+    bound against the result: the true top-k lowered, every other candidate
+    raised (ties by id included, the row itself among the columns). The
+    kernel floors such a row at its tile's k-th value less two margins;
+    any tighter floor, or one that counted the row itself, loses a true
+    neighbour here."""
+    rng = np.random.default_rng(seed * 1000 + bj * 10 + k)
+    n = 150
+    data = _Rows(rng, n)
+    rows = np.arange(20, dtype=np.int64)
+    cols = np.r_[rows, rng.choice(np.arange(20, n), bj, replace=False)][:bj].astype(np.int64)
+    keys, thresholds = new_state(n, k)
+    want_keys = keys.copy()
+    members = np.zeros((rows.size, cols.size), dtype=bool)
+    for i, r in enumerate(rows):
+        best = sorted(_key(data.similarity[r, j], int(j)) for j in cols if j != r)[-k:]
+        want_keys[r, k - len(best) :] = best  # fewer candidates than k: empty slots stay first
+        members[i] = [_key(data.similarity[r, j], int(j)) in best and j != r for j in cols]
+    want = want_keys, np.array([_key_similarity(int(row[0])) for row in want_keys], dtype=np.float32)
+    exact = data.similarity[np.ix_(rows, cols)]
+    tile = np.ascontiguousarray(np.where(members, exact - data.error, exact + data.error), dtype=np.float32)
+    queries, corpus = scoring_rows(data.rows[rows], data.norms), scoring_rows(data.rows[cols], data.norms)
+    merge_rows(tile, 0, 0, rows, cols, keys, thresholds, True, False, queries, corpus, data.margin)
+    _assert_state(keys, thresholds, *want)

@@ -276,15 +276,55 @@ def offer_exact(keys, threshold_bits, r, s, j, k, unique):
 
 @njit(nogil=True, cache=True, inline="always")
 def _walk_row(row, c0, c1, r, i, row0, col0, col_ids, keys, thresholds, threshold_bits, k, skip_self,
-              unique, queries, corpus, margin):
+              unique, queries, corpus, margin, start):
     for c in range(c0, c1):
-        if row[c] >= thresholds[r] - margin:
+        if row[c] >= max(thresholds[r] - margin, start):
             j = col_ids[col0 + c]
             if skip_self and j == r:
                 continue
             s = similarity(queries, corpus, row0 + i, col0 + c, r, j)
             if s >= thresholds[r]:
                 offer_exact(keys, threshold_bits, r, s, j, k, unique)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _start_floor(row, top, r, col0, col_ids, skip_self, margin):
+    """A nomination floor for a row whose state is not yet full: the
+    ``k``-th largest value of its tile row (``k = top.size``; the row's own
+    column left out with ``skip_self``) less twice ``margin``, or ``-inf``
+    if the tile has fewer than ``k`` candidates.
+
+    Those ``k`` candidates have reference similarities of at least that
+    value less ``margin``, so the row's final ``k``-th similarity does too,
+    and any candidate of its final top-k has a tile value at least the
+    floor: walking only the values at or above it scores a handful of
+    candidates instead of every one that beats the rising threshold of an
+    empty state, and leaves the same state.
+    """
+    top[:] = -np.inf  # a min-heap of the largest values seen
+    k = top.shape[0]
+    bj = row.shape[0]
+    full = bj - bj % CHUNK
+    for c0 in range(0, bj, CHUNK):
+        if c0 < full and not _any_at_least(row, c0, top[0]):
+            continue
+        for c in range(c0, min(c0 + CHUNK, bj)):
+            v = row[c]
+            if v <= top[0] or (skip_self and col_ids[col0 + c] == r):
+                continue
+            pos = 0
+            while True:
+                child = 2 * pos + 1
+                if child >= k:
+                    break
+                if child + 1 < k and top[child + 1] < top[child]:
+                    child += 1
+                if top[child] >= v:
+                    break
+                top[pos] = top[child]
+                pos = child
+            top[pos] = v
+    return top[0] - (margin + margin)
 
 
 @njit(nogil=True, cache=True)
@@ -297,7 +337,10 @@ def merge_rows(tile, row0, col0, row_ids, col_ids, keys, thresholds, skip_self, 
     holding a survivor is walked element by element, and each survivor is
     scored by the reference (:func:`allknn.kernels.reference.similarity`)
     before it is offered. So the state holds reference similarities only,
-    whatever rounding made the tile.
+    whatever rounding made the tile. A row whose state is not yet full
+    (threshold ``-inf``) is first floored at its tile's ``k``-th value less
+    two margins (:func:`_start_floor`), so that its first tile scores about
+    ``k`` candidates rather than every one that beats a rising threshold.
 
     Parameters
     ----------
@@ -330,18 +373,22 @@ def merge_rows(tile, row0, col0, row_ids, col_ids, keys, thresholds, skip_self, 
     k = keys.shape[1]
     full = bj - bj % CHUNK
     threshold_bits = thresholds.view(np.int32)
+    top = np.empty(k, dtype=np.float32)
     for i in range(bi):
         r = row_ids[row0 + i]
         row = tile[i]
-        floor = thresholds[r] - margin
+        start = np.float32(-np.inf)
+        if thresholds[r] == -np.inf:
+            start = _start_floor(row, top, r, col0, col_ids, skip_self, margin)
+        floor = max(thresholds[r] - margin, start)
         for c0 in range(0, full, CHUNK):
             if _any_at_least(row, c0, floor):
                 _walk_row(row, c0, c0 + CHUNK, r, i, row0, col0, col_ids, keys, thresholds, threshold_bits,
-                          k, skip_self, unique, queries, corpus, margin)
-                floor = thresholds[r] - margin
+                          k, skip_self, unique, queries, corpus, margin, start)
+                floor = max(thresholds[r] - margin, start)
         if full < bj:
             _walk_row(row, full, bj, r, i, row0, col0, col_ids, keys, thresholds, threshold_bits, k,
-                      skip_self, unique, queries, corpus, margin)
+                      skip_self, unique, queries, corpus, margin, start)
 
 
 @njit(nogil=True, cache=True)
