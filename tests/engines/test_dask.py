@@ -279,6 +279,50 @@ def test_a_thread_runs_the_pair_tasks_in_the_order_of_the_schedule(npy, data):
     assert overtaken <= blocks, ran  # a shuffled order: about 190 times
 
 
+class _Dependencies:
+    """The dependencies of each pair task as the scheduler starts it (a scheduler plugin)."""
+
+    def __init__(self, scheduler):
+        self.scheduler, self.of = scheduler, {}
+
+    def transition(self, key, start, finish, *args, **kwargs):
+        if finish == "processing" and str(key).startswith("allknn-pair-"):
+            self.of[str(key)] = {str(dep.key) for dep in self.scheduler.tasks[key].dependencies}
+
+
+@pytest.mark.parametrize("form", ["self", "query"])
+def test_later_pairs_start_from_the_floors_of_merged_states(npy, data, form):
+    """12 row blocks: a block's partial states are merged once before its
+    last pairs are submitted, and those pairs start from the merged state's
+    floors (higher than the first task's) once they have finished. Every
+    pair (every query task but a block's first) starts from floors of each
+    of its blocks, and the result is the local one, bit for bit."""
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    options = {} if form == "self" else {"queries": npy}
+    with (distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                   dashboard_address=None) as cluster,
+          distributed.Client(cluster) as client):
+        recorded = type("Recorded", (_Dependencies, SchedulerPlugin), {})(cluster.scheduler)
+        cluster.scheduler.add_plugin(recorded)
+        remote = allknn.dask_neighbors(npy, 5, client=client, task_rows=128, in_flight=2, invalid="drop",
+                                       **options)
+    local = allknn.neighbors(data, 5, invalid="drop", **({} if form == "self" else {"queries": data.copy()}))
+    assert_same_result(remote, local)
+    blocks = -(-data.shape[0] // 128)
+    assert len(recorded.of) == (blocks * (blocks + 1) // 2 if form == "self" else blocks * blocks)
+    refreshed = 0
+    for key, dependencies in recorded.of.items():
+        i, j = (int(b) for b in key.split("-")[2:4])
+        floored = {int(dep.split("-")[2]) for dep in dependencies if dep.startswith("allknn-floors-")}
+        refreshed += any(len(dep.split("-")) == 5 for dep in dependencies if dep.startswith("allknn-floors-"))
+        if form == "self":
+            assert floored == (set() if i == j else {i, j}), key
+        else:
+            assert floored == (set() if j == 0 else {i}), key
+    assert refreshed >= blocks, recorded.of
+
+
 def test_workers_reuse_a_run_s_blocks_only_within_the_run(client, tmp_path, data):
     """Each worker keeps the blocks it read last for the run's next tasks;
     a later run at the same path reads the file again (it may have been

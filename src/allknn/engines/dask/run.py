@@ -8,7 +8,8 @@ blocks of ``task_rows`` (seconds of work per task, a few MB of state);
 2. a pair task per block pair ``(i, j), i <= j`` of the symmetric schedule
    (or per (query block, corpus block) in the query form) reads its blocks
    where it runs, normalises them and joins them with the exact engine's
-   tiles into partial top-k states of both blocks; the client submits them
+   tiles into partial top-k states of both blocks, starting from the
+   newest floors of its blocks (:mod:`.floors`); the client submits them
    in waves, row block after row block (:mod:`.waves`);
 3. the partial states of a row block are merged as they are submitted,
    eight at a time (:func:`allknn.kernels.topk.merge_states`, associative
@@ -48,11 +49,11 @@ from allknn._memory import (
     round_block_rows,
     tile_scratch_bytes,
 )
+from allknn.engines.dask.floors import FloorsBook
 from allknn.engines.dask.tasks import (
     Block,
     JoinSpec,
     finish_task,
-    floors_task,
     forget_run,
     pair_task,
     scan_block,
@@ -279,7 +280,8 @@ def dask_neighbors(
                     cache_bytes=budget, run=run, **tiles)
 
     todo = [b for b in range(len(query.blocks)) if b not in done]
-    submit = _Submitter(client, spec, token)
+    floors = FloorsBook(client, retries=RETRIES, key=token)
+    submit = _Submitter(client, spec, token, floors)
     expected = {b: len(corpus.blocks) for b in todo}  # a row block meets every corpus block once
     if not todo:
         jobs = iter(())
@@ -299,7 +301,7 @@ def dask_neighbors(
 
     in_flight = _validate.check_optional_count(in_flight, "in_flight") or in_flight_for(client)
     events = run_in_waves(client, jobs, expected, in_flight=in_flight, finish=finish, retries=RETRIES,
-                          key=token)
+                          key=token, floors=floors)
     results = {}
     try:
         for kind, count, value in events:
@@ -328,58 +330,74 @@ def dask_neighbors(
 
 
 class _Submitter:
-    """The pair tasks of a run, as :class:`PairJob` s in row-block order."""
+    """The pair tasks of a run, as :class:`PairJob` s in row-block order,
+    each starting from the newest floors of its blocks (:mod:`.floors`)."""
 
-    def __init__(self, client, spec: JoinSpec, token: str):
-        self.client, self.spec, self.token = client, spec, token
+    def __init__(self, client, spec: JoinSpec, token: str, floors: FloorsBook):
+        self.client, self.spec, self.token, self.floors = client, spec, token, floors
+        self.workers = list(client.nthreads())
 
     def _pair(self, name: str, priority: int, *args, **kwargs) -> Any:
         return self.client.submit(pair_task, self.spec, *args, key=f"allknn-pair-{name}-{self.token}",
                                   retries=RETRIES, priority=priority, **kwargs)
 
+    def _first(self, i: int, name: str, priority: int, *args) -> Any:
+        """Submit row block ``i``'s first task (its own join, or its query
+        block against corpus block 0), whose state floors its later ones.
+
+        It and its floors task carry a loose restriction to a worker,
+        taken in turn (any other worker may still run or steal them): Dask
+        holds back tasks of a large group with few dependencies (its
+        root-ish tasks) in a queue on the scheduler, and sends the pairs,
+        which depend on floors, straight to the workers, which ran them
+        first whatever their priority; the last own joins (or floors), and
+        every pair waiting for them, then ran at the end of the run, one
+        worker idle while the other finished them. Dask does not queue
+        restricted tasks.
+        """
+        workers = self.workers
+        near = {"workers": [workers[i % len(workers)]], "allow_other_workers": True} if workers else {}
+        future = self._pair(name, priority, *args, **near)
+        self.floors.first(i, future, **near)
+        return future
+
     def self_join_jobs(self, corpus: Input, todo: set[int]) -> Iterator[PairJob]:
         """Own joins first (their thresholds floor the pairs), then the pairs
-        ``(i, j), i < j`` row by row, skipping those of finished blocks only.
-
-        Each own join and its floors task is submitted with a loose
-        restriction to a worker, taken in turn (any other worker may still
-        run or steal them): Dask holds back tasks of a large group with few
-        dependencies (its root-ish tasks) in a queue on the scheduler, and
-        sends the pairs, which depend on many floors, straight to the
-        workers, which ran them first whatever their priority; the last own
-        joins (or floors), and every pair waiting for them, then ran at the
-        end of the run, one worker idle while the other finished them. Dask
-        does not queue restricted tasks.
-        """
+        ``(i, j), i < j`` row by row, skipping those of finished blocks only."""
         blocks, data = corpus.blocks, corpus.data
-        floors: dict[int, Any] = {}
-        workers = list(self.client.nthreads())
 
-        def own(i: int, priority: int) -> Any:
-            near = {"workers": [workers[i % len(workers)]], "allow_other_workers": True} if workers else {}
-            future = self._pair(f"{i}-{i}", priority, blocks[i], None, data[i], **near)
-            floors[i] = self.client.submit(floors_task, future, key=f"allknn-floors-{i}-{self.token}",
-                                           retries=RETRIES, priority=BOOKKEEPING, **near)
-            return future
+        def pair(i: int, j: int, priority: int) -> Any:
+            return self._pair(f"{i}-{j}", priority, blocks[i], blocks[j], data[i], data[j],
+                              floors=(self.floors.best(i), self.floors.best(j)))
 
         for i in range(len(blocks)):
-            yield PairJob(lambda p, i=i: own(i, p), ((i, 0),) if i in todo else (), _pairs(blocks[i], None))
+            yield PairJob(lambda p, i=i: self._first(i, f"{i}-{i}", p, blocks[i], None, data[i]),
+                          ((i, 0),) if i in todo else (), _pairs(blocks[i], None))
         for i in range(len(blocks)):
             for j in range(i + 1, len(blocks)):
                 if i not in todo and j not in todo:
                     continue
                 targets = tuple((b, side) for side, b in enumerate((i, j)) if b in todo)
-                yield PairJob(lambda p, i=i, j=j: self._pair(f"{i}-{j}", p, blocks[i], blocks[j], data[i],
-                                                             data[j], floors=(floors[i], floors[j])),
-                              targets, _pairs(blocks[i], blocks[j]))
+                yield PairJob(lambda p, i=i, j=j: pair(i, j, p), targets, _pairs(blocks[i], blocks[j]))
 
     def query_join_jobs(self, query: Input, corpus: Input, todo: list[int]) -> Iterator[PairJob]:
-        """Every (query block, corpus block) task, query block by query block."""
+        """Each query block against corpus block 0 first (its state floors
+        the block's later tasks), then every other (query block, corpus
+        block) task, query block by query block."""
+        cblocks, cdata = corpus.blocks, corpus.data
+
+        def task(i: int, j: int, priority: int) -> Any:
+            return self._pair(f"{i}-{j}", priority, cblocks[j], None, cdata[j], None, query.blocks[i],
+                              query.data[i], floors=(self.floors.best(i),))
+
         for i in todo:
-            for j, (block, data) in enumerate(zip(corpus.blocks, corpus.data, strict=True)):
-                yield PairJob(lambda p, i=i, j=j, block=block, data=data: self._pair(
-                    f"{i}-{j}", p, block, None, data, None, query.blocks[i], query.data[i]), ((i, 0),),
-                    _pairs(query.blocks[i], block))
+            yield PairJob(lambda p, i=i: self._first(i, f"{i}-0", p, cblocks[0], None, cdata[0], None,
+                                                     query.blocks[i], query.data[i]),
+                          ((i, 0),), _pairs(query.blocks[i], cblocks[0]))
+        for i in todo:
+            for j in range(1, len(cblocks)):
+                yield PairJob(lambda p, i=i, j=j: task(i, j, p), ((i, 0),),
+                              _pairs(query.blocks[i], cblocks[j]))
 
 
 def device_choice(client, device: str | None, precision: str | None) -> dict[str, Any]:

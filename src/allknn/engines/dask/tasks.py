@@ -175,17 +175,19 @@ def to_global_ids(keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
 def pair_task(spec: JoinSpec, first: Block, second: Block | None, first_data: np.ndarray | None = None,
               second_data: np.ndarray | None = None, query: Block | None = None,
               query_data: np.ndarray | None = None,
-              floors: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, ...]:
+              floors: tuple[np.ndarray, ...] | None = None) -> tuple[np.ndarray, ...]:
     """Partial top-k states of one task, keys by global row number.
 
     Self-join: ``second=None`` joins block ``first`` with itself and
     returns its state; otherwise the two blocks against each other,
-    returning both states, starting from ``floors`` (the thresholds of the
-    blocks' own joins, :func:`floors_task`: lower bounds of the final k-th
-    similarities, so that only candidates that can still make the top-k are
-    kept; see :func:`allknn.kernels.topk.floored_state`). Query form:
-    ``query`` rows against corpus block ``first``, returning the query
-    block's state.
+    returning both states. Query form: ``query`` rows against corpus block
+    ``first``, returning the query block's state.
+
+    A pair of blocks, or a query block, may start from ``floors``, one
+    array per returned state (:mod:`allknn.engines.dask.floors`: lower
+    bounds of the rows' final k-th similarities, so that only candidates
+    that can still make the top-k are kept; see
+    :func:`allknn.kernels.topk.floored_state`).
 
     Returns
     -------
@@ -195,24 +197,26 @@ def pair_task(spec: JoinSpec, first: Block, second: Block | None, first_data: np
         rows, norms, ids = RECENT_BLOCKS.get(first, first_data, spec)
         if query is not None:
             q_rows, q_norms, _ = RECENT_BLOCKS.get(query, query_data, spec)
-            keys, thresholds = new_state(q_rows.shape[0], spec.k)
+            keys, thresholds = _start(q_rows.shape[0], spec.k, floors)
             if rows.shape[0] and q_rows.shape[0]:
                 query_plan(spec, q_rows, rows, q_norms, norms).run(keys, thresholds, threads=spec.threads)
-            return (to_global_ids(keys, ids),)
+            return (to_global_ids(without_placeholders(keys), ids),)
         if second is None:
             keys, thresholds = new_state(rows.shape[0], spec.k)
             if rows.shape[0]:
                 _self_plan(spec, rows, norms).run(keys, thresholds, threads=spec.threads)
             return (to_global_ids(keys, ids),)
         other, other_norms, other_ids = RECENT_BLOCKS.get(second, second_data, spec)
-        if floors is None:
-            keys, thresholds = new_state(rows.shape[0] + other.shape[0], spec.k)
-        else:
-            keys, thresholds = floored_state(np.concatenate(floors), spec.k)
+        keys, thresholds = _start(rows.shape[0] + other.shape[0], spec.k, floors)
         if rows.shape[0] and other.shape[0]:
             _pair_plan(spec, rows, other, norms, other_norms).run(keys, thresholds, threads=spec.threads)
         keys = to_global_ids(without_placeholders(keys), np.concatenate([ids, other_ids]))
         return keys[: rows.shape[0]], keys[rows.shape[0] :]
+
+
+def _start(n: int, k: int, floors: tuple[np.ndarray, ...] | None) -> tuple[np.ndarray, np.ndarray]:
+    """An empty state of ``n`` rows, or one floored at ``floors`` (concatenated)."""
+    return new_state(n, k) if floors is None else floored_state(np.concatenate(floors), k)
 
 
 def device_settings(spec: JoinSpec):
@@ -268,9 +272,11 @@ def timed_pair_task(spec: JoinSpec, first: Block, second: Block | None,
     return result, time.perf_counter() - started
 
 
-def floors_task(own: tuple[np.ndarray]) -> np.ndarray:
-    """The thresholds of a block's own join (a diagonal :func:`pair_task`)."""
-    return thresholds_of(own[0])
+def floors_task(state: tuple[np.ndarray, ...] | np.ndarray) -> np.ndarray:
+    """The thresholds of a row block's state: the first of a :func:`pair_task`
+    result (an own join's, or a query join's), or a :func:`merge_task` result;
+    lower bounds of the rows' final ``k``-th similarities."""
+    return thresholds_of(state if isinstance(state, np.ndarray) else state[0])
 
 
 def timed_floors_task(own: tuple[tuple[np.ndarray], float]) -> np.ndarray:

@@ -7,7 +7,8 @@ keeps at most ``in_flight`` pair tasks unfinished, submitting the next as
 one finishes, in row-block order so that row blocks complete (and their
 parts are written) one after the other. Each pair task's partial states
 join their row blocks' merges as soon as it is submitted, ``MERGE_FAN_IN``
-at a time, and a row block's finish task is submitted with its last pair.
+at a time (the merges also raise the blocks' floors, :mod:`.floors`), and
+a row block's finish task is submitted with its last pair.
 
 Dask gives tasks submitted within its FIFO timeout one priority, and a
 worker then starts its ready tasks in no set order. So each job is
@@ -21,10 +22,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from allknn._optional import optional
 from allknn.engines.dask.tasks import merge_task
+
+if TYPE_CHECKING:
+    from allknn.engines.dask.floors import FloorsBook
 
 MERGE_FAN_IN = 8
 """Partial states merged per merge task."""
@@ -64,7 +68,8 @@ def in_flight_for(client) -> int:
 
 
 def run_in_waves(client, jobs: Iterable[PairJob], expected: dict[int, int], *, in_flight: int,
-                 finish: Callable[[int, Any], Any], retries: int, key: str) -> Iterator[tuple[str, int, Any]]:
+                 finish: Callable[[int, Any], Any], retries: int, key: str,
+                 floors: FloorsBook) -> Iterator[tuple[str, int, Any]]:
     """Submit ``jobs`` keeping at most ``in_flight`` unfinished; yield events as tasks finish.
 
     Parameters
@@ -81,6 +86,10 @@ def run_in_waves(client, jobs: Iterable[PairJob], expected: dict[int, int], *, i
     retries : int
     key : str
         Suffix of the merge tasks' keys (the run's token).
+    floors : FloorsBook
+        Told of each merge before a row block's last job (its floors are
+        raised from them), and of each row block whose jobs are all
+        submitted.
 
     Yields
     ------
@@ -112,8 +121,6 @@ def run_in_waves(client, jobs: Iterable[PairJob], expected: dict[int, int], *, i
         for block, side in job.targets:
             parts = partials[block]
             parts.append((future, side))
-            if len(parts) == MERGE_FAN_IN:
-                partials[block] = [merge(block, parts)]
             remaining[block] -= 1
             if remaining[block] == 0:
                 parts = partials.pop(block)
@@ -122,6 +129,10 @@ def run_in_waves(client, jobs: Iterable[PairJob], expected: dict[int, int], *, i
                 done = finish(block, state)
                 finishing[done.key] = block
                 queue.add(done)
+                floors.forget(block)
+            elif len(parts) == MERGE_FAN_IN:
+                partials[block] = [merge(block, parts)]
+                floors.merged(block, partials[block][0], merges[block])
         return True
 
     while len(running) < in_flight and submit_next():
