@@ -656,17 +656,19 @@ def test_merge_order_and_rounding_do_not_matter():
 @pytest.mark.parametrize("k", [1, 4, 11])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_merge_rows_into_an_empty_state_with_adversarial_rounding(bj, k, seed):
-    """An empty row's first tile, its values moved by the whole product
-    bound against the result: the true top-k lowered, every other candidate
-    raised (ties by id included, the row itself among the columns). The
-    kernel floors such a row at its tile's k-th value less two margins;
-    any tighter floor, or one that counted the row itself, loses a true
-    neighbour here."""
+    """An empty row's first tile, its values moved by (nearly) the whole
+    product bound against the result: the true top-k lowered, every other
+    candidate raised (ties by id included, the row itself among the
+    columns, the tile at an offset in both position ranges). The kernel
+    floors such a row at its tile's k-th value less two margins; a floor of
+    one margin, or one that counted the row itself, loses a true neighbour
+    here."""
     rng = np.random.default_rng(seed * 1000 + bj * 10 + k)
-    n = 150
+    n, row0, col0 = 160, 2, 3
     data = _Rows(rng, n)
     rows = np.arange(20, dtype=np.int64)
-    cols = np.r_[rows, rng.choice(np.arange(20, n), bj, replace=False)][:bj].astype(np.int64)
+    cols = np.r_[rows, rng.choice(np.arange(20, n - 5), bj, replace=False)][:bj].astype(np.int64)
+    row_ids, col_ids = np.r_[n - 2, n - 1, rows], np.r_[n - 5, n - 4, n - 3, cols]  # positions -> ids
     keys, thresholds = new_state(n, k)
     want_keys = keys.copy()
     members = np.zeros((rows.size, cols.size), dtype=bool)
@@ -677,6 +679,8 @@ def test_merge_rows_into_an_empty_state_with_adversarial_rounding(bj, k, seed):
     want = want_keys, np.array([_key_similarity(int(row[0])) for row in want_keys], dtype=np.float32)
     exact = data.similarity[np.ix_(rows, cols)]
     tile = np.ascontiguousarray(np.where(members, exact - data.error, exact + data.error), dtype=np.float32)
-    queries, corpus = scoring_rows(data.rows[rows], data.norms), scoring_rows(data.rows[cols], data.norms)
-    merge_rows(tile, 0, 0, rows, cols, keys, thresholds, True, False, queries, corpus, data.margin)
+    queries = scoring_rows(data.rows[row_ids], data.norms)
+    corpus = scoring_rows(data.rows[col_ids], data.norms)
+    merge_rows(tile, row0, col0, row_ids, col_ids, keys, thresholds, True, False, queries, corpus,
+               data.margin)
     _assert_state(keys, thresholds, *want)

@@ -280,6 +280,7 @@ def dask_neighbors(
                     cache_bytes=budget, run=run, **tiles)
 
     todo = [b for b in range(len(query.blocks)) if b not in done]
+    in_flight = _validate.check_optional_count(in_flight, "in_flight") or in_flight_for(client)
     floors = FloorsBook(client, retries=RETRIES, key=token)
     submit = _Submitter(client, spec, token, floors)
     expected = {b: len(corpus.blocks) for b in todo}  # a row block meets every corpus block once
@@ -288,7 +289,7 @@ def dask_neighbors(
     elif self_join:
         jobs = submit.self_join_jobs(corpus, set(todo))
     else:
-        jobs = submit.query_join_jobs(query, corpus, todo)
+        jobs = submit.query_join_jobs(query, corpus, todo, lead=in_flight // len(corpus.blocks) + 1)
     folder = None if output is None else str(Path(output).resolve())
 
     def finish(b: int, state: Any) -> Any:
@@ -299,7 +300,6 @@ def dask_neighbors(
                              labels=labels.columns, params=params, key=f"allknn-finish-{b}-{token}",
                              retries=RETRIES, priority=BOOKKEEPING)
 
-    in_flight = _validate.check_optional_count(in_flight, "in_flight") or in_flight_for(client)
     events = run_in_waves(client, jobs, expected, in_flight=in_flight, finish=finish, retries=RETRIES,
                           key=token, floors=floors)
     results = {}
@@ -380,21 +380,33 @@ class _Submitter:
                 targets = tuple((b, side) for side, b in enumerate((i, j)) if b in todo)
                 yield PairJob(lambda p, i=i, j=j: pair(i, j, p), targets, _pairs(blocks[i], blocks[j]))
 
-    def query_join_jobs(self, query: Input, corpus: Input, todo: list[int]) -> Iterator[PairJob]:
-        """Each query block against corpus block 0 first (its state floors
-        the block's later tasks), then every other (query block, corpus
-        block) task, query block by query block."""
+    def query_join_jobs(self, query: Input, corpus: Input, todo: list[int], *,
+                        lead: int) -> Iterator[PairJob]:
+        """Every (query block, corpus block) task, query block by query
+        block. A query block's task against corpus block 0 floors its other
+        tasks, so it is submitted ``lead`` query blocks ahead of them
+        (about one window of unfinished tasks: it has finished when they
+        start, and the first states held at once stay few)."""
         cblocks, cdata = corpus.blocks, corpus.data
+
+        def first(i: int, priority: int) -> Any:
+            args = (cblocks[0], None, cdata[0], None, query.blocks[i], query.data[i])
+            if len(cblocks) == 1:  # nothing to floor
+                return self._pair(f"{i}-0", priority, *args)
+            return self._first(i, f"{i}-0", priority, *args)
 
         def task(i: int, j: int, priority: int) -> Any:
             return self._pair(f"{i}-{j}", priority, cblocks[j], None, cdata[j], None, query.blocks[i],
                               query.data[i], floors=(self.floors.best(i),))
 
-        for i in todo:
-            yield PairJob(lambda p, i=i: self._first(i, f"{i}-0", p, cblocks[0], None, cdata[0], None,
-                                                     query.blocks[i], query.data[i]),
-                          ((i, 0),), _pairs(query.blocks[i], cblocks[0]))
-        for i in todo:
+        def first_job(i: int) -> PairJob:
+            return PairJob(lambda p: first(i, p), ((i, 0),), _pairs(query.blocks[i], cblocks[0]))
+
+        for at, i in enumerate(todo):
+            if at == 0:
+                yield from (first_job(b) for b in todo[:lead])
+            if at + lead < len(todo):
+                yield first_job(todo[at + lead])
             for j in range(1, len(cblocks)):
                 yield PairJob(lambda p, i=i, j=j: task(i, j, p), ((i, 0),),
                               _pairs(query.blocks[i], cblocks[j]))

@@ -123,10 +123,7 @@ def run_in_waves(client, jobs: Iterable[PairJob], expected: dict[int, int], *, i
             parts.append((future, side))
             remaining[block] -= 1
             if remaining[block] == 0:
-                parts = partials.pop(block)
-                merged = len(parts) == 1 and not isinstance(parts[0], tuple)
-                state = parts[0] if merged else merge(block, parts)
-                done = finish(block, state)
+                done = finish(block, merge(block, partials.pop(block)))
                 finishing[done.key] = block
                 queue.add(done)
                 floors.forget(block)
