@@ -635,6 +635,21 @@ def test_approximate_engine_meets_its_floor_and_its_interval_holds(client, tmp_p
     assert_same_result(with_target, fixed)  # ignored with probes, as locally
 
 
+def test_the_assignment_runs_on_every_worker(client, tmp_path):
+    """Every assignment task needs the centroids, which one worker holds.
+    Dask places a group of few tasks (here 4, as for the 63,666 Debian
+    rows) where their dependencies are: they all ran there, one after the
+    other, while the other worker waited (2 s of a 10 s run)."""
+    from allknn.engines.dask.approx import dask_approx_neighbors
+
+    X = np.load(REAL).astype(np.float32)
+    np.save(tmp_path / "real.npy", X)
+    with distributed.get_task_stream(client) as stream:
+        dask_approx_neighbors(tmp_path / "real.npy", 10, client=client, task_rows=1024, seed=3, probes=2)
+    workers = {task["worker"] for task in stream.data if str(task["key"]).startswith("assign_task")}
+    assert len(workers) == len(client.nthreads()) == 2
+
+
 def test_a_thread_probes_the_largest_tasks_first(tmp_path):
     """The probing tasks run largest first (by query rows), so that the
     short ones fill the workers' last gaps rather than a long one running

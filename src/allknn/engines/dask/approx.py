@@ -111,7 +111,7 @@ from allknn.engines.dask.run import (
     task_sizes,
 )
 from allknn.engines.dask.tasks import Block, JoinSpec, merge_task, pair_task
-from allknn.engines.dask.waves import MERGE_FAN_IN
+from allknn.engines.dask.waves import MERGE_FAN_IN, near
 from allknn.engines.kmeans import SAMPLE_ROWS, nearest_centroids
 from allknn.kernels.topk import EMPTY_KEY, key_ids, key_similarities
 from allknn.topk.result import RecallEstimate, TopK
@@ -513,8 +513,10 @@ class _Search:
             return {}, audit_keys
         probes = params["probes"]
         centroids = _held(client, self.centroids)
+        workers = list(client.nthreads())  # else Dask runs every assignment where the centroids are
         counts = _tree(client, add_counts, [client.submit(assign_task, block, b, centroids, probes, folder,
-                                                          self.block_rows, pure=False, retries=RETRIES)
+                                                          self.block_rows, pure=False, retries=RETRIES,
+                                                          **near(workers, b))
                                             for b, block in enumerate(blocks)]).result()
         range_starts = cell_ranges(counts, self.rows)
         assigned = spread(client, folder, [f"assigned-{b}" for b in range(len(blocks))], range_starts,

@@ -58,7 +58,7 @@ from allknn.engines.dask.tasks import (
     pair_task,
     scan_block,
 )
-from allknn.engines.dask.waves import BOOKKEEPING, PairJob, in_flight_for, run_in_waves
+from allknn.engines.dask.waves import BOOKKEEPING, PairJob, in_flight_for, near, run_in_waves
 from allknn.engines.schedule import block_bounds
 from allknn.readers.sources import ParquetSource, open_source
 from allknn.topk.result import TopK
@@ -355,10 +355,9 @@ class _Submitter:
         worker idle while the other finished them. Dask does not queue
         restricted tasks.
         """
-        workers = self.workers
-        near = {"workers": [workers[i % len(workers)]], "allow_other_workers": True} if workers else {}
-        future = self._pair(name, priority, *args, **near)
-        self.floors.first(i, future, **near)
+        restriction = near(self.workers, i)
+        future = self._pair(name, priority, *args, **restriction)
+        self.floors.first(i, future, **restriction)
         return future
 
     def self_join_jobs(self, corpus: Input, todo: set[int]) -> Iterator[PairJob]:

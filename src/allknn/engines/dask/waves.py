@@ -44,6 +44,20 @@ BOOKKEEPING = 1
 (:func:`job_priority`), so that a worker runs them as soon as they are ready."""
 
 
+def near(workers: list[str], position: int) -> dict[str, Any]:
+    """``client.submit`` options restricting a task loosely to one of
+    ``workers``, taken in turn by ``position`` (any other worker may still
+    run or steal it; none if there are no workers).
+
+    Dask places a task on the worker that holds its dependencies, and holds
+    back tasks of a large group without dependencies (its root-ish tasks)
+    in a queue on the scheduler; a restricted task is neither.
+    """
+    if not workers:
+        return {}
+    return {"workers": [workers[position % len(workers)]], "allow_other_workers": True}
+
+
 def job_priority(position: int) -> int:
     """Dask priority of the job at ``position`` (from 0) of a run's
     sequence: earlier jobs first (Dask runs higher priorities first)."""
