@@ -13,28 +13,17 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from allknn.kernels.topk import replace_smallest
+
 
 @njit(nogil=True, cache=True)
-def _kth_largest(values, k, heap):
-    """The k-th largest of ``values`` (``k <= len(values)``), with a min-heap
-    of ``k`` floats as scratch."""
-    for m in range(k):
-        heap[m] = -np.inf
+def _kth_largest(values, heap):
+    """The k-th largest of ``values`` (``k = len(heap) <= len(values)``),
+    with ``heap`` as scratch (a min-heap of the largest values seen)."""
+    heap[:] = -np.inf
     for v in values:
-        if v <= heap[0]:
-            continue
-        pos = 0
-        while True:
-            child = 2 * pos + 1
-            if child >= k:
-                break
-            if child + 1 < k and heap[child + 1] < heap[child]:
-                child += 1
-            if heap[child] >= v:
-                break
-            heap[pos] = heap[child]
-            pos = child
-        heap[pos] = v
+        if v > heap[0]:
+            replace_smallest(heap, v)
     return heap[0]
 
 
@@ -77,7 +66,7 @@ def count_head_reach(q_indptr, q_indices, q_data, sample, skip_self, n, c_indptr
                 similarities[c_indices[q]] += a * c_data[q]
         if skip_self:
             similarities[r] = -np.inf
-        threshold = _kth_largest(similarities, k, best)
+        threshold = _kth_largest(similarities, best)
         for h in range(bounds.shape[0]):
             reach = 2 * q_bounds[h, m]
             for jj in range(bounds.shape[1]):

@@ -288,6 +288,25 @@ def _walk_row(row, c0, c1, r, i, row0, col0, col_ids, keys, thresholds, threshol
 
 
 @njit(nogil=True, cache=True, inline="always")
+def replace_smallest(heap, v):
+    """Put ``v`` in place of the root of ``heap``, a min-heap of floats
+    whose root ``v`` exceeds, and sift it down."""
+    k = heap.shape[0]
+    pos = 0
+    while True:
+        child = 2 * pos + 1
+        if child >= k:
+            break
+        if child + 1 < k and heap[child + 1] < heap[child]:
+            child += 1
+        if heap[child] >= v:
+            break
+        heap[pos] = heap[child]
+        pos = child
+    heap[pos] = v
+
+
+@njit(nogil=True, cache=True, inline="always")
 def _start_floor(row, top, r, col0, col_ids, skip_self, margin):
     """A nomination floor for a row whose state is not yet full: the
     ``k``-th largest value of its tile row (``k = top.size``; the row's own
@@ -302,7 +321,6 @@ def _start_floor(row, top, r, col0, col_ids, skip_self, margin):
     empty state, and leaves the same state.
     """
     top[:] = -np.inf  # a min-heap of the largest values seen
-    k = top.shape[0]
     bj = row.shape[0]
     full = bj - bj % CHUNK
     for c0 in range(0, bj, CHUNK):
@@ -310,20 +328,8 @@ def _start_floor(row, top, r, col0, col_ids, skip_self, margin):
             continue
         for c in range(c0, min(c0 + CHUNK, bj)):
             v = row[c]
-            if v <= top[0] or (skip_self and col_ids[col0 + c] == r):
-                continue
-            pos = 0
-            while True:
-                child = 2 * pos + 1
-                if child >= k:
-                    break
-                if child + 1 < k and top[child + 1] < top[child]:
-                    child += 1
-                if top[child] >= v:
-                    break
-                top[pos] = top[child]
-                pos = child
-            top[pos] = v
+            if v > top[0] and not (skip_self and col_ids[col0 + c] == r):
+                replace_smallest(top, v)
     return top[0] - (margin + margin)
 
 
