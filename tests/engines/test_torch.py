@@ -260,10 +260,11 @@ def test_several_devices_share_the_tiles(real, monkeypatch):
                         lambda self, lane, *rest: (used.append(id(lane)), work(self, lane, *rest)))
     exact = allknn.neighbors(real, 7)
     for device in ("cpu,cpu", ["cpu", "cpu"]):
+        used.clear()  # a lane's id may be reused by the next run's lanes
         res = allknn.neighbors(real, 7, device=device, backend="torch", block_rows=128, threads=1)
         assert_same_result(res, exact)
         assert res.params["device"] == "cpu,cpu"
-    assert len(set(used)) == 4  # two lanes per run, both at work
+        assert len(set(used)) == 2  # two lanes, both at work
     Q = real[::4] + np.float32(0.02)
     assert_same_result(allknn.neighbors(real, 5, queries=Q, device="cpu, cpu", backend="torch",
                                         resident=False, block_rows=192), allknn.neighbors(real, 5, queries=Q))
