@@ -315,10 +315,12 @@ def dask_neighbors(
                 results[count] = value
             if on_task is not None:
                 on_task("part", query.blocks[count].stop - query.blocks[count].start)
-    finally:
-        events.close()  # submits nothing more when the loop stops early
+    except BaseException:
         if manifest is not None:
             manifest.flush()  # the parts recorded since the last rewrite
+        raise
+    finally:
+        events.close()  # submits nothing more when the loop stops early
         with contextlib.suppress(Exception):  # a lost cluster keeps nothing anyway
             client.run(forget_run, run)
     if manifest is not None:
