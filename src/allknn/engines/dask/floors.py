@@ -58,12 +58,9 @@ class FloorsBook:
         """Floor ``block`` by its partial states merged ``merges`` times
         (``state``: the merge task's future), when ``merges`` is a power of 2."""
         if merges & (merges - 1) == 0:
-            self._add(block, self.client.submit(floors_task, state,
-                                                key=f"allknn-floors-{block}-{merges}-{self.key}",
-                                                retries=self.retries, priority=BOOKKEEPING))
-
-    def _add(self, block: int, future: Any) -> None:
-        self._later.setdefault(block, []).append(future)
+            self._later.setdefault(block, []).append(self.client.submit(
+                floors_task, state, key=f"allknn-floors-{block}-{merges}-{self.key}", retries=self.retries,
+                priority=BOOKKEEPING))
 
     def best(self, block: int) -> Any:
         """The newest floors of ``block`` that have finished, else its first
