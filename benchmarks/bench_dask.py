@@ -22,11 +22,16 @@ the wall times on a shared machine.
 
 With ``--approx FILE`` (for example the Debian rows of ``shared/data``),
 the approximate engine also runs on the 2-worker cluster, on that file.
+With ``--query-form``, the query form (every row of the file against the
+file, itself included) runs locally and on the 2-worker cluster too, its
+ratio taken to the local query form.
 
-Usage (the command behind BENCHMARKS.md)::
+Usage (the commands behind BENCHMARKS.md)::
 
     python benchmarks/bench_dask.py --n 100000 --d 100 --k 10 --repeats 3 \
         --approx shared/data/debian_packages_minilm384_f16.npy
+    python benchmarks/bench_dask.py --n 100000 --d 100 --k 10 --repeats 3 --query-form \
+        --task-rows 4096
 """
 
 from __future__ import annotations
@@ -81,6 +86,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="most worker processes")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--task-rows", type=int, default=None)
+    parser.add_argument("--query-form", action="store_true",
+                        help="also time the query form (X against itself), locally and on the cluster")
     parser.add_argument("--approx", default=None, metavar="FILE",
                         help="also run the approximate engine on this .npy on the 2-worker cluster")
     args = parser.parse_args()
@@ -128,6 +135,10 @@ def main() -> None:
         # the next run: on 2 cores an idle cluster's processes take CPU too.
         seconds, local = _timed(lambda: allknn.neighbors(X, args.k, threads=args.threads))
         times["local"].append(seconds)
+        if args.query_form:
+            seconds, local_query = _timed(lambda: allknn.neighbors(X, args.k, queries=X.copy(),
+                                                                   threads=args.threads))
+            times.setdefault("local, query form", []).append(seconds)
         runs = [(w, "", quiet_cluster) for w in sorted({1, args.workers})]
         runs.insert(len(runs) - 1, (args.workers, ", Dask's default settings", default_cluster))
         for w, label, start in runs:
@@ -144,6 +155,12 @@ def main() -> None:
                     continue
                 out = work / f"out{repeat}"
                 record(f"dask {w} worker(s), parts folder", _streamed(client, lambda o=out: exact(output=o)))
+                if args.query_form:
+                    queried = record(f"dask {w} worker(s), query form",
+                                     _streamed(client, lambda: exact(queries=path)))
+                    assert np.array_equal(queried.indices, local_query.indices), "dask differs from local"
+                    assert np.array_equal(queried.similarities.view(np.int32),
+                                          local_query.similarities.view(np.int32))
                 if args.approx:
                     found = _streamed(client, lambda c=client: allknn.neighbors(args.approx, args.k, client=c,
                                                                                 method="approx"))
@@ -158,7 +175,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name, values in times.items():
         median = statistics.median(values)
-        ratio = f"{median / base:.2f}x" if "approximate" not in name else "(another input)"
+        reference = statistics.median(times["local, query form"]) if "query form" in name else base
+        ratio = f"{median / reference:.2f}x" if "approximate" not in name else "(another input)"
         stream = "- | -"
         if name in idle:
             stream = f"{statistics.median(idle[name]):.2f} | {statistics.median(tasks[name]):.2f}"
