@@ -347,15 +347,11 @@ class _Submitter:
         """Submit row block ``i``'s first task (its own join, or its query
         block against corpus block 0), whose state floors its later ones.
 
-        It and its floors task carry a loose restriction to a worker,
-        taken in turn (any other worker may still run or steal them): Dask
-        holds back tasks of a large group with few dependencies (its
-        root-ish tasks) in a queue on the scheduler, and sends the pairs,
-        which depend on floors, straight to the workers, which ran them
-        first whatever their priority; the last own joins (or floors), and
-        every pair waiting for them, then ran at the end of the run, one
-        worker idle while the other finished them. Dask does not queue
-        restricted tasks.
+        It and its floors task are restricted loosely to a worker in turn
+        (:func:`.waves.near`): unrestricted, Dask queued these tasks on the
+        scheduler while the pairs, which depend on floors, went straight to
+        the workers and ran first, and the last first tasks, with every
+        pair waiting for them, ran at the end while one worker idled.
         """
         restriction = near(self.workers, i)
         future = self._pair(name, priority, *args, **restriction)
