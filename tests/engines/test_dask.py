@@ -34,6 +34,7 @@ pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
 from allknn.engines.dask.tasks import Block, JoinSpec, merge_task, pair_task, scan_block  # noqa: E402
+from allknn.engines.dask.waves import last_jobs_for  # noqa: E402
 from allknn.readers.sources import NpySource, open_source  # noqa: E402
 
 pytestmark = pytest.mark.cluster
@@ -229,6 +230,19 @@ def test_workers_sharing_a_gpu_size_their_tiles_from_one_share_of_it(client):
     assert device_choice(client, "cpu", None) == {"device": "cpu", "precision": "fp32", "device_tasks": 1}
 
 
+def test_the_last_window_of_jobs_runs_largest_first():
+    """Jobs keep their order up to the last window, which runs its first
+    jobs first, then the others by falling size, ties in their order."""
+    from allknn.engines.dask.waves import PairJob, largest_first_at_the_end
+
+    sizes = [5, 9, 9, 3, 7, 1, 8, 2, 8]
+    jobs = [PairJob(None, ((at, 0),), size, first=at in (0, 6)) for at, size in enumerate(sizes)]
+    for window, expected in ((4, [0, 1, 2, 3, 4, 6, 8, 7, 5]), (0, list(range(9))),
+                             (20, [0, 6, 1, 2, 8, 4, 3, 7, 5])):
+        ordered = list(largest_first_at_the_end(iter(jobs), window))
+        assert [job.targets[0][0] for job in ordered] == expected, window
+
+
 def test_waves_bound_the_unfinished_pair_tasks(client, npy, data):
     """The client keeps at most ``in_flight`` pair tasks unfinished and
     finishes row blocks while later pairs are still to come."""
@@ -256,13 +270,15 @@ def test_waves_bound_the_unfinished_pair_tasks(client, npy, data):
 
 
 def test_a_thread_runs_the_pair_tasks_in_the_order_of_the_schedule(npy, data):
-    """Own joins first, then the pairs row by row, as submitted. Dask queues
-    tasks of a large group without dependencies (the own joins) on the
-    scheduler and sends the pairs, which wait for floors, straight to the
-    workers; without the own joins' restriction and the jobs' priorities,
-    the last own joins ran after most pairs, and so did the pairs waiting
-    for their floors. A pair whose floors reach the scheduler late may be
-    overtaken by a few later ones (these tasks take milliseconds)."""
+    """Own joins first, then the pairs row by row, as submitted; the last
+    jobs largest first, so that the pairs among them with the short last
+    block (156 rows) come last. Dask queues tasks of a large
+    group without dependencies (the own joins) on the scheduler and sends
+    the pairs, which wait for floors, straight to the workers; without the
+    own joins' restriction and the jobs' priorities, the last own joins ran
+    after most pairs, and so did the pairs waiting for their floors. A pair
+    whose floors reach the scheduler late may be overtaken by a few later
+    ones (these tasks take milliseconds)."""
     with (distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
                                    dashboard_address=None) as cluster,
           distributed.Client(cluster) as client,
@@ -276,8 +292,14 @@ def test_a_thread_runs_the_pair_tasks_in_the_order_of_the_schedule(npy, data):
     assert ran[:blocks] == [(i, i) for i in range(blocks)]
     pairs = list(itertools.combinations(range(blocks), 2))
     assert sorted(ran[blocks:]) == pairs
-    overtaken = sum(1 for a, b in itertools.combinations(ran[blocks:], 2) if a > b)
-    assert overtaken <= blocks, ran  # a shuffled order: about 190 times
+    last = blocks - 1
+    sequence = [(i, i) for i in range(blocks)] + pairs
+    cut = len(sequence) - last_jobs_for(1)
+    assert cut > blocks  # the last jobs are pairs, the short ones (with block `last`) to run last
+    planned = sequence[blocks:cut] + sorted(sequence[cut:], key=lambda pair: last in pair)
+    position = {pair: at for at, pair in enumerate(planned)}
+    overtaken = sum(1 for a, b in itertools.combinations(ran[blocks:], 2) if position[a] > position[b])
+    assert overtaken <= blocks, ran  # row by row: 20 times; a shuffled order: about 190 times
 
 
 class _Dependencies:

@@ -58,7 +58,14 @@ from allknn.engines.dask.tasks import (
     pair_task,
     scan_block,
 )
-from allknn.engines.dask.waves import BOOKKEEPING, PairJob, in_flight_for, near, run_in_waves
+from allknn.engines.dask.waves import (
+    BOOKKEEPING,
+    PairJob,
+    in_flight_for,
+    last_jobs_for,
+    near,
+    run_in_waves,
+)
 from allknn.engines.schedule import block_bounds
 from allknn.readers.sources import ParquetSource, open_source
 from allknn.topk.result import TopK
@@ -280,9 +287,11 @@ def dask_neighbors(
                     cache_bytes=budget, run=run, **tiles)
 
     todo = [b for b in range(len(query.blocks)) if b not in done]
-    in_flight = _validate.check_optional_count(in_flight, "in_flight") or in_flight_for(client)
+    nthreads = client.nthreads()  # every worker (scheduler_info lists 5 in some releases)
+    threads = sum(nthreads.values())
+    in_flight = _validate.check_optional_count(in_flight, "in_flight") or in_flight_for(threads)
     floors = FloorsBook(client, retries=RETRIES, key=token)
-    submit = _Submitter(client, spec, token, floors)
+    submit = _Submitter(client, spec, token, floors, list(nthreads))
     expected = {b: len(corpus.blocks) for b in todo}  # a row block meets every corpus block once
     if not todo:
         jobs = iter(())
@@ -300,8 +309,8 @@ def dask_neighbors(
                              labels=labels.columns, params=params, key=f"allknn-finish-{b}-{token}",
                              retries=RETRIES, priority=BOOKKEEPING)
 
-    events = run_in_waves(client, jobs, expected, in_flight=in_flight, finish=finish, retries=RETRIES,
-                          key=token, floors=floors)
+    events = run_in_waves(client, jobs, expected, in_flight=in_flight, last_jobs=last_jobs_for(threads),
+                          finish=finish, retries=RETRIES, key=token, floors=floors)
     results = {}
     try:
         for kind, count, value in events:
@@ -335,9 +344,9 @@ class _Submitter:
     """The pair tasks of a run, as :class:`PairJob` s in row-block order,
     each starting from the newest floors of its blocks (:mod:`.floors`)."""
 
-    def __init__(self, client, spec: JoinSpec, token: str, floors: FloorsBook):
+    def __init__(self, client, spec: JoinSpec, token: str, floors: FloorsBook, workers: list[str]):
         self.client, self.spec, self.token, self.floors = client, spec, token, floors
-        self.workers = list(client.nthreads())
+        self.workers = workers
 
     def _pair(self, name: str, priority: int, *args, **kwargs) -> Any:
         return self.client.submit(pair_task, self.spec, *args, key=f"allknn-pair-{name}-{self.token}",
@@ -369,7 +378,7 @@ class _Submitter:
 
         for i in range(len(blocks)):
             yield PairJob(lambda p, i=i: self._first(i, f"{i}-{i}", p, blocks[i], None, data[i]),
-                          ((i, 0),) if i in todo else (), _pairs(blocks[i], None))
+                          ((i, 0),) if i in todo else (), _pairs(blocks[i], None), first=True)
         for i in range(len(blocks)):
             for j in range(i + 1, len(blocks)):
                 if i not in todo and j not in todo:
@@ -397,7 +406,7 @@ class _Submitter:
                               query.data[i], floors=(self.floors.best(i),))
 
         def first_job(i: int) -> PairJob:
-            return PairJob(lambda p: first(i, p), ((i, 0),), _pairs(query.blocks[i], cblocks[0]))
+            return PairJob(lambda p: first(i, p), ((i, 0),), _pairs(query.blocks[i], cblocks[0]), first=True)
 
         for at, i in enumerate(todo):
             if at == 0:

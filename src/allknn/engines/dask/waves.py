@@ -15,11 +15,13 @@ worker then starts its ready tasks in no set order. So each job is
 submitted with a priority that falls along the sequence
 (:func:`job_priority`), and the merge, floors and finish tasks, which are
 small and release memory or let pairs start, with ``BOOKKEEPING``, above
-every job.
+every job. The last window of jobs runs largest first
+(:func:`largest_first_at_the_end`), so that the run ends on small tasks.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -33,11 +35,24 @@ if TYPE_CHECKING:
 MERGE_FAN_IN = 8
 """Partial states merged per merge task."""
 
-IN_FLIGHT_PER_THREAD = 8
+IN_FLIGHT_PER_THREAD = 2
 """Unfinished pair tasks per worker thread (at least ``MIN_IN_FLIGHT``):
-enough for the scheduler to keep every thread busy and to steal work."""
+one running and one queued behind it, so that a thread does not wait for
+the client to submit its next task. Dask sends every task whose
+dependencies are ready to a worker at once, and moves queued tasks to an
+idle worker at most once a second (``work-stealing-interval``); with 8 per
+thread a run's last tasks were queued on one worker while the other
+idled, with 2 they go to whichever thread frees first."""
 
-MIN_IN_FLIGHT = 64
+MIN_IN_FLIGHT = 4
+
+LAST_JOBS_PER_THREAD = 8
+"""Jobs per worker thread (at least ``MIN_LAST_JOBS``) at the end of a
+run that run largest first (:func:`largest_first_at_the_end`): enough to
+hold the short pairs of the last rows of a 100k-row run (7 row blocks, 28
+jobs), few enough that the row blocks before them complete in order."""
+
+MIN_LAST_JOBS = 16
 
 BOOKKEEPING = 1
 """Dask priority of the merge, floors and finish tasks: above every job's
@@ -68,23 +83,52 @@ def job_priority(position: int) -> int:
 class PairJob:
     """One pair task to submit: ``submit(priority)`` returns its future; its state
     ``side`` belongs to row block ``block`` for each ``(block, side)`` of
-    ``targets``; it scores ``pairs`` pairs (for progress)."""
+    ``targets``; it scores ``pairs`` pairs (for progress). A ``first`` job
+    (a row block's first task, whose state floors the block's later ones)
+    is never submitted after a job of its block that is not."""
 
     submit: Callable[[int], Any]
     targets: tuple[tuple[int, int], ...]
     pairs: int
+    first: bool = False
 
 
-def in_flight_for(client) -> int:
+def largest_first_at_the_end(jobs: Iterable[PairJob], window: int) -> Iterator[PairJob]:
+    """``jobs`` in their order, except the last ``window``: first jobs
+    first, then the others by falling ``pairs`` (ties in their order).
+
+    A run's last tasks decide how long its workers idle: whichever worker
+    finishes first waits for the others' last tasks. A row block pair with
+    the last block of a side (the rest of the rows, a fraction of a block)
+    costs a fraction of the others, so at the end of the sequence they
+    fill the workers' gaps instead of leaving a long pair to run alone
+    (the longest-processing-time-first rule). Only the last window is
+    reordered, so row blocks still complete one after the other, and the
+    client holds at most ``window`` jobs ahead.
+    """
+    ahead: deque[PairJob] = deque()
+    for job in jobs:
+        ahead.append(job)
+        if len(ahead) > window:
+            yield ahead.popleft()
+    yield from sorted(ahead, key=lambda job: (not job.first, 0 if job.first else -job.pairs))
+
+
+def in_flight_for(threads: int) -> int:
     """Unfinished pair tasks kept on a cluster of this many threads."""
-    threads = sum(client.nthreads().values())  # every worker (scheduler_info lists 5 in some releases)
     return max(MIN_IN_FLIGHT, IN_FLIGHT_PER_THREAD * threads)
 
 
+def last_jobs_for(threads: int) -> int:
+    """Jobs at the end of a run on this many threads that run largest first."""
+    return max(MIN_LAST_JOBS, LAST_JOBS_PER_THREAD * threads)
+
+
 def run_in_waves(client, jobs: Iterable[PairJob], expected: dict[int, int], *, in_flight: int,
-                 finish: Callable[[int, Any], Any], retries: int, key: str,
+                 last_jobs: int, finish: Callable[[int, Any], Any], retries: int, key: str,
                  floors: FloorsBook) -> Iterator[tuple[str, int, Any]]:
-    """Submit ``jobs`` keeping at most ``in_flight`` unfinished; yield events as tasks finish.
+    """Submit ``jobs`` keeping at most ``in_flight`` unfinished, the last
+    ``last_jobs`` largest first; yield events as tasks finish.
 
     Parameters
     ----------
@@ -94,6 +138,8 @@ def run_in_waves(client, jobs: Iterable[PairJob], expected: dict[int, int], *, i
     expected : dict
         For each row block to compute, how many jobs target it.
     in_flight : int
+    last_jobs : int
+        See :func:`largest_first_at_the_end`.
     finish : callable
         ``finish(block, state_future)`` submits a row block's finish task
         (with priority ``BOOKKEEPING``).
@@ -118,7 +164,7 @@ def run_in_waves(client, jobs: Iterable[PairJob], expected: dict[int, int], *, i
     running: dict[str, int] = {}
     finishing: dict[str, int] = {}
     queue = as_completed()
-    pending = enumerate(jobs)
+    pending = enumerate(largest_first_at_the_end(jobs, last_jobs))
 
     def merge(block: int, parts: list[Any]) -> Any:
         merges[block] += 1
