@@ -13,9 +13,9 @@ Usage (the command behind BENCHMARKS.md)::
 Peers: faiss ``IndexFlatIP`` on normalised rows, scikit-learn
 ``NearestNeighbors(metric="cosine", algorithm="brute", n_jobs=-1)``, numpy
 row blocks times the whole matrix with ``argpartition``, and the *floor*:
-the products of the same upper-triangle tiles allknn computes (1024-row
-blocks, single-threaded BLAS per tile, one tile per core at a time) with no
-selection at all.
+the products of the same upper-triangle tiles allknn computes (blocks of
+``PREFERRED_BLOCK_ROWS`` rows, single-threaded BLAS per tile, one tile per
+core at a time) with no selection at all.
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
+from allknn._memory import PREFERRED_BLOCK_ROWS as BLOCK
+
 RESULTS = Path(__file__).parent / "results"
-BLOCK = 1024
 
 
 def _normalised(X: np.ndarray) -> np.ndarray:

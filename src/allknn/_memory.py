@@ -16,11 +16,12 @@ import re
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
-PREFERRED_BLOCK_ROWS = 1024
-"""Rows per block when the budget allows: a 1024 x 1024 float32 tile (4 MiB)
-is made and consumed by one core while it is still in its L2/L3 cache; on
-the benchmark machine 512-2048 measured within 5% of each other and 1024
-best (see BENCHMARKS.md)."""
+PREFERRED_BLOCK_ROWS = 768
+"""Rows per block when the budget allows: a 768 x 768 float32 tile (2.25
+MiB) is made and consumed by one core while it is still in its L2/L3
+cache. On an Intel Xeon (2 MiB of L2 a core) 512-1536 measured within 5%
+of each other; on an AMD EPYC (1 MiB of L2 a core) 768 beat 1024 by 4-10%
+and 512 or 640 (see BENCHMARKS.md)."""
 
 PREFERRED_SPARSE_BLOCK_ROWS = 2048
 """The same for sparse rows, whose tiles pay a column-table lookup per row
