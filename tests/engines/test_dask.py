@@ -243,6 +243,26 @@ def test_the_last_window_of_jobs_runs_largest_first():
         assert [job.targets[0][0] for job in ordered] == expected, window
 
 
+def test_the_waves_queue_a_quarter_second_behind_each_thread():
+    """Each thread gets its running task and at least ``QUEUED_SECONDS``
+    of work behind it, one task fewer would not do, at most
+    ``MAX_IN_FLIGHT_PER_THREAD`` a thread and ``MIN_IN_FLIGHT`` in all."""
+    from allknn.engines.dask.waves import (
+        MAX_IN_FLIGHT_PER_THREAD,
+        MIN_IN_FLIGHT,
+        QUEUED_SECONDS,
+        in_flight_for,
+    )
+
+    for threads in (2, 3, 64):
+        for seconds in (3.0, 0.5, 0.25, 0.1, 0.03, 1e-4):
+            per_thread, left = divmod(in_flight_for(threads, seconds), threads)
+            assert left == 0 and 2 <= per_thread <= MAX_IN_FLIGHT_PER_THREAD
+            if per_thread < MAX_IN_FLIGHT_PER_THREAD:
+                assert (per_thread - 1) * seconds >= QUEUED_SECONDS > (per_thread - 2) * seconds
+    assert in_flight_for(2, 0.5) == 4 and in_flight_for(1, 3.0) == MIN_IN_FLIGHT
+
+
 def test_waves_bound_the_unfinished_pair_tasks(client, npy, data):
     """The client keeps at most ``in_flight`` pair tasks unfinished and
     finishes row blocks while later pairs are still to come."""

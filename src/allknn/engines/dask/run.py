@@ -66,6 +66,7 @@ from allknn.engines.dask.waves import (
     near,
     run_in_waves,
 )
+from allknn.engines.exact import EXACT_PAIR_DIMS_PER_SECOND
 from allknn.engines.schedule import block_bounds
 from allknn.readers.sources import ParquetSource, open_source
 from allknn.topk.result import TopK
@@ -231,8 +232,8 @@ def dask_neighbors(
         :func:`allknn.neighbors`; ``"auto"``: bf16 on CUDA, fp32 on CPU).
     in_flight : int, optional
         Unfinished pair tasks at most; the next are submitted as these
-        finish (default ``IN_FLIGHT_PER_THREAD`` per worker thread, see
-        :mod:`allknn.engines.dask.waves`).
+        finish (default: each worker thread's task and a quarter of a
+        second of work behind it, see :func:`allknn.engines.dask.waves.in_flight_for`).
     on_task : callable, optional
         Progress: ``on_task(kind, count)`` on the client as tasks finish.
 
@@ -289,7 +290,8 @@ def dask_neighbors(
     todo = [b for b in range(len(query.blocks)) if b not in done]
     nthreads = client.nthreads()  # every worker (scheduler_info lists 5 in some releases)
     threads = sum(nthreads.values())
-    in_flight = _validate.check_optional_count(in_flight, "in_flight") or in_flight_for(threads)
+    task_seconds = rows * rows * corpus.shape[1] / EXACT_PAIR_DIMS_PER_SECOND  # a rough CPU figure
+    in_flight = _validate.check_optional_count(in_flight, "in_flight") or in_flight_for(threads, task_seconds)
     floors = FloorsBook(client, retries=RETRIES, key=token)
     submit = _Submitter(client, spec, token, floors, list(nthreads))
     expected = {b: len(corpus.blocks) for b in todo}  # a row block meets every corpus block once

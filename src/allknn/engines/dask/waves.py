@@ -21,6 +21,7 @@ every job. The last window of jobs runs largest first
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -35,17 +36,15 @@ if TYPE_CHECKING:
 MERGE_FAN_IN = 8
 """Partial states merged per merge task."""
 
-IN_FLIGHT_PER_THREAD = 2
-"""Unfinished pair tasks per worker thread (at least ``MIN_IN_FLIGHT``):
-one running and one queued behind it, so that a thread does not wait for
-the client to submit its next task. Dask sends every task whose
-dependencies are ready to a worker at once, and moves queued tasks to an
-idle worker at most once a second (``work-stealing-interval``); with 8 per
-thread a run's last tasks were queued on one worker while the other
-idled, with 2 they go to whichever thread frees first."""
+QUEUED_SECONDS = 0.25
+"""Seconds of work queued behind each worker thread's running pair task,
+so that the thread does not wait for the client to submit its next one
+(a task's result reaches the client, which submits another, which the
+scheduler sends to a worker)."""
+
+MAX_IN_FLIGHT_PER_THREAD = 8
 
 MIN_IN_FLIGHT = 4
-
 LAST_JOBS_PER_THREAD = 8
 """Jobs per worker thread (at least ``MIN_LAST_JOBS``) at the end of a
 run that run largest first (:func:`largest_first_at_the_end`): enough to
@@ -114,9 +113,22 @@ def largest_first_at_the_end(jobs: Iterable[PairJob], window: int) -> Iterator[P
     yield from sorted(ahead, key=lambda job: (not job.first, 0 if job.first else -job.pairs))
 
 
-def in_flight_for(threads: int) -> int:
-    """Unfinished pair tasks kept on a cluster of this many threads."""
-    return max(MIN_IN_FLIGHT, IN_FLIGHT_PER_THREAD * threads)
+def in_flight_for(threads: int, task_seconds: float) -> int:
+    """Unfinished pair tasks kept on a cluster of ``threads`` threads whose
+    pair tasks take about ``task_seconds`` each.
+
+    Each thread gets its running task and ``QUEUED_SECONDS`` of work
+    queued behind it (at most ``MAX_IN_FLIGHT_PER_THREAD`` tasks; at least
+    ``MIN_IN_FLIGHT`` in all), and no more: Dask sends every task whose
+    dependencies are ready to a worker at once and moves queued tasks to
+    an idle worker at most once a second (``work-stealing-interval``), so
+    with more queued a run's last tasks waited on one worker while another
+    idled (8 per thread, tasks of 0.7 s); with fewer, short tasks (4,096
+    rows, about 50 ms) left threads waiting for the client.
+    """
+    queued = math.ceil(QUEUED_SECONDS / max(task_seconds, 1e-6))
+    per_thread = min(MAX_IN_FLIGHT_PER_THREAD, 1 + queued)
+    return max(MIN_IN_FLIGHT, per_thread * threads)
 
 
 def last_jobs_for(threads: int) -> int:
