@@ -43,8 +43,11 @@ so that the thread does not wait for the client to submit its next one
 scheduler sends to a worker)."""
 
 MAX_IN_FLIGHT_PER_THREAD = 8
+"""Unfinished pair tasks per worker thread at most (:func:`in_flight_for`)."""
 
 MIN_IN_FLIGHT = 4
+"""Unfinished pair tasks on a cluster at least."""
+
 LAST_JOBS_PER_THREAD = 8
 """Jobs per worker thread (at least ``MIN_LAST_JOBS``) at the end of a
 run that run largest first (:func:`largest_first_at_the_end`): enough to
