@@ -80,12 +80,52 @@ def test_merge_states_keeps_the_best_distinct_keys():
     assert np.array_equal(thresholds_of(merged), thresholds_of(np.sort(merged, axis=1)))
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_merge_states_takes_the_largest_distinct_keys_of_each_row(seed):
+    """Random states with repeated keys (a task run twice), empty slots and
+    rows with fewer than k keys: each merged row is the k largest distinct
+    keys of both, ascending, led by empty slots."""
+    rng = np.random.default_rng(seed)
+    n, k = 200, 7
+    pool = rng.integers(-(2**62), 2**62, size=12)  # few values: many repeats across the two states
+    a, b = rng.choice(pool, size=(n, k)), rng.choice(pool, size=(n, k))
+    a[rng.random((n, k)) < 0.3] = EMPTY_KEY
+    b[:20] = EMPTY_KEY
+    merged = merge_states(a, b)
+    for row in range(n):
+        distinct = sorted(set(a[row].tolist()) | set(b[row].tolist()) - {EMPTY_KEY})[-k:]
+        assert merged[row].tolist() == [EMPTY_KEY] * (k - len(distinct)) + distinct
+
+
+def test_renumber_gives_the_ids_and_drops_the_placeholders():
+    """Each kept key gets ``ids[local]`` with its similarity unchanged; a
+    placeholder or an empty slot becomes an empty slot."""
+    from allknn.kernels.topk import floored_state, key_ids, key_similarities, renumber
+
+    rng = np.random.default_rng(4)
+    n, k = 50, 6
+    similarities = rng.choice(np.linspace(-1, 1, 7, dtype=np.float32), size=(n, k))
+    local = rng.integers(0, 30, size=(n, k))
+    keys = floored_state(similarities.ravel(), 1)[0].reshape(n, k) - local - 1 + np.int64(2**32)
+    placeholders = rng.random((n, k)) < 0.25
+    keys[placeholders] = floored_state(similarities[placeholders], 1)[0][:, 0]
+    keys[:5] = EMPTY_KEY
+    ids = np.sort(rng.choice(10**6, size=30, replace=False)).astype(np.int64)
+    before = keys.copy()
+    out = renumber(keys, ids)
+    assert out is keys
+    gone = placeholders | (np.arange(n) < 5)[:, None]
+    assert (keys[gone] == EMPTY_KEY).all()
+    assert np.array_equal(key_ids(keys[~gone]), ids[key_ids(before[~gone])])
+    assert np.array_equal(key_similarities(keys[~gone]), key_similarities(before[~gone]))
+
+
 def test_block_pairs_with_floors_merge_to_the_self_join():
     """The Dask engine's tasks: two blocks' own joins and their pair (both
     sides offered), with or without the own joins' thresholds as floors,
     merge to the self-join of both blocks; the floors keep fewer keys."""
     from allknn.engines.exact.plans import PairPlan, SelfJoinPlan
-    from allknn.kernels.topk import floored_state, without_placeholders
+    from allknn.kernels.topk import floored_state, renumber
 
     X = clustered_with_duplicates(700, 10, seed=8)
     k, cut = 5, 300
@@ -103,7 +143,7 @@ def test_block_pairs_with_floors_merge_to_the_self_join():
         keys, thresholds = floored_state(np.concatenate(floors), k) if floored else new_state(700, k)
         PairPlan(rows.rows[:cut], rows.rows[cut:], rows.norms[:cut], rows.norms[cut:], block_rows=64).run(
             keys, thresholds, threads=2)
-        without_placeholders(keys)
+        renumber(keys, np.arange(700, dtype=np.int64))  # the placeholders left go
         assert np.array_equal(_sorted(merge_states(np.concatenate(own), keys)), _sorted(whole))
         kept[floored] = int((keys != EMPTY_KEY).sum())
     assert kept[True] < kept[False]
@@ -112,9 +152,8 @@ def test_block_pairs_with_floors_merge_to_the_self_join():
 @pytest.mark.parametrize("seed", range(4))
 def test_merging_a_locally_numbered_floored_state_is_merge_states(seed):
     """:func:`merge_found` (the cluster's probing, one pass) equals the
-    placeholders removed, the local ids replaced and :func:`merge_states`."""
-    from allknn.engines.dask.tasks import to_global_ids
-    from allknn.kernels.topk import floored_state, key_similarities, merge_found, without_placeholders
+    placeholders removed, the local ids replaced (:func:`renumber`) and :func:`merge_states`."""
+    from allknn.kernels.topk import floored_state, key_similarities, merge_found, renumber
 
     rng = np.random.default_rng(seed)
     k, n = 5, 40
@@ -139,7 +178,7 @@ def test_merging_a_locally_numbered_floored_state_is_merge_states(seed):
     enters = local > found[:, :1]
     found[:, : enters.shape[1]] = np.where(enters, local, found[:, : enters.shape[1]])
     before, want = keys.copy(), keys.copy()
-    want[rows] = merge_states(keys[rows], to_global_ids(without_placeholders(found.copy()), ids[8:]))
+    want[rows] = merge_states(keys[rows], renumber(found.copy(), ids[8:].astype(np.int64)))
     merge_found(keys, rows, found, ids[8:].astype(np.int64))
     assert np.array_equal(keys, want)
     assert (np.diff(keys, axis=1) >= 0).all()  # sorted: column 0 is each row's worst

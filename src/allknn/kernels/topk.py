@@ -65,7 +65,7 @@ def floored_state(floors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     rows' final k-th similarities (the threshold of another partial state
     of the same rows), the state misses no candidate of the final top-k,
     and skips the many below. Remove the placeholders left with
-    :func:`without_placeholders` before merging.
+    :func:`renumber` before merging.
 
     Parameters
     ----------
@@ -81,10 +81,35 @@ def floored_state(floors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(keys), floors.copy()
 
 
-def without_placeholders(keys: np.ndarray) -> np.ndarray:
-    """Replace the placeholders of :func:`floored_state` left in ``keys``
-    by empty slots (in place; returns ``keys``)."""
-    keys[key_ids(keys) == EMPTY_ID] = EMPTY_KEY
+@njit(nogil=True, cache=True)
+def renumber(keys, ids):
+    """Replace each key's local candidate ``c`` by ``ids[c]``, and the
+    placeholders of :func:`floored_state` by empty slots, in place, with
+    no temporaries (a task's state leaves its worker this way; a worker
+    started by a Dask nanny maps every large temporary afresh).
+
+    Parameters
+    ----------
+    keys : ndarray of shape (n, k), int64
+        A state whose candidates are numbered locally.
+    ids : ndarray of int64
+        Id of each local candidate, increasing (so that keys of equal
+        similarity keep their order: ties still go to the smaller id).
+
+    Returns
+    -------
+    ndarray
+        ``keys``.
+    """
+    n, k = keys.shape
+    for r in range(n):
+        for m in range(k):
+            key = keys[r, m]
+            low = key & 0xFFFFFFFF
+            if low == 0:  # an empty slot or a placeholder: id EMPTY_ID
+                keys[r, m] = EMPTY_KEY
+            else:
+                keys[r, m] = (key - low) | (0xFFFFFFFF - ids[0xFFFFFFFF - low])
     return keys
 
 
@@ -120,14 +145,54 @@ def merge_states(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     Returns
     -------
     ndarray of shape (n, k), int64
-        Keys sorted ascending per row (a valid heap: the root is the worst);
-        rebuild the thresholds with :func:`thresholds_of`.
+        The ``k`` largest distinct keys of each row of both, sorted
+        ascending (a valid heap: the root is the worst), led by
+        ``EMPTY_KEY`` where there are fewer; rebuild the thresholds with
+        :func:`thresholds_of`.
     """
-    both = np.concatenate([a, b], axis=1)
-    both.sort(axis=1)
-    both[:, 1:][both[:, 1:] == both[:, :-1]] = EMPTY_KEY  # no real key is below EMPTY_KEY
-    both.sort(axis=1)
-    return np.ascontiguousarray(both[:, both.shape[1] - a.shape[1] :])
+    if a.shape != b.shape:
+        raise ValueError(f"states of shapes {a.shape} and {b.shape} do not merge")
+    return _merged_rows(np.ascontiguousarray(a, dtype=np.int64), np.ascontiguousarray(b, dtype=np.int64))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _sorted_row(keys, r, out):
+    """Row ``r`` of ``keys`` into ``out``, insertion-sorted ascending (a
+    heap row is half sorted, a merged row already sorted)."""
+    for m in range(keys.shape[1]):
+        key = keys[r, m]
+        at = m
+        while at > 0 and out[at - 1] > key:
+            out[at] = out[at - 1]
+            at -= 1
+        out[at] = key
+
+
+@njit(nogil=True, cache=True)
+def _merged_rows(a, b):
+    """:func:`merge_states` row by row: both rows sorted, then merged from
+    the top, each distinct key once, until ``k`` are taken."""
+    n, k = a.shape
+    out = np.empty((n, k), dtype=np.int64)
+    x = np.empty(k, dtype=np.int64)
+    y = np.empty(k, dtype=np.int64)
+    for r in range(n):
+        _sorted_row(a, r, x)
+        _sorted_row(b, r, y)
+        i, j, at = k - 1, k - 1, k - 1
+        while at >= 0 and (i >= 0 or j >= 0):
+            if j < 0 or (i >= 0 and x[i] >= y[j]):
+                key = x[i]
+                i -= 1
+            else:
+                key = y[j]
+                j -= 1
+            if at == k - 1 or key != out[r, at + 1]:
+                out[r, at] = key
+                at -= 1
+        for m in range(at, -1, -1):
+            out[r, m] = EMPTY_KEY
+    return out
 
 
 @njit(nogil=True, cache=True)

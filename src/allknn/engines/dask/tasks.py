@@ -25,13 +25,11 @@ import numpy as np
 from allknn._blas import single_threaded_blas
 from allknn.engines.exact.plans import PairPlan, QueryJoinPlan, SelfJoinPlan
 from allknn.kernels.topk import (
-    EMPTY_KEY,
     floored_state,
-    key_ids,
     merge_states,
     new_state,
+    renumber,
     thresholds_of,
-    without_placeholders,
 )
 from allknn.readers.sources import RowSource
 from allknn.rows.dense import normalize_dense_rows, row_norms
@@ -163,15 +161,6 @@ RECENT_BLOCKS = RecentBlocks()
 """This worker process's cache of normalised blocks."""
 
 
-def to_global_ids(keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Replace local candidate ids by ``ids[local]``. ``ids`` increases, so
-    the keys keep their order (ties still go to the smaller row number)."""
-    present = keys != EMPTY_KEY
-    local = key_ids(keys[present])
-    keys[present] = (keys[present] & ~np.int64(0xFFFFFFFF)) | (np.int64(0xFFFFFFFF) - ids[local])
-    return keys
-
-
 def pair_task(spec: JoinSpec, first: Block, second: Block | None, first_data: np.ndarray | None = None,
               second_data: np.ndarray | None = None, query: Block | None = None,
               query_data: np.ndarray | None = None,
@@ -200,17 +189,17 @@ def pair_task(spec: JoinSpec, first: Block, second: Block | None, first_data: np
             keys, thresholds = _start(q_rows.shape[0], spec.k, floors)
             if rows.shape[0] and q_rows.shape[0]:
                 query_plan(spec, q_rows, rows, q_norms, norms).run(keys, thresholds, threads=spec.threads)
-            return (to_global_ids(without_placeholders(keys), ids),)
+            return (renumber(keys, ids),)
         if second is None:
             keys, thresholds = new_state(rows.shape[0], spec.k)
             if rows.shape[0]:
                 _self_plan(spec, rows, norms).run(keys, thresholds, threads=spec.threads)
-            return (to_global_ids(keys, ids),)
+            return (renumber(keys, ids),)
         other, other_norms, other_ids = RECENT_BLOCKS.get(second, second_data, spec)
         keys, thresholds = _start(rows.shape[0] + other.shape[0], spec.k, floors)
         if rows.shape[0] and other.shape[0]:
             _pair_plan(spec, rows, other, norms, other_norms).run(keys, thresholds, threads=spec.threads)
-        keys = to_global_ids(without_placeholders(keys), np.concatenate([ids, other_ids]))
+        keys = renumber(keys, np.concatenate([ids, other_ids]))
         return keys[: rows.shape[0]], keys[rows.shape[0] :]
 
 
