@@ -333,14 +333,16 @@ class _Dependencies:
             self.of[str(key)] = {str(dep.key) for dep in self.scheduler.tasks[key].dependencies}
 
 
+@pytest.mark.parametrize("task_rows", [128, 256])
 @pytest.mark.parametrize("form", ["self", "query"])
-def test_later_pairs_start_from_the_floors_of_merged_states(npy, data, tmp_path, form):
-    """12 row blocks: a block's partial states are merged once before its
-    last pairs are submitted, and those pairs start from the merged state's
-    floors once they have finished. Every pair (every query task but a
-    block's first) starts from floors of each of its blocks, and the result
-    is the local one, bit for bit (the queries have other bad rows than the
-    corpus, so misaligned floors would show)."""
+def test_later_pairs_start_from_the_floors_of_merged_states(npy, data, tmp_path, form, task_rows):
+    """12 row blocks, or 6 (fewer partial states per block than a merge
+    takes, as in a 100k-row run): a block's first two partial states are
+    merged before its later pairs are submitted, and those pairs start from
+    the merged state's floors once they have finished. Every pair (every
+    query task but a block's first) starts from floors of each of its
+    blocks, and the result is the local one, bit for bit (the queries have
+    other bad rows than the corpus, so misaligned floors would show)."""
     from distributed.diagnostics.plugin import SchedulerPlugin
 
     queries = data[::-1].copy()
@@ -352,11 +354,11 @@ def test_later_pairs_start_from_the_floors_of_merged_states(npy, data, tmp_path,
           distributed.Client(cluster) as client):
         recorded = type("Recorded", (_Dependencies, SchedulerPlugin), {})(cluster.scheduler)
         cluster.scheduler.add_plugin(recorded)
-        remote = allknn.dask_neighbors(npy, 5, client=client, task_rows=128, in_flight=2, invalid="drop",
-                                       **options)
+        remote = allknn.dask_neighbors(npy, 5, client=client, task_rows=task_rows, in_flight=2,
+                                       invalid="drop", **options)
     local = allknn.neighbors(data, 5, invalid="drop", **({} if form == "self" else {"queries": queries}))
     assert_same_result(remote, local)
-    blocks = -(-data.shape[0] // 128)
+    blocks = -(-data.shape[0] // task_rows)
     assert len(recorded.of) == (blocks * (blocks + 1) // 2 if form == "self" else blocks * blocks)
     refreshed = 0
     for key, dependencies in recorded.of.items():

@@ -36,6 +36,11 @@ if TYPE_CHECKING:
 MERGE_FAN_IN = 8
 """Partial states merged per merge task."""
 
+FIRST_MERGE_FAN_IN = 2
+"""Partial states of a row block's first merge: its first task's and the
+next one's, so that the block's later pairs start from the floors of both
+(:meth:`FloorsBook.merged`) rather than waiting for ``MERGE_FAN_IN``."""
+
 QUEUED_SECONDS = 0.25
 """Seconds of work queued behind each worker thread's running pair task,
 so that the thread does not wait for the client to submit its next one
@@ -202,7 +207,7 @@ def run_in_waves(client, jobs: Iterable[PairJob], expected: dict[int, int], *, i
                 finishing[done.key] = block
                 queue.add(done)
                 floors.forget(block)
-            elif len(parts) == MERGE_FAN_IN:
+            elif len(parts) == (FIRST_MERGE_FAN_IN if merges[block] == 0 else MERGE_FAN_IN):
                 partials[block] = [merge(block, parts)]
                 floors.merged(block, partials[block][0], merges[block])
         return True
