@@ -104,13 +104,18 @@ def renumber(keys, ids):
     n, k = keys.shape
     for r in range(n):
         for m in range(k):
-            key = keys[r, m]
-            low = key & 0xFFFFFFFF
-            if low == 0:  # an empty slot or a placeholder: id EMPTY_ID
-                keys[r, m] = EMPTY_KEY
-            else:
-                keys[r, m] = (key - low) | (0xFFFFFFFF - ids[0xFFFFFFFF - low])
+            keys[r, m] = _renumbered(keys[r, m], ids)
     return keys
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _renumbered(key, ids):
+    """``key`` with its local candidate ``c`` replaced by ``ids[c]``;
+    ``EMPTY_KEY`` for an empty slot or a placeholder (id ``EMPTY_ID``)."""
+    low = key & 0xFFFFFFFF
+    if low == 0:
+        return EMPTY_KEY
+    return (key - low) | (0xFFFFFFFF - ids[0xFFFFFFFF - low])
 
 
 def key_similarities(keys: np.ndarray) -> np.ndarray:
@@ -222,12 +227,8 @@ def merge_found(keys, rows, found, ids):
     for t in range(rows.shape[0]):
         r = rows[t]
         for m in range(found.shape[1]):
-            key = found[t, m]
-            low = key & 0xFFFFFFFF
-            if low == 0:  # an empty slot or a placeholder: id EMPTY_ID
-                continue
-            key = (key - low) | (0xFFFFFFFF - ids[0xFFFFFFFF - low])
-            if key <= keys[r, 0]:  # no better than the worst (or the worst itself)
+            key = _renumbered(found[t, m], ids)
+            if key == EMPTY_KEY or key <= keys[r, 0]:  # no better than the worst (or the worst itself)
                 continue
             held = False
             for x in range(1, k):
